@@ -1,0 +1,375 @@
+"""Finding transformer blocks in each model family, patching them with HarMA adapters, freezing,
+removing, and counting parameters."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import HarmaConfig
+from .modules import MiniAdapter, MultimodalGatedAdapter, apply_adapter_hook
+
+ADAPTER_ATTRIBUTE = "harma_adapter"
+_CONFIG_ATTRIBUTE = "harma_config"
+_TRAINABLE_BEFORE_ATTRIBUTE = "_harma_trainable_before"
+
+
+@dataclass(frozen=True)
+class Tower:
+    """A stack of transformer blocks found in a model.
+
+    Attributes:
+        name: ``"vision"`` or ``"text"`` for known families, the parent path otherwise.
+        path: dotted module path of the block container (e.g. ``"visual.transformer.resblocks"``).
+        block_names: dotted module paths of the blocks, in depth order.
+        width: output features of the blocks' MLPs.
+        batch_first: whether the blocks see ``(batch, tokens, width)``.
+    """
+
+    name: str
+    path: str
+    block_names: tuple[str, ...]
+    width: int
+    batch_first: bool
+
+
+# (tower name, container path, path of the module whose ``batch_first`` attribute tells the
+# layout, or None where the family is always batch-first). Checked in order; every one found
+# becomes a tower.
+_KNOWN_TOWERS = (
+    # open_clip CLIP (any ViT size, QuickGELU variants)
+    ("vision", "visual.transformer.resblocks", "visual.transformer"),
+    ("text", "transformer.resblocks", "transformer"),
+    # open_clip CustomTextCLIP with open_clip's own text transformer
+    ("text", "text.transformer.resblocks", "text.transformer"),
+    # Hugging Face CLIPModel, SiglipModel, CLIPVisionModel, CLIPTextModel, ...
+    ("vision", "vision_model.encoder.layers", None),
+    ("text", "text_model.encoder.layers", None),
+    # timm VisionTransformer and relatives, alone or as an open_clip vision trunk
+    ("vision", "blocks", None),
+    ("vision", "visual.trunk.blocks", None),
+)
+
+
+def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _mlp_width(block: nn.Module, block_name: str, mlp_attribute: str) -> int:
+    mlp = getattr(block, mlp_attribute, None)
+    if not isinstance(mlp, nn.Module):
+        raise ValueError(
+            f"block {block_name!r} ({type(block).__name__}) has no submodule {mlp_attribute!r} "
+            f"to adapt; set HarmaConfig.mlp_attribute to the name of its MLP"
+        )
+    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"the MLP {block_name}.{mlp_attribute} ({type(mlp).__name__}) has no nn.Linear, "
+            f"so its output width cannot be found"
+        )
+    return linears[-1].out_features
+
+
+def _known_towers(model: nn.Module, config: HarmaConfig) -> list[Tower]:
+    towers: list[Tower] = []
+    taken: set[str] = set()
+    for name, path, layout_path in _KNOWN_TOWERS:
+        container = _get_submodule(model, path)
+        if not isinstance(container, nn.ModuleList | nn.Sequential) or len(container) == 0:
+            continue
+        if name in taken:
+            continue
+        if not all(hasattr(block, config.mlp_attribute) for block in container):
+            continue
+        batch_first = True
+        if layout_path is not None:
+            # open_clip before 2.23 ran its blocks sequence-first and had no attribute for it.
+            batch_first = bool(getattr(model.get_submodule(layout_path), "batch_first", False))
+        block_names = tuple(f"{path}.{i}" for i in range(len(container)))
+        towers.append(
+            Tower(
+                name=name,
+                path=path,
+                block_names=block_names,
+                width=_mlp_width(container[0], block_names[0], config.mlp_attribute),
+                batch_first=batch_first,
+            )
+        )
+        taken.add(name)
+    return towers
+
+
+def _pattern_towers(model: nn.Module, config: HarmaConfig) -> list[Tower]:
+    pattern = re.compile(config.target_modules)
+    by_parent: dict[str, list[str]] = {}
+    for module_name, _ in model.named_modules():
+        if module_name and pattern.fullmatch(module_name):
+            parent = module_name.rpartition(".")[0]
+            by_parent.setdefault(parent, []).append(module_name)
+    towers = []
+    for parent, names in by_parent.items():
+        first = model.get_submodule(names[0])
+        towers.append(
+            Tower(
+                name=parent or "root",
+                path=parent,
+                block_names=tuple(names),
+                width=_mlp_width(first, names[0], config.mlp_attribute),
+                batch_first=config.batch_first,
+            )
+        )
+    return towers
+
+
+def find_towers(model: nn.Module, config: HarmaConfig | None = None) -> list[Tower]:
+    """The block stacks of ``model`` that ``config`` selects, in module order.
+
+    Raises:
+        ValueError: no blocks match, or ``config.towers`` names a tower the model lacks.
+    """
+    config = config or HarmaConfig()
+    found = _pattern_towers(model, config) if config.target_modules else _known_towers(model, config)
+    if not found:
+        how = (
+            f"no module name fully matches target_modules={config.target_modules!r}"
+            if config.target_modules
+            else "it is not an open_clip CLIP, a Hugging Face CLIP/SigLIP model or a timm ViT"
+        )
+        raise ValueError(
+            f"no transformer blocks found in {type(model).__name__}: {how}. Pass "
+            f"HarmaConfig(target_modules=r'...') with a regular expression matching the block "
+            f"module names (e.g. r'encoder\\.layers\\.\\d+'), each having an "
+            f"{config.mlp_attribute!r} submodule"
+        )
+    if config.towers is None:
+        return found
+    names = [t.name for t in found]
+    missing = [t for t in config.towers if t not in names]
+    if missing:
+        raise ValueError(
+            f"HarmaConfig.towers asks for {missing}, but {type(model).__name__} has the towers {names}"
+        )
+    return [t for t in found if t.name in config.towers]
+
+
+def _selected_layers(tower: Tower, layers: tuple[int, ...] | None) -> list[int]:
+    depth = len(tower.block_names)
+    if layers is None:
+        return list(range(depth))
+    selected = []
+    for index in layers:
+        if not -depth <= index < depth:
+            raise ValueError(
+                f"HarmaConfig.layers has {index}, but the {tower.name} tower has {depth} blocks"
+            )
+        selected.append(index % depth)
+    return sorted(set(selected))
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` carries HarMA adapters."""
+    return getattr(model, _CONFIG_ATTRIBUTE, None) is not None
+
+
+def get_harma_config(model: nn.Module) -> HarmaConfig:
+    """The config ``model`` was patched with; a clear error if it carries no adapters."""
+    config = getattr(model, _CONFIG_ATTRIBUTE, None)
+    if config is None:
+        raise ValueError(
+            f"{type(model).__name__} carries no HarMA adapters; call harma.inject_harma_adapters first"
+        )
+    return config
+
+
+def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -> nn.Module:
+    """Patch every selected transformer block of ``model`` in place with a HarMA adapter.
+
+    Each block's MLP output ``m`` becomes ``m + sigmoid(g_block) * W_up z`` (see
+    :class:`harma.modules.MultimodalGatedAdapter`), implemented as a forward hook on the MLP, so
+    the base model's state-dict keys are unchanged; adapter parameters appear under
+    ``<block>.harma_adapter.*``. With ``config.freeze_backbone`` only adapter parameters require
+    grad afterwards. Until the adapters are trained the model computes exactly what it did before.
+
+    Args:
+        model: an open_clip CLIP, Hugging Face ``CLIPModel``/SigLIP-style model, timm
+            ``VisionTransformer``, or any model whose blocks ``config.target_modules`` matches.
+        config: the layout; defaults to :class:`HarmaConfig` (the reference layout).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: the model is already patched, or no blocks match.
+    """
+    config = config or HarmaConfig()
+    if not isinstance(config, HarmaConfig):
+        raise TypeError(f"config must be a HarmaConfig, got {type(config).__name__}")
+    if is_patched(model) or any(
+        isinstance(m, MultimodalGatedAdapter) for m in model.modules()
+    ):
+        raise ValueError(
+            f"{type(model).__name__} already carries HarMA adapters; call "
+            f"harma.remove_harma_adapters(model) before patching it again"
+        )
+    towers = find_towers(model, config)
+    if config.sharing == "paper" and len({t.batch_first for t in towers}) > 1:
+        raise ValueError(
+            "sharing='paper' needs every tower to use the same sequence layout, but the towers "
+            f"{[(t.name, t.batch_first) for t in towers]} differ"
+        )
+
+    trainable_before = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    mini_adapters: dict[int, MiniAdapter] = {}
+
+    def mini_adapter_for(layer: int, tower: Tower, reference_param: torch.Tensor) -> MiniAdapter | None:
+        if config.sharing == "none" or (config.sharing == "reference" and tower.name != "text"):
+            return None
+        if layer not in mini_adapters:
+            mini_adapters[layer] = MiniAdapter(
+                config.bottleneck,
+                config.mini_bottleneck,
+                config.mini_heads,
+                config.mini_gate_init,
+                batch_first=tower.batch_first,
+            ).to(device=reference_param.device, dtype=reference_param.dtype)
+        return mini_adapters[layer]
+
+    for tower in towers:
+        for layer in _selected_layers(tower, config.layers):
+            block = model.get_submodule(tower.block_names[layer])
+            mlp = getattr(block, config.mlp_attribute)
+            reference_param = next(mlp.parameters())
+            adapter = MultimodalGatedAdapter(
+                tower.width,
+                config.bottleneck,
+                config.heads,
+                config.gate_init,
+                config.block_gate_init,
+                mini_adapter=mini_adapter_for(layer, tower, reference_param),
+                batch_first=tower.batch_first,
+            ).to(device=reference_param.device, dtype=reference_param.dtype)
+            block.add_module(ADAPTER_ATTRIBUTE, adapter)
+            mlp.register_forward_hook(functools.partial(apply_adapter_hook, adapter))
+
+    if config.freeze_backbone:
+        for name, param in model.named_parameters():
+            param.requires_grad_(f".{ADAPTER_ATTRIBUTE}." in f".{name}")
+    else:
+        for param in adapter_parameters(model):
+            param.requires_grad_(True)
+    setattr(model, _CONFIG_ATTRIBUTE, config)
+    setattr(model, _TRAINABLE_BEFORE_ATTRIBUTE, trainable_before)
+    return model
+
+
+def _patched_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, ADAPTER_ATTRIBUTE, None), MultimodalGatedAdapter):
+            yield name, module
+
+
+def remove_harma_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`inject_harma_adapters`: drop hooks and adapters and restore ``requires_grad``.
+
+    Returns ``model`` itself, computing and holding exactly what it did before patching.
+    """
+    config = get_harma_config(model)
+    for _, block in list(_patched_blocks(model)):
+        mlp = getattr(block, config.mlp_attribute)
+        for key, hook in list(mlp._forward_hooks.items()):
+            if isinstance(hook, functools.partial) and hook.func is apply_adapter_hook:
+                del mlp._forward_hooks[key]
+        delattr(block, ADAPTER_ATTRIBUTE)
+    trainable_before = set(getattr(model, _TRAINABLE_BEFORE_ATTRIBUTE, ()))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable_before)
+    delattr(model, _CONFIG_ATTRIBUTE)
+    delattr(model, _TRAINABLE_BEFORE_ATTRIBUTE)
+    return model
+
+
+def adapters(model: nn.Module) -> Iterator[tuple[str, MultimodalGatedAdapter]]:
+    """``(block name, adapter)`` for every patched block, in module order."""
+    for name, block in _patched_blocks(model):
+        yield name, getattr(block, ADAPTER_ATTRIBUTE)
+
+
+def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Adapter parameters with their model-relative names; a shared MMS appears once, under
+    the first block that uses it."""
+    for name, param in model.named_parameters():
+        if f".{ADAPTER_ATTRIBUTE}." in f".{name}":
+            yield name, param
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Adapter parameters, each once (for an optimizer)."""
+    for _, param in adapter_named_parameters(model):
+        yield param
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context in which ``model`` computes as the plain backbone, adapters bypassed.
+
+    Example::
+
+        with harma.disable_adapters(model):
+            frozen_embeddings = model.encode_image(images)
+    """
+    get_harma_config(model)
+    touched = [adapter for _, adapter in adapters(model) if adapter.enabled]
+    for adapter in touched:
+        adapter.enabled = False
+    try:
+        yield model
+    finally:
+        for adapter in touched:
+            adapter.enabled = True
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameter numbers of a model; ``all`` counts shared tensors once."""
+
+    trainable: int
+    all: int
+    adapter: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.all if self.all else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.all:,} || "
+            f"trainable%: {self.trainable_percent:.4f}"
+        )
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Trainable, total and adapter parameter counts of ``model`` (shared tensors once)."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    adapter = sum(p.numel() for p in adapter_parameters(model))
+    return ParameterCount(trainable=trainable, all=total, adapter=adapter)
+
+
+def print_trainable_parameters(model: nn.Module) -> ParameterCount:
+    """Print (and return) the counts in the style of peft's ``print_trainable_parameters``."""
+    counts = count_parameters(model)
+    print(counts)
+    return counts

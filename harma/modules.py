@@ -1,0 +1,151 @@
+"""The two HarMA adapter modules: the multimodal gated adapter (MGA) and the shared mini adapter (MMS).
+
+Shapes: every module here takes and returns ``(batch, tokens, width)`` when ``batch_first`` is
+true and ``(tokens, batch, width)`` otherwise; only the self-attention cares which.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SelfAttention(nn.Module):
+    """Unmasked multi-head self-attention over the token axis.
+
+    Parameters are laid out exactly as :class:`torch.nn.MultiheadAttention`'s (``in_proj_weight``,
+    ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``) so that the reference checkpoints
+    load key for key, but the forward pass calls ``scaled_dot_product_attention`` directly: at
+    a 128-dim bottleneck the generic module's argument checks and reshapes cost more than the
+    attention itself.
+    """
+
+    def __init__(self, dim: int, heads: int, batch_first: bool = True) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention heads ({heads}) must divide the width ({dim})")
+        self.dim = dim
+        self.heads = heads
+        self.batch_first = batch_first
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The initialisation nn.MultiheadAttention uses, so fresh adapters match the reference's.
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        batch, tokens, _ = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.view(batch, tokens, 3, self.heads, self.dim // self.heads).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        attended = F.scaled_dot_product_attention(query, key, value)
+        attended = attended.transpose(1, 2).reshape(batch, tokens, self.dim)
+        out = self.out_proj(attended)
+        return out if self.batch_first else out.transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}, batch_first={self.batch_first}"
+
+
+class MiniAdapter(nn.Module):
+    """MMS, the shared mini adapter (reference name ``BiShareAdapter``).
+
+    ``out = y + W2 (sigmoid(g) * MHA(u) + (1 - sigmoid(g)) * u)`` with ``u = W1 y``; ``W2`` starts
+    at zero so a fresh MMS is the identity. Input and output: ``(..., dim)``.
+    """
+
+    def __init__(
+        self, dim: int, bottleneck: int, heads: int, gate_init: float, batch_first: bool = True
+    ) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.attn = SelfAttention(bottleneck, heads, batch_first)
+        self.up = nn.Linear(bottleneck, dim)
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        u = self.down(y)
+        v = self.attn(u)
+        g = torch.sigmoid(self.gate)
+        return y + self.up(g * v + (1 - g) * u)
+
+
+class MultimodalGatedAdapter(nn.Module):
+    """MGA, the multimodal gated adapter (reference name ``MMadapter``), with its block gate.
+
+    Applied to the output ``m`` of a transformer block's MLP, of shape ``(..., width)``::
+
+        h = GELU(W_down m)
+        a = MHA(MMS(MHA(h)))                      # the same MHA twice; MMS only if attached
+        z = sigmoid(g) * h + (1 - sigmoid(g)) * a
+        returns m + sigmoid(g_block) * W_up z
+
+    which equals the reference's ``sigmoid(g_block) * MGA(m) + (1 - sigmoid(g_block)) * m``
+    with ``MGA(m) = m + W_up z``, but is exactly ``m`` while ``W_up`` is zero (no rounding from
+    the convex mix), which is what makes a freshly patched model compute what it did before.
+
+    ``mini_adapter`` may be the same :class:`MiniAdapter` instance in several MGAs (the paper
+    layout); it is then registered under each of them, like tied weights.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        bottleneck: int,
+        heads: int,
+        gate_init: float,
+        block_gate_init: float,
+        mini_adapter: MiniAdapter | None = None,
+        batch_first: bool = True,
+    ) -> None:
+        super().__init__()
+        self.width = width
+        self.down = nn.Linear(width, bottleneck)
+        self.attn = SelfAttention(bottleneck, heads, batch_first)
+        self.up = nn.Linear(bottleneck, width)
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        self.block_gate = nn.Parameter(torch.tensor(float(block_gate_init)))
+        self.mini_adapter = mini_adapter
+        # Switched by harma.disable_adapters(); a plain attribute so torch.compile guards on it.
+        self.enabled = True
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return m
+        h = F.gelu(self.down(m))
+        a = self.attn(h)
+        if self.mini_adapter is not None:
+            a = self.mini_adapter(a)
+        a = self.attn(a)
+        g = torch.sigmoid(self.gate)
+        z = g * h + (1 - g) * a
+        return m + torch.sigmoid(self.block_gate) * self.up(z)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, shared_mini_adapter={self.mini_adapter is not None}"
+
+
+def apply_adapter_hook(
+    adapter: MultimodalGatedAdapter, module: nn.Module, args: tuple, output: torch.Tensor
+) -> torch.Tensor:
+    """Forward hook placed on a block's MLP: its output goes through the block's adapter.
+
+    A module-level function bound with :func:`functools.partial` (not a closure) so that
+    patched models can be deep-copied and pickled.
+    """
+    return adapter(output)

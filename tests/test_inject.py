@@ -1,0 +1,291 @@
+"""Patching models with HarMA adapters: identity at init, freezing, removal, sharing, and the
+PyTorch features a patched model must keep working with."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import pytest
+import torch
+from tiny_models import (
+    encode,
+    images,
+    perturb_adapters,
+    tiny_hf_clip,
+    tiny_hf_siglip,
+    tiny_open_clip,
+    tiny_timm_vit,
+    tokens,
+)
+from torch import nn
+
+import harma
+from harma.modules import MiniAdapter, MultimodalGatedAdapter
+
+FAMILIES = {
+    "open_clip": tiny_open_clip,
+    "open_clip_quickgelu": lambda: tiny_open_clip(quick_gelu=True),
+    "hf_clip": tiny_hf_clip,
+    "hf_siglip": tiny_hf_siglip,
+    "timm_vit": tiny_timm_vit,
+}
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    base = copy.deepcopy(model)
+    base.requires_grad_(False)
+    return base
+
+
+def max_difference(first, second) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_computes_what_the_frozen_model_computed(family):
+    model = FAMILIES[family]()
+    base = frozen_copy(model)
+    harma.inject_harma_adapters(model)
+    with torch.no_grad():
+        assert max_difference(encode(model, images(), tokens()), encode(base, images(), tokens())) < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trained_adapters_change_the_output_and_disabling_restores_it(family):
+    model = FAMILIES[family]()
+    base = frozen_copy(model)
+    harma.inject_harma_adapters(model)
+    perturb_adapters(model)
+    with torch.no_grad():
+        reference = encode(base, images(), tokens())
+        assert max_difference(encode(model, images(), tokens()), reference) > 1e-3
+        with harma.disable_adapters(model):
+            assert max_difference(encode(model, images(), tokens()), reference) < 1e-5
+        assert max_difference(encode(model, images(), tokens()), reference) > 1e-3
+
+
+def test_every_block_of_both_towers_is_patched_after_its_mlp():
+    model = harma.inject_harma_adapters(tiny_open_clip(layers=3))
+    patched = [name for name, module in model.named_modules() if isinstance(module, MultimodalGatedAdapter)]
+    assert patched == [f"visual.transformer.resblocks.{i}.harma_adapter" for i in range(3)] + [
+        f"transformer.resblocks.{i}.harma_adapter" for i in range(3)
+    ]
+    assert not any("attn" in name and "harma" in name for name in patched)
+
+
+def test_only_adapter_parameters_require_grad_and_receive_gradients():
+    model = harma.inject_harma_adapters(tiny_open_clip())
+    perturb_adapters(model)
+    image_embeds, text_embeds = encode(model, images(), tokens())
+    (image_embeds.sum() + text_embeds.square().sum()).backward()
+    for name, param in model.named_parameters():
+        if ".harma_adapter." in name:
+            assert param.requires_grad, name
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert not param.requires_grad, name
+            assert param.grad is None, name
+
+
+def test_base_state_dict_keys_are_unchanged_and_base_checkpoints_load():
+    model = tiny_open_clip()
+    base_state = model.state_dict()
+    harma.inject_harma_adapters(model)
+    keys = set(model.state_dict())
+    assert set(base_state) <= keys
+    assert all(".harma_adapter." in key for key in keys - set(base_state))
+    result = model.load_state_dict(base_state, strict=False)
+    assert result.unexpected_keys == []
+    assert all(".harma_adapter." in key for key in result.missing_keys)
+
+
+def test_remove_restores_the_original_model():
+    model = tiny_open_clip()
+    model.visual.proj.requires_grad_(False)  # the user's own freezing must come back too
+    before_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    before_keys = list(model.state_dict())
+    with torch.no_grad():
+        before = encode(model, images(), tokens())
+    harma.inject_harma_adapters(model)
+    perturb_adapters(model)
+    harma.remove_harma_adapters(model)
+    assert list(model.state_dict()) == before_keys
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before_grad
+    assert not harma.is_patched(model)
+    assert not any(isinstance(m, MultimodalGatedAdapter) for m in model.modules())
+    with torch.no_grad():
+        assert max_difference(encode(model, images(), tokens()), before) == 0
+    harma.inject_harma_adapters(model)  # and it can be patched again
+
+
+def test_patching_twice_is_a_clear_error():
+    model = harma.inject_harma_adapters(tiny_open_clip())
+    with pytest.raises(ValueError, match="already carries HarMA adapters"):
+        harma.inject_harma_adapters(model)
+
+
+def test_model_without_blocks_is_a_clear_error():
+    with pytest.raises(ValueError, match="no transformer blocks found in Sequential.*target_modules"):
+        harma.inject_harma_adapters(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_unknown_tower_and_layer_are_clear_errors():
+    with pytest.raises(ValueError, match=r"asks for \['audio'\].*\['vision', 'text'\]"):
+        harma.inject_harma_adapters(tiny_open_clip(), harma.HarmaConfig(towers=["audio"]))
+    with pytest.raises(ValueError, match="layers has 5, but the vision tower has 2 blocks"):
+        harma.inject_harma_adapters(tiny_open_clip(), harma.HarmaConfig(layers=[5]))
+
+
+def test_choice_of_towers_and_layers():
+    model = harma.inject_harma_adapters(tiny_open_clip(layers=4), harma.HarmaConfig(towers=["text"], layers=[0, -1]))
+    patched = [name for name, _ in harma.inject.adapters(model)]
+    assert patched == ["transformer.resblocks.0", "transformer.resblocks.3"]
+
+
+def test_pattern_reaches_other_models():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+        def forward(self, x):
+            return x + self.ffn(x)
+
+    model = nn.Sequential(*[Block() for _ in range(3)])
+    x = torch.randn(2, 5, 16)
+    expected = model(x)
+    config = harma.HarmaConfig(target_modules=r"[02]", mlp_attribute="ffn", bottleneck=8, heads=2,
+                               mini_bottleneck=4, mini_heads=2)
+    harma.inject_harma_adapters(model, config)
+    assert [name for name, _ in harma.inject.adapters(model)] == ["0", "2"]
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has no submodule 'mlp'"):
+        harma.inject_harma_adapters(nn.Sequential(Block()), harma.HarmaConfig(target_modules=r"0"))
+
+
+def test_reference_layout_shares_one_mini_adapter_per_layer_with_the_text_tower_only():
+    model = harma.inject_harma_adapters(tiny_open_clip())
+    for i in range(2):
+        assert model.visual.transformer.resblocks[i].harma_adapter.mini_adapter is None
+        assert isinstance(model.transformer.resblocks[i].harma_adapter.mini_adapter, MiniAdapter)
+    assert model.transformer.resblocks[0].harma_adapter.mini_adapter is not (
+        model.transformer.resblocks[1].harma_adapter.mini_adapter
+    )
+
+
+def test_paper_layout_shares_the_mini_adapter_of_layer_i_across_towers():
+    model = harma.inject_harma_adapters(tiny_open_clip(vision_width=96), harma.HarmaConfig.paper())
+    for i in range(2):
+        vision = model.visual.transformer.resblocks[i].harma_adapter.mini_adapter
+        text = model.transformer.resblocks[i].harma_adapter.mini_adapter
+        assert vision is text and vision is not None
+    none = harma.inject_harma_adapters(tiny_open_clip(), harma.HarmaConfig(sharing="none"))
+    assert all(adapter.mini_adapter is None for _, adapter in harma.inject.adapters(none))
+
+
+def test_vit_b32_reference_layout_has_the_published_parameter_count(capsys):
+    import open_clip
+
+    model = open_clip.create_model("ViT-B-32")
+    assert harma.count_parameters(model).all == 151_277_313
+    harma.inject_harma_adapters(model)
+    counts = harma.print_trainable_parameters(model)
+    assert counts.trainable == counts.adapter == 5_934_396
+    assert counts.all == 151_277_313 + 5_934_396
+    assert "trainable params: 5,934,396 || all params: 157,211,709 || trainable%: 3.7748" in capsys.readouterr().out
+    per_layer_image = sum(p.numel() for p in model.visual.transformer.resblocks[0].harma_adapter.parameters())
+    assert per_layer_image == 263_553 + 1  # MGA + its block gate
+
+
+def test_deepcopy_and_pickle_keep_adapters_independent_and_shared_where_they_were():
+    model = harma.inject_harma_adapters(tiny_open_clip(), harma.HarmaConfig.paper())
+    perturb_adapters(model)
+    with torch.no_grad():
+        expected = encode(model, images(), tokens())
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert harma.is_patched(clone)
+        with torch.no_grad():
+            assert max_difference(encode(clone, images(), tokens()), expected) == 0
+        vision = clone.visual.transformer.resblocks[0].harma_adapter
+        text = clone.transformer.resblocks[0].harma_adapter
+        assert vision.mini_adapter is text.mini_adapter
+        assert vision is not model.visual.transformer.resblocks[0].harma_adapter
+        with torch.no_grad():  # the clone's hooks use the clone's adapters, not the original's
+            vision.up.bias.add_(torch.randn(vision.up.bias.shape))
+            assert max_difference(encode(clone, images(), tokens()), expected) > 1e-3
+            assert max_difference(encode(model, images(), tokens()), expected) == 0
+        harma.remove_harma_adapters(clone)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_casting_to_half_precision(dtype):
+    model = tiny_open_clip()
+    harma.inject_harma_adapters(model)
+    perturb_adapters(model)
+    with torch.no_grad():
+        expected = encode(model, images(), tokens())
+    model.to(dtype)
+    assert all(p.dtype == dtype for p in harma.adapter_parameters(model))
+    with torch.no_grad():
+        result = encode(model, images().to(dtype), tokens())
+    assert all(r.dtype == dtype and torch.isfinite(r).all() for r in result)
+    assert max_difference([r.float() for r in result], expected) < 0.1
+
+
+def test_autocast_forward_and_backward():
+    model = harma.inject_harma_adapters(tiny_open_clip())
+    perturb_adapters(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        image_embeds, text_embeds = encode(model, images(), tokens())
+    assert image_embeds.dtype == torch.bfloat16
+    (image_embeds.float().sum() + text_embeds.float().sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in harma.adapter_parameters(model))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def gradients(checkpointing: bool) -> list[torch.Tensor]:
+        model = harma.inject_harma_adapters(tiny_open_clip())
+        perturb_adapters(model)
+        model.set_grad_checkpointing(checkpointing)
+        model.train()
+        image_embeds, text_embeds = encode(model, images(), tokens())
+        (image_embeds.square().sum() + text_embeds.square().sum()).backward()
+        return [p.grad.clone() for p in harma.adapter_parameters(model)]
+
+    for with_checkpointing, without in zip(gradients(True), gradients(False), strict=True):
+        torch.testing.assert_close(with_checkpointing, without)
+
+
+def test_torch_compile_runs_the_adapters():
+    model = harma.inject_harma_adapters(tiny_open_clip())
+    perturb_adapters(model)
+    with torch.no_grad():
+        expected = model.encode_image(images())
+    compiled = torch.compile(model.encode_image, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images()), expected, rtol=1e-5, atol=1e-5)
+        with harma.disable_adapters(model):  # a guard on `enabled` recompiles, not stale output
+            plain = model.encode_image(images())
+            torch.testing.assert_close(compiled(images()), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_config_validation_and_json_round_trip():
+    config = harma.HarmaConfig(sharing="paper", towers=["text"], layers=[0, -1], bottleneck=64)
+    assert harma.HarmaConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["layers"] == [0, -1]
+    with pytest.raises(ValueError, match="heads=6 must divide bottleneck=128"):
+        harma.HarmaConfig(heads=6)
+    with pytest.raises(ValueError, match="sharing must be one of"):
+        harma.HarmaConfig(sharing="both")
+    with pytest.raises(ValueError, match="bottleneck must be a positive integer"):
+        harma.HarmaConfig(bottleneck=0)
+    with pytest.raises(ValueError, match="gate_init must be a finite number"):
+        harma.HarmaConfig(gate_init="high")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        harma.HarmaConfig(target_modules="(")
+    with pytest.raises(ValueError, match=r"unknown HarmaConfig field\(s\) \['bottle_neck'\]"):
+        harma.HarmaConfig.from_dict({"bottle_neck": 3})
+    with pytest.raises(ValueError, match="towers must be a list"):
+        harma.HarmaConfig(towers="text")
