@@ -1,0 +1,26 @@
+# One command each: `make demo` (install + the CPU demo training) and `make test` (install + tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint docs clean
+
+$(BIN)/.harma-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.harma-installed
+
+demo: install
+	$(BIN)/python examples/train_rsitmd.py --demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build dist site *.egg-info

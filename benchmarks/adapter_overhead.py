@@ -1,0 +1,244 @@
+"""Train-step time and peak memory of HarMA against other ways of training open_clip ViT-B-32.
+
+Each method runs in a fresh subprocess (so peak RSS is its own), on random weights, CPU, with
+a batch of 8 images (224 px) and 8 captions, a CLIP contrastive loss and AdamW:
+
+- ``full``: full fine-tuning (every parameter trained).
+- ``frozen``: the frozen backbone, forward only (what inference costs).
+- ``floor``: the frozen backbone with gradients flowing through every block back to the input,
+  nothing trained: the least any adapter method that patches every block can cost.
+- ``harma``: harma's adapters, reference layout.
+- ``harma_authors``: the same adapters written the way the authors' code writes them
+  (``nn.MultiheadAttention`` modules and the convex block-gate mix), as a baseline for ours.
+- ``lora``: peft LoRA, r=8, on the MLPs (``c_fc``, ``c_proj``) and attention (``attn``, via
+  peft's ``nn.MultiheadAttention`` support: targeting ``attn.out_proj`` alone would have no
+  effect because ``nn.MultiheadAttention`` reads that weight directly).
+
+Times are medians over the measured steps, printed as ratios to full fine-tuning (and to the
+floor), all from one run on one machine.
+
+    python benchmarks/adapter_overhead.py                 # all methods
+    python benchmarks/adapter_overhead.py --profile harma # where HarMA's step time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("full", "frozen", "floor", "harma", "harma_authors", "lora")
+
+
+class AuthorsMMadapter(nn.Module):
+    """The authors' MGA (``MMadapter``) with ``nn.MultiheadAttention``, for comparison only."""
+
+    def __init__(self, width: int, mini: nn.Module | None):
+        super().__init__()
+        self.img_proj_down = nn.Linear(width, 128)
+        self.img_proj_up = nn.Linear(128, width)
+        self.BiShareAdapterxx = mini
+        self.multihead_attention = nn.MultiheadAttention(128, 8, batch_first=True)
+        self.gate1 = nn.Parameter(torch.tensor(0.6))
+        self.block_gate = nn.Parameter(torch.tensor(0.6))
+
+    def forward(self, x):
+        h = F.gelu(self.img_proj_down(x))
+        a, _ = self.multihead_attention(h, h, h)
+        if self.BiShareAdapterxx is not None:
+            a = self.BiShareAdapterxx(a)
+        a, _ = self.multihead_attention(a, a, a)
+        alpha = torch.sigmoid(self.gate1)
+        adapted = x + self.img_proj_up(alpha * h + (1 - alpha) * a)
+        beta = torch.sigmoid(self.block_gate)
+        return beta * adapted + (1 - beta) * x
+
+
+class AuthorsBiShareAdapter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(128, 64)
+        self.l2 = nn.Linear(64, 128)
+        self.multihead_attention1 = nn.MultiheadAttention(64, 8, batch_first=True)
+        self.gate1 = nn.Parameter(torch.tensor(0.6))
+
+    def forward(self, x):
+        u = self.l1(x)
+        attended, _ = self.multihead_attention1(u, u, u)
+        alpha = torch.sigmoid(self.gate1)
+        return self.l2(alpha * attended + (1 - alpha) * u) + x
+
+
+def _authors_hook(adapter, module, args, output):
+    return adapter(output)
+
+
+def patch_like_the_authors(model: nn.Module) -> list[nn.Parameter]:
+    model.requires_grad_(False)
+    for tower, width in ((model.visual.transformer, model.visual.transformer.width),
+                         (model.transformer, model.transformer.width)):
+        for block in tower.resblocks:
+            mini = AuthorsBiShareAdapter() if tower is model.transformer else None
+            block.mmadapter = AuthorsMMadapter(width, mini)
+            block.mlp.register_forward_hook(functools.partial(_authors_hook, block.mmadapter))
+    return [p for n, p in model.named_parameters() if "mmadapter" in n]
+
+
+def build(method: str):
+    import open_clip
+
+    import harma
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32")
+    model.train()
+    if method == "full":
+        params = list(model.parameters())
+    elif method in ("frozen", "floor"):
+        model.requires_grad_(False)
+        params = []
+    elif method == "harma":
+        harma.inject_harma_adapters(model, harma.HarmaConfig.reference())
+        params = list(harma.adapter_parameters(model))
+    elif method == "harma_authors":
+        params = patch_like_the_authors(model)
+    elif method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model.requires_grad_(False)
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_fc", "c_proj", "attn"])
+        model = get_peft_model(model, config).base_model.model
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    return model, optimizer, params
+
+
+def make_step(method: str, model: nn.Module, optimizer, batch: int):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, 224, 224, generator=generator)
+    texts = torch.randint(1, 49000, (batch, 77), generator=generator)
+    texts[:, 20] = 49407
+    labels = torch.arange(batch)
+
+    def loss_of(image_embeds, text_embeds):
+        logits = F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T * 100.0
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    def step():
+        if method == "frozen":
+            with torch.no_grad():
+                loss_of(model.encode_image(images), model.encode_text(texts))
+            return
+        if method == "floor":
+            # Gradient through every block to the (token and patch) inputs, nothing trained.
+            image_input = images.clone().requires_grad_(True)
+            with _text_input_requires_grad(model):
+                loss_of(model.encode_image(image_input), model.encode_text(texts)).backward()
+            return
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(model.encode_image(images), model.encode_text(texts)).backward()
+        optimizer.step()
+
+    return step
+
+
+class _text_input_requires_grad:
+    """Make the token embeddings' output require grad, so the text tower backpropagates too."""
+
+    def __init__(self, model):
+        self.embedding = model.token_embedding
+
+    def __enter__(self):
+        self.handle = self.embedding.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def run_one(method: str, batch: int, warmup: int, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    model, optimizer, params = build(method)
+    step = make_step(method, model, optimizer, batch)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {
+        "method": method,
+        "median_step_s": statistics.median(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable_params": sum(p.numel() for p in params),
+    }
+
+
+def profile(method: str, batch: int, threads: int, rows: int) -> None:
+    torch.set_num_threads(threads)
+    model, optimizer, _ = build(method)
+    step = make_step(method, model, optimizer, batch)
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--profile", choices=METHODS, help="profile one method's step instead")
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.profile:
+        profile(args.profile, args.batch, args.threads, args.rows)
+        return
+    if args._child:
+        print(json.dumps(run_one(args._child, args.batch, args.warmup, args.steps, args.threads)))
+        return
+
+    results = {}
+    for method in args.methods:
+        command = [sys.executable, __file__, "--_child", method, "--batch", str(args.batch),
+                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[method] = json.loads(output.strip().splitlines()[-1])
+        print(f"measured {method}: {results[method]['median_step_s']:.3f} s/step", file=sys.stderr)
+
+    full = results.get("full")
+    floor = results.get("floor")
+    print(f"\nopen_clip ViT-B-32, random weights, CPU ({args.threads} threads), batch {args.batch}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up\n")
+    print("| method | trainable params | step time vs full | step time vs floor | peak RSS vs full |")
+    print("|---|---:|---:|---:|---:|")
+    for method, row in results.items():
+        vs_full = f"{row['median_step_s'] / full['median_step_s']:.3f}x" if full else "n/a"
+        vs_floor = f"{row['median_step_s'] / floor['median_step_s']:.3f}x" if floor else "n/a"
+        memory = f"{row['peak_rss_mb'] / full['peak_rss_mb']:.3f}x" if full else "n/a"
+        print(f"| {method} | {row['trainable_params']:,} | {vs_full} | {vs_floor} | {memory} |")
+    if args.json:
+        with open(args.json, "w") as stream:
+            json.dump(results, stream, indent=2)
+
+
+if __name__ == "__main__":
+    main()
