@@ -33,14 +33,25 @@ from .inject import (  # noqa: E402
     print_trainable_parameters,
     remove_harma_adapters,
 )
+from .losses import HarmaLoss, HarmaLossOutput  # noqa: E402
 from .modules import MiniAdapter, MultimodalGatedAdapter  # noqa: E402
+from .retrieval import (  # noqa: E402
+    RetrievalEvaluator,
+    RetrievalRanks,
+    retrieval_metrics,
+    retrieval_metrics_from_embeddings,
+)
 
 __all__ = [
     "HarmaConfig",
+    "HarmaLoss",
+    "HarmaLossOutput",
     "MiniAdapter",
     "MultimodalGatedAdapter",
     "OfficialCheckpoint",
     "ParameterCount",
+    "RetrievalEvaluator",
+    "RetrievalRanks",
     "adapter_parameters",
     "count_parameters",
     "disable_adapters",
@@ -54,5 +65,7 @@ __all__ = [
     "push_adapters_to_hub",
     "read_adapter_file",
     "remove_harma_adapters",
+    "retrieval_metrics",
+    "retrieval_metrics_from_embeddings",
     "save_adapters",
 ]
