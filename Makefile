@@ -19,6 +19,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+docs: install
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: install
 	$(BIN)/ruff check .
 

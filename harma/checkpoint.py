@@ -143,6 +143,9 @@ def save_adapters(
     _atomic_write(weights_path, lambda target: save_file(tensors, str(target), metadata=header))
     if _is_folder_target(path):
         adapter_config = {
+            # peft_type lets peft's PeftModel.from_pretrained read the folder too, once
+            # harma.integrations.peft is imported.
+            "peft_type": "HARMA",
             "library": "harma",
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

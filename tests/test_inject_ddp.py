@@ -13,8 +13,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harma  # noqa: E402
 from tiny_models import images, perturb_adapters, tiny_open_clip, tokens  # noqa: E402
+
+import harma  # noqa: E402
 
 BATCH = 4
 

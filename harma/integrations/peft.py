@@ -1,0 +1,618 @@
+"""Drive HarMA adapters through peft's own API.
+
+Importing this module registers HarMA as a peft method, so that ``get_peft_model``,
+``PeftModel.save_pretrained`` and ``PeftModel.from_pretrained`` work with it:
+
+```python
+from peft import PeftModel, get_peft_model
+from harma.integrations.peft import HarmaPeftConfig
+
+peft_model = get_peft_model(model, HarmaPeftConfig())            # reference layout
+peft_model.print_trainable_parameters()
+...                                                              # train
+peft_model.save_pretrained("adapters/")
+loaded = PeftModel.from_pretrained(fresh_model, "adapters/")     # import this module first
+```
+
+The tuner delegates to ``harma.inject_harma_adapters``: the patched model is the same as
+with the native API, so ``peft_model.get_base_model()`` can be passed to every harma function
+(``harma.save_adapters``, ``harma.disable_adapters``, the losses and the evaluator).
+
+How it plugs into peft (0.21 or newer). peft's public hook, ``peft.utils.register_peft_method``,
+only accepts names that are members of the closed enum ``peft.utils.PeftType``, which has no
+``HARMA``. ``register_with_peft`` therefore writes the same entries that function writes
+(``PEFT_TYPE_TO_CONFIG_MAPPING``, ``PEFT_TYPE_TO_TUNER_MAPPING``, ``PEFT_TYPE_TO_PREFIX_MAPPING``
+in ``peft.mapping``) under the plain string ``"HARMA"``. ``PeftConfig.peft_type`` may be a
+string, and ``PeftType`` is a ``str`` enum, so every lookup peft makes with the ``peft_type``
+of a config or of an ``adapter_config.json`` finds them. Saving and loading go through the
+tuner hooks ``BaseTuner._get_adapter_state_dict`` and ``_remap_adapter_state_dict_for_load``,
+which peft 0.21 introduced; older peft versions refuse any ``peft_type`` outside ``PeftType``
+in ``get_peft_model_state_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, architecture_fingerprint
+from ..config import HarmaConfig
+from ..inject import (
+    ADAPTER_ATTRIBUTE,
+    adapter_named_parameters,
+    get_harma_config,
+    inject_harma_adapters,
+    is_patched,
+    remove_harma_adapters,
+)
+from ..modules import MultimodalGatedAdapter
+
+__all__ = [
+    "PEFT_PREFIX",
+    "PEFT_TYPE",
+    "HarmaPeftConfig",
+    "HarmaTuner",
+    "load_peft_adapters",
+    "register_with_peft",
+]
+
+PEFT_TYPE = "HARMA"
+"""The ``peft_type`` of HarMA configs and of the ``adapter_config.json`` files peft writes for them."""
+
+PEFT_PREFIX = "harma_"
+"""peft's per-method prefix: every HarMA parameter name contains it (``...harma_adapter...``)."""
+
+_PEFT_KEY_PREFIX = "base_model.model."
+_MERGE_ERROR = (
+    "HarMA adapters cannot be merged into the base weights: they apply self-attention, GELU and gates to "
+    "each block's MLP output. Keep the adapters, or call unload() to drop them"
+)
+# The HarmaConfig fields a HarmaPeftConfig mirrors; freeze_backbone is not one of them, since peft
+# always trains the adapters alone.
+_MIRRORED_FIELDS = tuple(f.name for f in dataclasses.fields(HarmaConfig) if f.name != "freeze_backbone")
+# The fields that decide which adapter tensors exist and their shapes.
+_LAYOUT_FIELDS = ("bottleneck", "heads", "mini_bottleneck", "mini_heads", "sharing", "towers", "layers",
+                  "target_modules", "mlp_attribute")
+
+
+def _is_adapter_key(key: str) -> bool:
+    return f".{ADAPTER_ATTRIBUTE}." in f".{key}"
+
+
+# --------------------------------------------------------------------------------------------
+# The config
+
+
+@dataclass
+class HarmaPeftConfig(PeftConfig):
+    """peft configuration of HarMA adapters: ``harma.HarmaConfig``'s layout fields as a
+    ``PeftConfig``.
+
+    The fields and their defaults are those of ``harma.HarmaConfig`` (the reference layout
+    of the authors' code; ``sharing="paper"`` for the paper's cross-modal sharing), except
+    ``freeze_backbone``: through peft only the adapters are trained. Values are validated by
+    ``harma.HarmaConfig`` when the config is created.
+
+    Attributes:
+        bottleneck: MGA bottleneck width.
+        heads: attention heads of the MGA's self-attention.
+        mini_bottleneck: MMS bottleneck width.
+        mini_heads: attention heads of the MMS's self-attention.
+        gate_init: initial logit of the MGA's gate.
+        block_gate_init: initial logit of the per-block gate.
+        mini_gate_init: initial logit of the MMS's gate.
+        sharing: ``"reference"``, ``"paper"`` or ``"none"`` (see ``harma.HarmaConfig``).
+        towers: names of the towers to patch, or None for all.
+        layers: block indices to patch in each tower, or None for all.
+        target_modules: a regular expression for the block names of models of unknown families.
+            Unlike LoRA's ``target_modules`` it names transformer *blocks*, not linear layers.
+        mlp_attribute: name of each block's MLP submodule.
+        batch_first: sequence layout of blocks found through ``target_modules``.
+        fingerprint: each patched tower's name, depth and width. Filled in when the adapters are
+            injected and saved in ``adapter_config.json``; when set, loading checks that the
+            model has this architecture. Leave it None.
+
+    Example:
+        ```python
+        from peft import get_peft_model
+        from harma.integrations.peft import HarmaPeftConfig
+
+        peft_model = get_peft_model(model, HarmaPeftConfig(sharing="paper"))
+        ```
+    """
+
+    # The defaults are HarmaConfig's (tests/test_peft_integration.py checks that they agree).
+    bottleneck: int = field(default=128, metadata={"help": "MGA bottleneck width"})
+    heads: int = field(default=8, metadata={"help": "MGA attention heads"})
+    mini_bottleneck: int = field(default=64, metadata={"help": "MMS bottleneck width"})
+    mini_heads: int = field(default=8, metadata={"help": "MMS attention heads"})
+    gate_init: float = field(default=0.6, metadata={"help": "initial MGA gate logit"})
+    block_gate_init: float = field(
+        default=0.6, metadata={"help": "initial block gate logit"}
+    )
+    mini_gate_init: float = field(default=0.6, metadata={"help": "initial MMS gate logit"})
+    sharing: str = field(
+        default="reference", metadata={"help": "who uses the MMS of layer i: reference, paper or none"}
+    )
+    towers: list[str] | None = field(default=None, metadata={"help": "towers to patch (None: all)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "block indices to patch (None: all)"})
+    target_modules: str | None = field(
+        default=None, metadata={"help": "regular expression for the blocks of models of unknown families"}
+    )
+    mlp_attribute: str = field(default="mlp", metadata={"help": "name of the blocks' MLP"})
+    batch_first: bool = field(
+        default=True, metadata={"help": "sequence layout of target_modules blocks"}
+    )
+    fingerprint: list[dict[str, Any]] | None = field(
+        default=None, metadata={"help": "architecture the adapters were made for (filled in by harma)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.towers, tuple):
+            self.towers = list(self.towers)
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+        self.to_harma_config()  # validates every field, with HarmaConfig's messages
+
+    def to_harma_config(self) -> HarmaConfig:
+        """The equivalent ``harma.HarmaConfig`` (with ``freeze_backbone=True``)."""
+        return HarmaConfig(**{name: getattr(self, name) for name in _MIRRORED_FIELDS}, freeze_backbone=True)
+
+    @classmethod
+    def from_harma_config(cls, config: HarmaConfig, **peft_fields: Any) -> HarmaPeftConfig:
+        """A ``HarmaPeftConfig`` with the layout of ``config``.
+
+        Args:
+            config: the layout. Its ``freeze_backbone`` must be true: peft trains adapters only.
+            **peft_fields: other ``PeftConfig`` fields, e.g. ``inference_mode=True``.
+
+        Raises:
+            ValueError: ``config.freeze_backbone`` is false.
+        """
+        if not config.freeze_backbone:
+            raise ValueError(
+                "HarmaConfig.freeze_backbone=False cannot be expressed through peft, which trains the "
+                "adapters alone; use harma.inject_harma_adapters(model, config) directly"
+            )
+        data = config.to_dict()
+        del data["freeze_backbone"]
+        return cls(**data, **peft_fields)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Called by ``PeftConfig.from_pretrained`` on the contents of ``adapter_config.json``.
+
+        Also accepts the ``adapter_config.json`` of a folder written by
+        ``harma.save_adapters`` (its layout is nested under ``"config"``), provided it names
+        ``"peft_type": "HARMA"``.
+        """
+        if kwargs.get("format") != FORMAT_NAME:
+            return super().check_kwargs(**kwargs)
+        version = int(kwargs.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"the adapter folder has harma format version {version}; this harma reads up to "
+                f"{FORMAT_VERSION}: upgrade harma"
+            )
+        own_fields = {f.name for f in dataclasses.fields(cls)}
+        converted = {key: value for key, value in kwargs.items() if key in own_fields}
+        layout = dict(kwargs.get("config") or {})
+        if not layout.pop("freeze_backbone", True):
+            raise ValueError("the adapter folder was saved with freeze_backbone=False, which peft cannot load")
+        converted.update(layout)
+        converted["peft_type"] = PEFT_TYPE
+        converted["fingerprint"] = kwargs.get("fingerprint")
+        if kwargs.get("base_model") and not converted.get("base_model_name_or_path"):
+            converted["base_model_name_or_path"] = kwargs["base_model"]
+        return converted
+
+
+# --------------------------------------------------------------------------------------------
+# Matching stored tensors to a model's adapter parameters
+
+
+def _adapter_alias_groups(model: nn.Module) -> list[list[str]]:
+    """Names of each adapter parameter, first the one ``named_parameters()`` reports, then the
+    names under which a shared MMS is registered again (the paper layout)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if _is_adapter_key(name):
+            groups.setdefault(id(param), []).append(name)
+    return list(groups.values())
+
+
+def _match_adapter_tensors(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """Map stored adapter tensors onto ``model``'s parameter names, strictly.
+
+    Stored names may carry peft's ``base_model.model.`` prefix or not, whatever the model's own
+    naming. Every adapter parameter must be found, under its name or an alias of a shared MMS,
+    with its shape; any other stored tensor is an error. Aliases are filled in from their group.
+    """
+    groups = _adapter_alias_groups(model)
+    model_prefixed = any(name.startswith(_PEFT_KEY_PREFIX) for group in groups for name in group)
+
+    def bare(name: str) -> str:
+        return name.removeprefix(_PEFT_KEY_PREFIX) if model_prefixed else name
+
+    stored = {key.removeprefix(_PEFT_KEY_PREFIX): value for key, value in tensors.items()}
+    known = {bare(name) for group in groups for name in group}
+    unexpected = sorted(set(stored) - known)
+    missing = [bare(group[0]) for group in groups if not any(bare(name) in stored for name in group)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} adapter tensor(s) missing from it, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) in it have no place in the model, e.g. {unexpected[:3]}")
+        raise ValueError(f"{source} does not fit this model: " + "; ".join(parts))
+
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    matched: dict[str, torch.Tensor] = {}
+    for group in groups:
+        value = next(stored[bare(name)] for name in group if bare(name) in stored)
+        expected = tuple(parameters[group[0]].shape)
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"{source}: tensor {bare(group[0])!r} has shape {tuple(value.shape)} in it but "
+                f"{expected} in the model"
+            )
+        for name in group:
+            matched[name] = value
+    return matched
+
+
+def _check_fingerprint(expected: Sequence[Mapping[str, Any]], actual: Sequence[Mapping[str, Any]]) -> None:
+    def towers(fingerprint: Sequence[Mapping[str, Any]]) -> list[tuple[Any, Any, Any]]:
+        return [(t["name"], t["blocks"], t["width"]) for t in fingerprint]
+
+    def describe(fingerprint: Sequence[Mapping[str, Any]]) -> str:
+        return ", ".join(f"{name} ({blocks} blocks of width {width})" for name, blocks, width in towers(fingerprint))
+
+    if towers(expected) != towers(actual):
+        raise ValueError(
+            f"the HarMA adapters were made for a model with towers {describe(expected)}, but this model "
+            f"has {describe(actual)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The tuner
+
+
+class _HarmaLayerStatus(nn.Module, BaseTunerLayer):
+    """Reports the HarMA adapters of a model to peft's ``get_layer_status``/``get_model_status``
+    (which ``PeftModel.disable_adapter`` calls) and switches them on and off.
+
+    peft only recognises adapters that are ``BaseTunerLayer`` modules; HarMA's adapters are
+    ``harma.MultimodalGatedAdapter`` modules reached through forward hooks. This module
+    lives on the tuner, not in the user's model, holds no parameters, and keeps the adapters in a
+    plain list, so they are not registered a second time.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, adapter_name: str, adapters: list[MultimodalGatedAdapter]) -> None:
+        super().__init__()
+        self._active_adapter = adapter_name
+        self.merged_adapters = []
+        self.harma_adapters = adapters
+
+    @property
+    def disable_adapters(self) -> bool:
+        return not any(adapter.enabled for adapter in self.harma_adapters)
+
+    def _get_available_adapters(self) -> set[str]:
+        return {self._active_adapter}
+
+    def enable_adapters(self, enabled: bool) -> None:
+        for adapter in self.harma_adapters:
+            adapter.enabled = enabled
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        self._active_adapter = adapter_names
+
+    def extra_repr(self) -> str:
+        return f"adapters={len(self.harma_adapters)}"
+
+
+class HarmaTuner(BaseTuner):
+    """peft tuner ("model class") of the HarMA method; created by ``PeftModel``, not by users.
+
+    It patches the wrapped model with ``harma.inject_harma_adapters``, so parameter names,
+    sharing and the forward pass are exactly harma's. One HarMA adapter per model: a second
+    ``add_adapter`` is an error. HarMA adapters contain attention and non-linearities, so they
+    cannot be merged into the base weights; ``unload()`` removes them.
+    """
+
+    prefix: str = PEFT_PREFIX
+    tuner_layer_cls = _HarmaLayerStatus
+    target_module_mapping: Mapping[str, list[str]] = types.MappingProxyType({})
+
+    # --- creation ---------------------------------------------------------------------------
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Patch ``model`` with the adapters ``self.peft_config[adapter_name]`` describes.
+
+        Raises:
+            TypeError: the config is not a ``HarmaPeftConfig``.
+            ValueError: the model already carries adapters, another adapter name is registered,
+                no blocks match, or the config's fingerprint names another architecture.
+        """
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, HarmaPeftConfig):
+            raise TypeError(f"HarmaTuner needs a HarmaPeftConfig, got {type(config).__name__}")
+        others = [name for name in self.peft_config if name != adapter_name]
+        if others or is_patched(model):
+            raise ValueError(
+                f"a model carries one set of HarMA adapters; it already has {others or 'harma adapters'}. "
+                f"Use a fresh base model for adapter {adapter_name!r}"
+            )
+        if low_cpu_mem_usage or nn.Linear(1, 1).weight.is_meta:
+            # peft creates the tuner under accelerate's init_empty_weights() for this option.
+            raise ValueError(
+                "low_cpu_mem_usage=True is not supported for HarMA adapters (they are small: 24 MB for "
+                "ViT-B/32); leave it False"
+            )
+        harma_config = config.to_harma_config()
+        fingerprint = architecture_fingerprint(model, harma_config)
+        if config.fingerprint is not None:
+            _check_fingerprint(config.fingerprint, fingerprint)
+        inject_harma_adapters(model, harma_config)
+        # Record the architecture in a copy (the user's config object is left as it was), so that
+        # save_pretrained writes it to adapter_config.json.
+        self.peft_config[adapter_name] = dataclasses.replace(config, fingerprint=fingerprint)
+        adapters = [module for module in model.modules() if isinstance(module, MultimodalGatedAdapter)]
+        self.harma_layers = _HarmaLayerStatus(adapter_name, adapters)
+        self.targeted_module_names.extend(
+            name for name, module in model.named_modules()
+            if isinstance(getattr(module, ADAPTER_ATTRIBUTE, None), MultimodalGatedAdapter)
+        )
+        if config.inference_mode:
+            self.set_requires_grad(adapter_name, False)
+
+    def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("HarmaTuner patches whole blocks in inject_adapter, not module by module")
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            param.requires_grad_(_is_adapter_key(name))
+
+    # --- switching and gradients ------------------------------------------------------------
+
+    def _check_adapter_names(self, adapter_names: str | Sequence[str]) -> list[str]:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        return names
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Set ``requires_grad`` of every adapter parameter (there is one HarMA adapter)."""
+        self._check_adapter_names(adapter_names)
+        for _, param in adapter_named_parameters(self.model):
+            param.requires_grad_(requires_grad)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` active; trainable unless ``inference_mode``."""
+        names = self._check_adapter_names(adapter_name)
+        self.set_requires_grad(names, not inference_mode)
+        if hasattr(self, "harma_layers"):
+            self.harma_layers.set_adapter(adapter_name)
+        self.active_adapter = adapter_name
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        if hasattr(self, "harma_layers"):
+            self.harma_layers.enable_adapters(enabled)
+
+    # --- removal ----------------------------------------------------------------------------
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapters from the model (harma's ``harma.remove_harma_adapters``)."""
+        self._check_adapter_names(adapter_name)
+        if is_patched(self.model):
+            remove_harma_adapters(self.model)
+        del self.peft_config[adapter_name]
+        if hasattr(self, "harma_layers"):
+            del self.harma_layers
+        self.active_adapter = []
+
+    def unload(self) -> nn.Module:
+        """Remove the adapters and return the base model, computing what it did before."""
+        if is_patched(self.model):
+            remove_harma_adapters(self.model)
+        self.model.__dict__.pop("peft_config", None)
+        return self.model
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(_MERGE_ERROR)
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Not possible for HarMA adapters; raises ``ValueError`` (see ``unload``)."""
+        raise ValueError(_MERGE_ERROR)
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not possible for HarMA adapters; raises ``ValueError``."""
+        raise ValueError(_MERGE_ERROR)
+
+    # --- saving and loading (peft 0.21 tuner hooks) -----------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: PeftConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        # The adapter parameters under the names harma uses, a shared MMS once (under the first
+        # block that uses it), with peft's "base_model.model." prefix.
+        names = [name for name, _ in adapter_named_parameters(model)]
+        missing = [name for name in names if name not in state_dict]
+        if missing:
+            raise ValueError(f"the state dict to save lacks {len(missing)} adapter tensor(s), e.g. {missing[:3]}")
+        return {name: state_dict[name] for name in names}
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # harma's parameter names carry no adapter name.
+        return key
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: PeftConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        return _match_adapter_tensors(model, state_dict, "the HarMA adapter weights")
+
+
+# --------------------------------------------------------------------------------------------
+# Registration and loading without a PeftModel
+
+
+def _same_entry(existing: Any, ours: Any) -> bool:
+    if existing is ours or existing == ours:
+        return True
+    # The same class from a reloaded module.
+    return isinstance(existing, type) and isinstance(ours, type) and (
+        existing.__module__, existing.__qualname__) == (ours.__module__, ours.__qualname__)
+
+
+def register_with_peft() -> str:
+    """Make HarMA a peft method. Idempotent; importing this module already calls it.
+
+    Registers ``HarmaPeftConfig`` and ``HarmaTuner`` under the ``peft_type``
+    ``"HARMA"`` in peft's method tables (``peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING``,
+    ``PEFT_TYPE_TO_TUNER_MAPPING``, ``PEFT_TYPE_TO_PREFIX_MAPPING``), the tables
+    ``peft.utils.register_peft_method`` fills for peft's own methods.
+
+    Returns:
+        The peft type, ``"HARMA"``.
+
+    Raises:
+        ImportError: peft is older than 0.21 (it has no tuner hooks for saving and loading).
+        RuntimeError: another method is already registered under ``"HARMA"`` or the prefix ``"harma_"``.
+    """
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
+
+    if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):
+        import peft
+
+        raise ImportError(
+            f"harma.integrations.peft needs peft >= 0.21 (found {peft.__version__}): older versions "
+            f"cannot save or load methods outside peft.utils.PeftType"
+        )
+    entries = (
+        (PEFT_TYPE_TO_CONFIG_MAPPING, HarmaPeftConfig),
+        (PEFT_TYPE_TO_TUNER_MAPPING, HarmaTuner),
+        (PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_PREFIX),
+    )
+    for table, ours in entries:
+        existing = table.get(PEFT_TYPE)
+        if existing is not None and not _same_entry(existing, ours):
+            raise RuntimeError(
+                f"peft already has a method registered as {PEFT_TYPE!r} ({existing!r}); harma cannot register "
+                f"its own"
+            )
+    for peft_type, prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
+        if prefix == PEFT_PREFIX and peft_type != PEFT_TYPE:
+            raise RuntimeError(f"peft method {peft_type!r} already uses the parameter prefix {PEFT_PREFIX!r}")
+    for table, ours in entries:
+        table[PEFT_TYPE] = ours
+    return PEFT_TYPE
+
+
+def load_peft_adapters(
+    model: nn.Module,
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+) -> nn.Module:
+    """Load HarMA adapters saved by ``PeftModel.save_pretrained`` into a plain model, without
+    a ``PeftModel`` wrapper.
+
+    The mirror of ``harma.load_adapters`` for peft's folders: an unpatched model is patched
+    with the stored layout first; the stored architecture and every tensor must fit. The
+    adapters stay trainable. To turn a peft folder into a harma file, follow this with
+    ``harma.save_adapters``.
+
+    Args:
+        model: the base model (patched or not).
+        source: a folder written by ``PeftModel.save_pretrained``, or a Hub repository id
+            (``HF_HUB_OFFLINE=1`` reads the local cache only).
+        revision: the Hub revision (branch, tag or commit) to read.
+        token: a Hub access token, for private repositories.
+
+    Returns:
+        ``model``, patched and loaded.
+
+    Raises:
+        ValueError: not a HarMA folder, another layout or architecture, or tensors that do not fit.
+    """
+    from peft.utils import load_peft_weights
+
+    register_with_peft()
+    name = os.fspath(source)
+    hub_kwargs = {key: value for key, value in (("revision", revision), ("token", token)) if value is not None}
+    config = PeftConfig.from_pretrained(name, **hub_kwargs)
+    if not isinstance(config, HarmaPeftConfig):
+        kind = getattr(config.peft_type, "value", config.peft_type)
+        raise ValueError(f"{name} holds {kind} adapters, not HarMA adapters")
+    harma_config = config.to_harma_config()
+    if is_patched(model):
+        ours = get_harma_config(model)
+        differing = [f for f in _LAYOUT_FIELDS if getattr(ours, f) != getattr(harma_config, f)]
+        if differing:
+            raise ValueError(
+                f"{name} was saved with another adapter layout than the model's: "
+                + ", ".join(f"{f}={getattr(harma_config, f)!r} (model: {getattr(ours, f)!r})" for f in differing)
+            )
+    elif config.fingerprint is not None:
+        _check_fingerprint(config.fingerprint, architecture_fingerprint(model, harma_config))
+    tensors = load_peft_weights(name, device="cpu", **hub_kwargs)
+    patched_here = not is_patched(model)
+    if patched_here:
+        inject_harma_adapters(model, harma_config)
+    try:
+        matched = _match_adapter_tensors(model, tensors, name)
+    except ValueError:
+        if patched_here:
+            remove_harma_adapters(model)
+        raise
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for key, value in matched.items():
+            parameters[key].copy_(value)
+    return model
+
+
+register_with_peft()
