@@ -67,7 +67,7 @@ def _check_fingerprint(expected: list[dict[str, Any]], actual: list[dict[str, An
 # Atomic writes
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through a temporary file in the same folder and rename it into place, so
     an interrupted save never leaves a truncated file where a good one was."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +84,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda target: target.write_text(text, encoding="utf-8"))
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda target: target.write_text(text, encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def save_adapters(
         **dict(metadata or {}),
     }
     weights_path = path / ADAPTER_WEIGHTS_NAME if _is_folder_target(path) else path
-    _atomic_write(weights_path, lambda target: save_file(tensors, str(target), metadata=header))
+    atomic_write(weights_path, lambda target: save_file(tensors, str(target), metadata=header))
     if _is_folder_target(path):
         adapter_config = {
             # peft_type lets peft's PeftModel.from_pretrained read the folder too, once
@@ -155,10 +155,10 @@ def save_adapters(
             "fingerprint": json.loads(header["fingerprint"]),
             "trainable_parameters": sum(t.numel() for t in tensors.values()),
         }
-        _atomic_write_text(path / ADAPTER_CONFIG_NAME, json.dumps(adapter_config, indent=2) + "\n")
+        atomic_write_text(path / ADAPTER_CONFIG_NAME, json.dumps(adapter_config, indent=2) + "\n")
         card = path / MODEL_CARD_NAME
         if not card.exists():
-            _atomic_write_text(card, _model_card(config, base_model, adapter_config["trainable_parameters"]))
+            atomic_write_text(card, _model_card(config, base_model, adapter_config["trainable_parameters"]))
     return weights_path
 
 

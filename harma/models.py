@@ -1,0 +1,231 @@
+"""Building open_clip backbones and their tokenizers for training and evaluation.
+
+Three ways to name a backbone:
+
+* a built-in open_clip architecture and a ``pretrained`` tag (``"ViT-B-32"`` +
+  ``"laion2b_s34b_b79k"``), downloaded by open_clip on first use;
+* a built-in architecture and a local weights file (``"ViT-B-32-quickgelu"`` +
+  ``"/models/RS5M_ViT-B-32_RET-2.pt"``, the GeoRSCLIP backbone), or a Hugging Face Hub model
+  (``"hf-hub:org/repo"``);
+* an explicit architecture dictionary (``model_config``: the keyword arguments of
+  ``open_clip.CLIP``), optionally with a local weights file; used for the small CPU models of
+  the demo and the tests (:func:`tiny_clip_config`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "WEIGHT_SUFFIXES",
+    "build_backbone",
+    "build_tokenizer",
+    "check_pretrained_source",
+    "load_backbone_weights",
+    "looks_like_path",
+    "tiny_clip_config",
+]
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+def tiny_clip_config(
+    image_size: int = 32,
+    width: int = 128,
+    layers: int = 3,
+    embed_dim: int = 64,
+    patch_size: int = 8,
+    context_length: int = 32,
+) -> dict[str, Any]:
+    """Keyword arguments of ``open_clip.CLIP`` for a small real CLIP that trains on a CPU.
+
+    Both towers are open_clip transformers of ``layers`` blocks and ``width`` features with
+    64-feature heads; the text tower uses open_clip's full BPE vocabulary (49,408 tokens), so
+    the stock tokenizer works with it. ``context_length`` 32 holds the 30-word captions of the
+    datasets and keeps the text tower fast.
+    """
+    heads = max(1, width // 64)
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "width": width,
+            "layers": layers,
+            "head_width": width // heads,
+        },
+        "text_cfg": {
+            "context_length": context_length,
+            "vocab_size": 49408,
+            "width": width,
+            "heads": heads,
+            "layers": layers,
+        },
+    }
+
+
+def looks_like_path(pretrained: str) -> bool:
+    """Whether a ``pretrained`` value names a file rather than an open_clip tag."""
+    return (
+        os.sep in pretrained
+        or "/" in pretrained
+        or pretrained.endswith(WEIGHT_SUFFIXES)
+        or os.path.exists(pretrained)
+    )
+
+
+def check_pretrained_source(pretrained: str | None) -> None:
+    """Fail early, before anything is built, when ``pretrained`` names a file that is absent.
+
+    Raises:
+        FileNotFoundError: naming the path.
+    """
+    if pretrained and looks_like_path(pretrained) and not pretrained.startswith("hf-hub:"):
+        if not Path(pretrained).expanduser().is_file():
+            raise FileNotFoundError(
+                f"pretrained weights file not found: '{pretrained}'. For GeoRSCLIP, download "
+                f"RS5M_ViT-B-32_RET-2.pt (see docs/training.md) and pass its path."
+            )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"{path} could not be read with torch.load(weights_only=True): {error}"
+        ) from None
+    if isinstance(loaded, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(loaded.get(key), Mapping):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a plain open_clip state dict (``.pt``/``.pth``/``.bin`` or ``.safetensors``) into
+    ``model``.
+
+    ``logit_scale``/``logit_bias`` may be absent (training here never uses them); any other
+    missing or unexpected key is an error that names it.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: '{path}'")
+    state = _read_state_dict(path)
+    expected = model.state_dict()
+    for key, value in state.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise ValueError(
+                f"{path}: {key!r} has shape {tuple(value.shape)} in the file but "
+                f"{tuple(expected[key].shape)} in the model (a different architecture?)"
+            )
+    result = model.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if key not in ("logit_scale", "logit_bias")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not match the model: missing {missing[:10]}, unexpected "
+            f"{list(result.unexpected_keys)[:10]}"
+        )
+
+
+def build_backbone(
+    model_name: str,
+    pretrained: str | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    image_size: int | None = None,
+) -> nn.Module:
+    """Create an open_clip CLIP in float32 on the CPU.
+
+    Args:
+        model_name: an open_clip architecture name (``"ViT-B-32"``, ``"ViT-B-32-quickgelu"``),
+            or ``"hf-hub:org/repo"``. Only a label when ``model_config`` is given.
+        pretrained: an open_clip tag (``"laion2b_s34b_b79k"``, ``"openai"``), a local weights
+            file, or None for random initialisation.
+        model_config: keyword arguments of ``open_clip.CLIP`` (``embed_dim``, ``vision_cfg``,
+            ``text_cfg``, ...) to build an architecture that open_clip does not list.
+        image_size: input side in pixels; for a named model a different size than its own
+            interpolates the positional embedding (open_clip's ``force_image_size``).
+
+    Raises:
+        FileNotFoundError: ``pretrained`` names a missing file.
+        RuntimeError: open_clip could not obtain the pretrained weights (named, with the cause).
+    """
+    import open_clip
+
+    check_pretrained_source(pretrained)
+    if model_config is not None:
+        kwargs = copy.deepcopy(dict(model_config))
+        vision = kwargs.get("vision_cfg", {})
+        configured_size = vision.get("image_size") if isinstance(vision, Mapping) else None
+        if image_size is not None and configured_size is not None and configured_size != image_size:
+            raise ValueError(
+                f"image_size={image_size} differs from model_config.vision_cfg.image_size={configured_size}"
+            )
+        try:
+            model = open_clip.CLIP(**kwargs)
+        except TypeError as error:
+            raise ValueError(f"model_config is not a valid open_clip.CLIP configuration: {error}") from None
+        if pretrained:
+            if not looks_like_path(pretrained):
+                raise ValueError(
+                    f"with model_config, pretrained must be a local weights file, got tag {pretrained!r}"
+                )
+            load_backbone_weights(model, pretrained)
+        return model.float()
+
+    force_image_size = None
+    if not model_name.startswith("hf-hub:"):
+        model_name = model_name.replace("/", "-")  # open_clip's old spelling, "ViT-B/32"
+    if image_size is not None and not model_name.startswith("hf-hub:"):
+        native = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {}).get("image_size")
+        if native is None:
+            raise ValueError(
+                f"unknown open_clip model {model_name!r}; see open_clip.list_models() for the names"
+            )
+        force_image_size = image_size if image_size != native else None
+    try:
+        model = open_clip.create_model(
+            model_name,
+            pretrained=os.path.expanduser(pretrained) if pretrained else None,
+            force_image_size=force_image_size,
+        )
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"open_clip could not create {model_name!r} with pretrained={pretrained!r}: {error}. "
+            f"Tags are downloaded on first use (no network here?); a local weights file path "
+            f"works offline."
+        ) from error
+    return model.float()
+
+
+def build_tokenizer(model_name: str, model_config: Mapping[str, Any] | None = None) -> Tokenizer:
+    """open_clip's tokenizer for ``model_name``; for a ``model_config`` model, the stock BPE
+    tokenizer with that model's context length.
+
+    Returns:
+        ``tokenizer(list_of_str) -> LongTensor (n, context_length)``.
+    """
+    import open_clip
+
+    if model_config is not None:
+        text = model_config.get("text_cfg", {})
+        context_length = text.get("context_length", 77) if isinstance(text, Mapping) else 77
+        return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+    return open_clip.get_tokenizer(model_name)
