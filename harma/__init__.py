@@ -1,6 +1,6 @@
 """harma: HarMA adapters (harmonized transfer learning and modality alignment) for CLIP-style models.
 
-Typical use::
+Typical use:
 
     import harma, open_clip
 

@@ -116,7 +116,7 @@ def save_adapters(
     ``README.md`` (an existing card is kept). Every file is written atomically.
 
     Args:
-        model: a model patched by :func:`harma.inject_harma_adapters`.
+        model: a model patched by `harma.inject_harma_adapters`.
         path: the file or folder to write.
         base_model: name of the base weights (e.g. ``"ViT-B-32/laion2b_s34b_b79k"``), recorded
             in the metadata and the model card.
@@ -258,7 +258,7 @@ def load_adapters(
     revision: str | None = None,
     token: str | None = None,
 ) -> nn.Module:
-    """Load adapter weights saved by :func:`save_adapters` into ``model``.
+    """Load adapter weights saved by `save_adapters` into ``model``.
 
     An unpatched model is patched first with the stored config. The stored architecture must
     match the model's, and every stored tensor must find its parameter with the same shape;
@@ -266,7 +266,7 @@ def load_adapters(
 
     Args:
         model: the base model (patched or not).
-        source: a ``.safetensors`` file, a folder saved by :func:`save_adapters`, or a Hugging
+        source: a ``.safetensors`` file, a folder saved by `save_adapters`, or a Hugging
             Face Hub repository id (``"org/name"`` or ``"hf-hub:org/name"``); local paths win.
         revision, token: for the Hub.
 
@@ -391,7 +391,7 @@ def reference_key_to_harma(key: str) -> str:
 
 @dataclass(frozen=True)
 class OfficialCheckpoint:
-    """What :func:`load_official_checkpoint` found.
+    """What `load_official_checkpoint` found.
 
     Attributes:
         temperature: the contrastive temperature ``temp`` (a plain float), or None if absent.
@@ -430,7 +430,7 @@ def load_official_checkpoint(
     Accepts the reference ``checkpoint_best.pth`` layout (``{"model": state_dict, "config": ...}``
     with the CLIP under ``model.`` and the temperature as ``temp``), or a bare state dict in that
     or in plain open_clip naming. When the checkpoint holds adapter weights and ``model`` is
-    not patched yet, it is patched with the reference layout (:meth:`HarmaConfig.reference`).
+    not patched yet, it is patched with the reference layout (`HarmaConfig.reference`).
     Base and adapter weights are then loaded.
 
     Args:
@@ -440,7 +440,7 @@ def load_official_checkpoint(
         strict: raise on any missing or unexpected key (named); otherwise return them.
 
     Returns:
-        An :class:`OfficialCheckpoint` with the temperature and the key report.
+        An `OfficialCheckpoint` with the temperature and the key report.
     """
     source = "the checkpoint"
     if not isinstance(checkpoint, Mapping):

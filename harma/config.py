@@ -149,7 +149,7 @@ class HarmaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HarmaConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
         if not isinstance(data, dict):
             raise ValueError(f"a HarmaConfig must be read from a dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}

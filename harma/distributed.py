@@ -3,7 +3,7 @@
 Every helper degrades to the single-process behaviour when no process group is initialised,
 so the same code path runs on a laptop, on one GPU and under ``torchrun``.
 
-Gradient convention of :func:`all_gather_with_grad`: every rank computes the loss on the
+Gradient convention of `all_gather_with_grad`: every rank computes the loss on the
 full gathered batch (the same scalar on every rank) and DDP averages parameter gradients over
 ranks. The backward pass therefore sums the incoming gradient over ranks before slicing out
 the local shard; after DDP's averaging, parameter gradients equal those of one process that
@@ -111,7 +111,7 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Like :func:`all_gather_with_grad` but detached; for ids, labels and evaluation."""
+    """Like `all_gather_with_grad` but detached; for ids, labels and evaluation."""
     if not is_distributed() or get_world_size() == 1:
         return tensor.detach()
     with torch.no_grad():

@@ -195,7 +195,7 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
     """Patch every selected transformer block of ``model`` in place with a HarMA adapter.
 
     Each block's MLP output ``m`` becomes ``m + sigmoid(g_block) * W_up z`` (see
-    :class:`harma.modules.MultimodalGatedAdapter`), implemented as a forward hook on the MLP, so
+    `harma.modules.MultimodalGatedAdapter`), implemented as a forward hook on the MLP, so
     the base model's state-dict keys are unchanged; adapter parameters appear under
     ``<block>.harma_adapter.*``. With ``config.freeze_backbone`` only adapter parameters require
     grad afterwards. Until the adapters are trained the model computes exactly what it did before.
@@ -203,7 +203,7 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
     Args:
         model: an open_clip CLIP, Hugging Face ``CLIPModel``/SigLIP-style model, timm
             ``VisionTransformer``, or any model whose blocks ``config.target_modules`` matches.
-        config: the layout; defaults to :class:`HarmaConfig` (the reference layout).
+        config: the layout; defaults to `HarmaConfig` (the reference layout).
 
     Returns:
         ``model`` itself.
@@ -279,7 +279,7 @@ def _patched_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def remove_harma_adapters(model: nn.Module) -> nn.Module:
-    """Undo :func:`inject_harma_adapters`: drop hooks and adapters and restore ``requires_grad``.
+    """Undo `inject_harma_adapters`: drop hooks and adapters and restore ``requires_grad``.
 
     Returns ``model`` itself, computing and holding exactly what it did before patching.
     """
@@ -322,7 +322,7 @@ def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Context in which ``model`` computes as the plain backbone, adapters bypassed.
 
-    Example::
+    Example:
 
         with harma.disable_adapters(model):
             frozen_embeddings = model.encode_image(images)

@@ -185,7 +185,7 @@ def affiliation_loss(
 
     For each scene class ``k`` present in the batch, ``C^v_k`` and ``C^t_k`` are the
     L2-normalised means of the normalised image / text embeddings of that class. With
-    ``y_i`` the class index of pair ``i``::
+    ``y_i`` the class index of pair ``i``:
 
         L = ( CE(softmax_k(v_i . C^t_k / T), y_i) + CE(softmax_k(t_i . C^v_k / T), y_i) ) / 2
 
@@ -223,7 +223,7 @@ def affiliation_loss(
 
 @dataclass
 class HarmaLossOutput:
-    """Result of :class:`HarmaLoss`; every field is a 0-dim tensor (``affiliation`` may be None).
+    """Result of `HarmaLoss`; every field is a 0-dim tensor (``affiliation`` may be None).
 
     ``loss`` is the total to back-propagate:
     ``contrastive + triplet + affiliation_weight * affiliation``.
@@ -252,7 +252,7 @@ class HarmaLoss(nn.Module):
     Under ``torch.distributed`` (and ``gather_distributed=True``) the embeddings of all ranks
     are gathered with gradient, and ids/labels without, so every rank computes the loss over
     the global batch. Parameter gradients after DDP's averaging then equal those of a single
-    process on the concatenated batch (see :func:`harma.distributed.all_gather_with_grad`).
+    process on the concatenated batch (see `harma.distributed.all_gather_with_grad`).
 
     Args:
         temperature_init: initial contrastive temperature (0.07 in the reference).

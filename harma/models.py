@@ -9,7 +9,7 @@ Three ways to name a backbone:
   (``"hf-hub:org/repo"``);
 * an explicit architecture dictionary (``model_config``: the keyword arguments of
   ``open_clip.CLIP``), optionally with a local weights file; used for the small CPU models of
-  the demo and the tests (:func:`tiny_clip_config`).
+  the demo and the tests (`tiny_clip_config`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from torch import nn
 class SelfAttention(nn.Module):
     """Unmasked multi-head self-attention over the token axis.
 
-    Parameters are laid out exactly as :class:`torch.nn.MultiheadAttention`'s (``in_proj_weight``,
+    Parameters are laid out exactly as `torch.nn.MultiheadAttention`'s (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``) so that the reference checkpoints
     load key for key, but the forward pass calls ``scaled_dot_product_attention`` directly: at
     a 128-dim bottleneck the generic module's argument checks and reshapes cost more than the
@@ -86,7 +86,7 @@ class MiniAdapter(nn.Module):
 class MultimodalGatedAdapter(nn.Module):
     """MGA, the multimodal gated adapter (reference name ``MMadapter``), with its block gate.
 
-    Applied to the output ``m`` of a transformer block's MLP, of shape ``(..., width)``::
+    Applied to the output ``m`` of a transformer block's MLP, of shape ``(..., width)``:
 
         h = GELU(W_down m)
         a = MHA(MMS(MHA(h)))                      # the same MHA twice; MMS only if attached
@@ -97,7 +97,7 @@ class MultimodalGatedAdapter(nn.Module):
     with ``MGA(m) = m + W_up z``, but is exactly ``m`` while ``W_up`` is zero (no rounding from
     the convex mix), which is what makes a freshly patched model compute what it did before.
 
-    ``mini_adapter`` may be the same :class:`MiniAdapter` instance in several MGAs (the paper
+    ``mini_adapter`` may be the same `MiniAdapter` instance in several MGAs (the paper
     layout); it is then registered under each of them, like tied weights.
     """
 
@@ -145,7 +145,7 @@ def apply_adapter_hook(
 ) -> torch.Tensor:
     """Forward hook placed on a block's MLP: its output goes through the block's adapter.
 
-    A module-level function bound with :func:`functools.partial` (not a closure) so that
+    A module-level function bound with `functools.partial` (not a closure) so that
     patched models can be deep-copied and pickled.
     """
     return adapter(output)

@@ -16,7 +16,7 @@ perfect ones. ``ties="optimistic"`` counts only strictly greater wrong items ins
 ties both conventions agree with the reference's argsort loop.
 
 Ranks are computed tile by tile (never a full sort), so memory is bounded by the tile size
-and the similarity matrix of :func:`retrieval_metrics_from_embeddings` is never built.
+and the similarity matrix of `retrieval_metrics_from_embeddings` is never built.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def retrieval_metrics(
         scores: ``(n_images, n_texts)`` similarities (torch, any device, or numpy).
         txt2img: ``(n_texts,)`` integer image index of every caption.
         ties: ``"pessimistic"`` (default) or ``"optimistic"``; see the module docstring.
-        return_ranks: also return the 0-based :class:`RetrievalRanks`.
+        return_ranks: also return the 0-based `RetrievalRanks`.
 
     Returns:
         ``{"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"}``
@@ -273,7 +273,7 @@ def retrieval_metrics_from_embeddings(
     more for the tiles that hold (image, own caption) pairs: about 1.05-1.2x one full matmul
     when captions are grouped by image, up to 2x when they are shuffled. Works on the inputs'
     device.
-    Results equal :func:`retrieval_metrics` on ``image_embeds @ text_embeds.T`` (exactly,
+    Results equal `retrieval_metrics` on ``image_embeds @ text_embeds.T`` (exactly,
     whenever that product rounds the same way as the tiles; differences can only appear for
     scores within float rounding of each other).
 
@@ -283,7 +283,7 @@ def retrieval_metrics_from_embeddings(
         txt2img: ``(n_texts,)`` integer image index of every caption.
         chunk_size: tile edge (images x captions per tile), >= 1.
         normalize: L2-normalise both sides first (cosine similarity).
-        return_ranks: also return the 0-based :class:`RetrievalRanks`.
+        return_ranks: also return the 0-based `RetrievalRanks`.
         ties: ``"pessimistic"`` (default) or ``"optimistic"``.
     """
     _check_ties(ties)
@@ -404,7 +404,7 @@ class RetrievalEvaluator:
         cls, dataset: Any, tokenizer: Callable[[list[str]], Tensor], **options: Any
     ) -> RetrievalEvaluator:
         """Build from an evaluation dataset exposing ``captions`` and ``txt2img`` attributes
-        (such as :class:`harma.data.RetrievalEvalDataset`); ``options`` go to ``__init__``."""
+        (such as `harma.data.RetrievalEvalDataset`); ``options`` go to ``__init__``."""
         return cls(dataset, dataset.captions, dataset.txt2img, tokenizer, **options)
 
     def _resolve_device(self, model: nn.Module) -> torch.device:
@@ -477,7 +477,7 @@ class RetrievalEvaluator:
         return all_gather_no_grad(image_embeds), all_gather_no_grad(text_embeds)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Encode with ``model`` and return :func:`retrieval_metrics` keys (percent)."""
+        """Encode with ``model`` and return `retrieval_metrics` keys (percent)."""
         image_embeds, text_embeds = self.encode(model)
         metrics = retrieval_metrics_from_embeddings(
             image_embeds, text_embeds, self.txt2img.to(image_embeds.device)

@@ -3,12 +3,12 @@ retrieval, on one process or many (``torchrun``), with exact resumption.
 
 Entry points:
 
-* :func:`train` runs a :class:`TrainConfig` and returns the results (also written to
+* `train` runs a `TrainConfig` and returns the results (also written to
   ``output_dir/results.json``);
-* :func:`main` is the command line of ``examples/train_rsitmd.py`` and friends: a JSON config
+* `main` is the command line of ``examples/train_rsitmd.py`` and friends: a JSON config
   file, ``--field value`` overrides (``--lr 1e-4``, ``--harma.sharing paper``), ``--resume``,
   ``--overwrite`` and ``--demo``;
-* :func:`run_demo` is the self-contained CPU demonstration on synthetic data.
+* `run_demo` is the self-contained CPU demonstration on synthetic data.
 
 Outputs of a run, in ``output_dir`` (see ``docs/training.md``): ``config.json``,
 ``metrics.jsonl`` (one JSON line per epoch), ``last.safetensors`` and ``best.safetensors`` (the
@@ -103,8 +103,8 @@ def _help(text: str) -> dict[str, str]:
 class TrainConfig:
     """Everything a training run depends on; defaults are the reference recipe (DESIGN section 6).
 
-    Load and save with :meth:`from_json_file` / :meth:`to_dict`; every field can be overridden
-    on the command line of :func:`main` as ``--name value`` (``--harma.name value`` for the
+    Load and save with `from_json_file` / `to_dict`; every field can be overridden
+    on the command line of `main` as ``--name value`` (``--harma.name value`` for the
     adapter layout). Each field's help text is in its ``metadata["help"]``.
     """
 
@@ -246,7 +246,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error naming them (and a close match)."""
+        """Inverse of `to_dict`; unknown keys are an error naming them (and a close match)."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a TrainConfig must be read from a JSON object, got {type(data).__name__}")
         known = [f.name for f in dataclasses.fields(cls)]
@@ -262,7 +262,7 @@ class TrainConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> TrainConfig:
-        """Read a config file written by :meth:`save` (or by hand; keys starting with ``_``,
+        """Read a config file written by `save` (or by hand; keys starting with ``_``,
         such as ``"_comment"``, are ignored)."""
         return cls.from_dict(_read_config_file(path))
 
@@ -351,7 +351,7 @@ def parameter_groups(
 
 def build_optimizer(model: nn.Module, loss: nn.Module | None, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``model`` and the loss temperature, grouped by
-    :func:`parameter_groups`, with the recipe's lr, betas, eps and weight decay."""
+    `parameter_groups`, with the recipe's lr, betas, eps and weight decay."""
     named = list(model.named_parameters())
     if loss is not None:
         named += [(f"loss.{name}", param) for name, param in loss.named_parameters()]
@@ -426,7 +426,7 @@ def save_trained_weights(
 ) -> Path:
     """Write what the method trained as one safetensors file, atomically.
 
-    ``harma``: :func:`harma.save_adapters` (adapter tensors and the layout). ``lora``: the
+    ``harma``: `harma.save_adapters` (adapter tensors and the layout). ``lora``: the
     LoRA tensors, with the LoRA settings in the header. ``full``: the whole state dict (it is
     all trained). The loss temperature goes into the header (it does not affect retrieval).
     """
@@ -469,7 +469,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tenso
 
 
 def load_trained_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a file written by :func:`save_trained_weights` into a base model (or into a model
+    """Load a file written by `save_trained_weights` into a base model (or into a model
     that already carries the same method). Returns the model, possibly wrapped (LoRA).
 
     Raises:
@@ -603,7 +603,7 @@ def evaluate_split(
     progress: bool = False,
 ) -> dict[str, float]:
     """R@1/5/10 both ways and mean recall (percent) of ``model`` on a
-    :class:`harma.data.RetrievalEvalDataset` (sharded over ranks under ``torch.distributed``)."""
+    `harma.data.RetrievalEvalDataset` (sharded over ranks under ``torch.distributed``)."""
     from .retrieval import RetrievalEvaluator
 
     evaluator = RetrievalEvaluator(
@@ -1266,7 +1266,7 @@ def _merge_overrides(base: dict[str, Any], namespace: argparse.Namespace) -> dic
 
 @dataclass(frozen=True)
 class ParsedArgs:
-    """What :func:`parse_args` found: the merged recipe and the run options."""
+    """What `parse_args` found: the merged recipe and the run options."""
 
     config: TrainConfig
     resume: bool | str
@@ -1321,7 +1321,7 @@ def main(
     prog: str | None = None,
     description: str | None = None,
 ) -> dict[str, Any]:
-    """Command line of the example scripts; see :func:`parse_args` and ``docs/training.md``."""
+    """Command line of the example scripts; see `parse_args` and ``docs/training.md``."""
     args = parse_args(argv, defaults, prog=prog, description=description)
     if args.print_config:
         print(json.dumps(args.config.to_dict(), indent=2))
@@ -1347,7 +1347,7 @@ DEMO_MARKER = ".harma-demo"
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of the demo (:func:`run_demo`); the defaults take about two minutes on two cores."""
+    """Sizes of the demo (`run_demo`); the defaults take about two minutes on two cores."""
 
     image_size: int = 32
     train_images: int = 300
@@ -1391,7 +1391,7 @@ def run_demo(
     1. Generates two small synthetic retrieval datasets in the RSITMD layout
        (``make_synthetic_dataset``): a "source" domain, and a "target" domain drawn by another
        sensor with other colours, smaller objects, more noise and other words for most things.
-    2. Pre-trains a small open_clip CLIP (:func:`harma.models.tiny_clip_config`) end to end
+    2. Pre-trains a small open_clip CLIP (`harma.models.tiny_clip_config`) end to end
        from random initialisation on the source domain: a stand-in for a pretrained CLIP.
     3. Freezes it, injects HarMA adapters, and trains only the adapters (and the temperature)
        on the target domain, choosing the best epoch on target validation.
@@ -1403,7 +1403,7 @@ def run_demo(
     any other non-empty folder is refused.
 
     Args:
-        quick: use :meth:`DemoPlan.quick` (seconds; for tests).
+        quick: use `DemoPlan.quick` (seconds; for tests).
         plan: explicit sizes (overrides ``quick``).
 
     Returns:
