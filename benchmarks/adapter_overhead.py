@@ -13,6 +13,8 @@ a batch of 8 images (224 px) and 8 captions, a CLIP contrastive loss and AdamW:
 - ``lora``: peft LoRA, r=8, on the MLPs (``c_fc``, ``c_proj``) and attention (``attn``, via
   peft's ``nn.MultiheadAttention`` support: targeting ``attn.out_proj`` alone would have no
   effect because ``nn.MultiheadAttention`` reads that weight directly).
+- ``lora_mlp``: peft LoRA, r=8, on the MLPs only (peft's attention support merges the low-rank
+  update into the weight at every forward, which dominates its step time on a CPU).
 
 Times are medians over the measured steps, printed as ratios to full fine-tuning (and to the
 floor), all from one run on one machine.
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("full", "frozen", "floor", "harma", "harma_authors", "lora")
+METHODS = ("full", "frozen", "floor", "harma", "harma_authors", "lora", "lora_mlp")
 
 
 class AuthorsMMadapter(nn.Module):
@@ -111,11 +113,12 @@ def build(method: str):
         params = list(harma.adapter_parameters(model))
     elif method == "harma_authors":
         params = patch_like_the_authors(model)
-    elif method == "lora":
+    elif method in ("lora", "lora_mlp"):
         from peft import LoraConfig, get_peft_model
 
         model.requires_grad_(False)
-        config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_fc", "c_proj", "attn"])
+        targets = ["c_fc", "c_proj", "attn"] if method == "lora" else ["c_fc", "c_proj"]
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=targets)
         model = get_peft_model(model, config).base_model.model
         params = [p for p in model.parameters() if p.requires_grad]
     else:
@@ -185,15 +188,45 @@ def run_one(method: str, batch: int, warmup: int, steps: int, threads: int) -> d
     }
 
 
+def adapter_seconds(model: nn.Module, batch: int, repeats: int = 10) -> dict[str, float]:
+    """Median forward+backward time of one vision and one text adapter of ``model`` on the
+    shapes they see in a step (``(batch, 50, 768)`` and ``(batch, 77, 512)``), alone."""
+    result = {}
+    for name, tower, tokens in (("vision", model.visual.transformer, 50), ("text", model.transformer, 77)):
+        adapter = tower.resblocks[1].harma_adapter
+        inputs = torch.randn(batch, tokens, tower.width, requires_grad=True)
+        times = []
+        for _ in range(repeats + 2):
+            start = time.perf_counter()
+            adapter(inputs).square().sum().backward()
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times[2:])
+    return result
+
+
 def profile(method: str, batch: int, threads: int, rows: int) -> None:
     torch.set_num_threads(threads)
     model, optimizer, _ = build(method)
     step = make_step(method, model, optimizer, batch)
     step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(3):
             step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    if method == "harma":
+        # The hook runs the adapters inside the backbone's autograd graph, so the profiler cannot
+        # attribute their time by module; time them alone on the shapes they see instead.
+        step_times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            step()
+            step_times.append(time.perf_counter() - start)
+        costs = adapter_seconds(model, batch)
+        blocks = len(model.visual.transformer.resblocks)
+        adapters_total = blocks * (costs["vision"] + costs["text"])
+        print(f"\none vision adapter fwd+bwd: {costs['vision'] * 1e3:.1f} ms, one text adapter: "
+              f"{costs['text'] * 1e3:.1f} ms; {2 * blocks} adapters: {adapters_total:.3f} s of a "
+              f"{statistics.median(step_times):.3f} s step ({100 * adapters_total / statistics.median(step_times):.1f}%)")
 
 
 def main() -> None:
