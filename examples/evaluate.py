@@ -19,6 +19,13 @@ A checkpoint released by the HarMA authors (it holds the backbone too):
 
 Without --adapters or --official-checkpoint the plain backbone is evaluated (zero-shot).
 --json prints the metrics as one JSON object instead of a table.
+
+--gallery FILE also writes what the model retrieved for a few sample queries, with the correct
+results marked: a self-contained HTML page (FILE.html) or a PNG contact sheet (FILE.png); give it
+twice for both. The same embeddings serve the metrics and the gallery:
+
+    python examples/evaluate.py --run runs/rsitmd_geo --gallery gallery.html --gallery gallery.png \
+        --gallery-queries 12 --gallery-seed 1
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import torch
 import harma
 from harma.data import RetrievalEvalDataset, test_transform
 from harma.models import build_backbone, build_tokenizer
-from harma.train import TrainConfig, evaluate_split, format_metrics_table, load_trained_weights
+from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
+from harma.train import TrainConfig, format_metrics_table, load_trained_weights
+from harma.visualize import GALLERY_SUFFIXES, build_gallery_from_embeddings, write_gallery
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,9 +69,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="autocast dtype on CUDA")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    gallery = parser.add_argument_group("gallery: what the model retrieved for sample queries")
+    gallery.add_argument("--gallery", action="append", default=[], metavar="FILE",
+                         help="write a gallery: FILE.html (self-contained page) or FILE.png (contact "
+                         "sheet); repeat for both")
+    gallery.add_argument("--gallery-queries", dest="gallery_queries", type=int, default=8, metavar="N",
+                         help="sample captions and sample images shown (each; default 8)")
+    gallery.add_argument("--gallery-top-k", dest="gallery_top_k", type=int, default=5, metavar="K",
+                         help="results shown per query (default 5)")
+    gallery.add_argument("--gallery-seed", dest="gallery_seed", type=int, default=0,
+                         help="seed of the sample of queries (default 0)")
     args = parser.parse_args(argv)
     if args.adapters and args.official_checkpoint:
         parser.error("give --adapters or --official-checkpoint, not both")
+    for path in args.gallery:
+        if Path(path).suffix.lower() not in GALLERY_SUFFIXES:
+            parser.error(f"--gallery {path}: the file name must end in one of {', '.join(GALLERY_SUFFIXES)}")
+    if args.gallery_queries < 1 or args.gallery_top_k < 1:
+        parser.error("--gallery-queries and --gallery-top-k must be at least 1")
     if args.run is None:
         missing = [name for name in ("model", "annotation", "image_root") if getattr(args, name) is None]
         if missing:
@@ -133,16 +157,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         device = torch.device(args.device)
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     model = model.to(device).eval()
-    metrics = evaluate_split(
-        model, dataset, build_tokenizer(setup["model"], setup["model_config"]), batch_size=args.batch_size,
+    evaluator = RetrievalEvaluator.from_dataset(
+        dataset, build_tokenizer(setup["model"], setup["model_config"]), batch_size=args.batch_size,
         num_workers=args.num_workers, device=device, autocast_dtype=autocast, progress=not args.json,
     )
+    # Encoded once: the metrics and the gallery both come from these embeddings.
+    image_embeds, text_embeds = evaluator.encode(model)
+    metrics = retrieval_metrics_from_embeddings(image_embeds, text_embeds, evaluator.txt2img.to(image_embeds.device))
     if args.json:
         print(json.dumps(metrics))
     else:
         print(f"{setup['model']} + {source}")
         print(f"{dataset.num_images} images, {len(dataset.captions)} captions from {setup['annotation']}")
         print(format_metrics_table({Path(setup["annotation"]).stem: metrics}))
+    if args.gallery:
+        gallery = build_gallery_from_embeddings(
+            image_embeds, text_embeds, dataset.txt2img, num_queries=args.gallery_queries, k=args.gallery_top_k,
+            seed=args.gallery_seed,
+        )
+        title = f"{setup['model']} + {source}: {Path(setup['annotation']).name}"
+        for path in args.gallery:
+            write_gallery(path, gallery, dataset.image_paths, dataset.captions, title=title, metrics=metrics)
+            # With --json, stdout holds only the metrics.
+            print(f"gallery written to {path}", file=sys.stderr if args.json else sys.stdout)
     return metrics
 
 

@@ -78,6 +78,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(temporary)
         with open(temporary, "rb") as stream:
             os.fsync(stream.fileno())
+        # mkstemp makes owner-only files; give the result the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

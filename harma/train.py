@@ -11,7 +11,8 @@ Entry points:
 * `run_demo` is the self-contained CPU demonstration on synthetic data.
 
 Outputs of a run, in ``output_dir`` (see ``docs/training.md``): ``config.json``,
-``metrics.jsonl`` (one JSON line per epoch), ``last.safetensors`` and ``best.safetensors`` (the
+``metrics.jsonl`` (one JSON line per epoch), ``training_curves.png`` (loss and validation mR per
+epoch, when matplotlib is installed), ``last.safetensors`` and ``best.safetensors`` (the
 trained tensors only; best is chosen on the validation split), ``last_state.pt`` (everything
 needed to resume) and ``results.json`` (test metrics of the best checkpoint).
 """
@@ -86,7 +87,10 @@ LAST_WEIGHTS_NAME = "last.safetensors"
 BEST_WEIGHTS_NAME = "best.safetensors"
 STATE_NAME = "last_state.pt"
 RESULTS_NAME = "results.json"
-RUN_FILES = (CONFIG_NAME, METRICS_NAME, LAST_WEIGHTS_NAME, BEST_WEIGHTS_NAME, STATE_NAME, RESULTS_NAME)
+CURVES_NAME = "training_curves.png"
+RUN_FILES = (
+    CONFIG_NAME, METRICS_NAME, CURVES_NAME, LAST_WEIGHTS_NAME, BEST_WEIGHTS_NAME, STATE_NAME, RESULTS_NAME,
+)
 
 # Fields that may differ between a run and its resumption: they change where and how fast the
 # run goes, not what it computes.
@@ -725,6 +729,23 @@ def _write_metrics(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
     atomic_write_text(path, text)
 
 
+def _plot_curves(output_dir: Path) -> bool:
+    """Redraw ``training_curves.png`` from ``metrics.jsonl``. A picture must never end a run:
+    on failure, warn once and return False so the caller stops trying."""
+    from .visualize import plot_training_curves
+
+    try:
+        plot_training_curves(output_dir / METRICS_NAME, output_dir / CURVES_NAME)
+    except ImportError as error:
+        _log(f"[harma] warning: {CURVES_NAME} is not drawn: {error}")
+        return False
+    except Exception as error:  # whatever went wrong, training goes on
+        _log(f"[harma] warning: drawing {CURVES_NAME} failed ({type(error).__name__}: {error}); no more "
+             f"curves this run (redraw later with harma.visualize.plot_training_curves)")
+        return False
+    return True
+
+
 def _barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -833,7 +854,8 @@ def train(
 
     Each epoch: train, validate (every ``eval_every`` epochs), save ``last.safetensors`` and
     ``last_state.pt``, copy to ``best.safetensors`` when validation mean recall improves, append
-    to ``metrics.jsonl``. At the end the best checkpoint (by validation, never test) is
+    to ``metrics.jsonl`` and redraw ``training_curves.png`` from it (skipped, with one warning,
+    without matplotlib). At the end the best checkpoint (by validation, never test) is
     evaluated on the test split and ``results.json`` is written.
 
     Args:
@@ -1011,6 +1033,7 @@ def _run(
         if is_main_process():
             _write_metrics(output_dir / METRICS_NAME, history)
 
+    draw_curves = is_main_process()
     collate = _TokenizingCollate(tokenizer)
     sampler = DistributedSampler(
         train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed, drop_last=True
@@ -1068,6 +1091,8 @@ def _run(
             }
             _save_state(output_dir / STATE_NAME, resume_state)
             _write_metrics(output_dir / METRICS_NAME, history)
+            if draw_curves:
+                draw_curves = _plot_curves(output_dir)
         _barrier()
         summary = f"[harma] epoch {epoch}/{config.epochs} step {global_step} loss {stats.losses['loss']:.4f} lr {stats.lr:.2e}"
         if validate:

@@ -135,6 +135,15 @@ def test_an_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
 
 
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = harma.save_adapters(trained_model(), tmp_path / "a.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_peft_style_folder_keeps_an_existing_model_card(tmp_path):
     model = trained_model()
     folder = tmp_path / "adapters"

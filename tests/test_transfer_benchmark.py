@@ -1,0 +1,124 @@
+"""The transfer benchmark (benchmarks/transfer.py): its smallest mode runs end to end and writes
+the documented JSON; its learning-rate rule and tokenizer behave as documented."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
+METHODS = ("frozen", "harma", "harma_paper", "lora", "linear_probe", "full")
+RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+
+
+def load_benchmark():
+    name = "harma_transfer_benchmark"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def is_percent(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 100.0
+
+
+@pytest.mark.slow
+def test_smoke_mode_writes_documented_results(tmp_path: Path) -> None:
+    json_path = tmp_path / "results.json"
+    plot_path = tmp_path / "plot.png"
+    # A subprocess, so the benchmark's thread setting does not leak into the test session.
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--threads", "1", "--json", str(json_path),
+         "--plot", str(plot_path), "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "| method |" in completed.stdout  # the markdown table is printed
+
+    results = json.loads(json_path.read_text())
+    assert set(METHODS) <= set(results)
+    for method in METHODS:
+        entry = results[method]
+        for key in ("mean_recall", "mean_recall_std", "trainable_params", "step_seconds", "per_seed"):
+            assert key in entry, (method, key)
+        assert is_percent(entry["mean_recall"])
+        assert entry["mean_recall_std"] >= 0.0
+        assert entry["step_seconds"] >= 0.0
+        for key in RECALLS:
+            assert is_percent(entry[key]), (method, key)
+        assert len(entry["per_seed"]) == len(results["_meta"]["settings"]["seeds"]) == 1
+        run = entry["per_seed"][0]
+        assert run["seed"] == 0
+        for key in (*RECALLS, "mean_recall"):
+            assert is_percent(run["test"][key])
+        assert math.isclose(run["test"]["mean_recall"], sum(run["test"][k] for k in RECALLS) / 6, abs_tol=1e-6)
+        assert math.isclose(entry["mean_recall"], run["test"]["mean_recall"], abs_tol=1e-6)
+
+    assert results["frozen"]["trainable_params"] == 0
+    assert results["frozen"]["step_seconds"] == 0.0
+    full = results["full"]["trainable_params"]
+    for method in ("harma", "harma_paper", "lora", "linear_probe"):
+        assert 0 < results[method]["trainable_params"] < full
+        assert results[method]["step_seconds"] > 0.0
+        assert results[method]["lr"] in load_benchmark().LR_LADDER
+    # The two HarMA layouts own the same parameters; only who uses the MMS differs.
+    assert results["harma"]["trainable_params"] == results["harma_paper"]["trainable_params"]
+
+    meta = results["_meta"]
+    assert meta["mode"] == "smoke"
+    assert set(meta["lr_grids"]) == set(METHODS) - {"frozen"}
+    assert is_percent(meta["pretrain"]["source_test"]["mean_recall"])
+    assert set(meta["targets"]) >= {"harma", "harma_paper", "any_met"}
+
+    table = json_path.with_suffix(".md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + len(METHODS)  # header, separator, one row per method
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lr_rule_extends_past_an_edge_winner_and_never_sees_test() -> None:
+    benchmark = load_benchmark()
+    ladder = benchmark.LR_LADDER
+    tried: list[float] = []
+
+    def runner(lr: float) -> dict:
+        tried.append(lr)
+        # Validation keeps improving with the learning rate; test would prefer the smallest.
+        return {"lr": lr, "val": {"mean_recall": 10 * math.log10(lr) + 100}, "test": {"mean_recall": -lr}}
+
+    best, runs = benchmark.choose_lr("harma", runner, extensions=2, on_run=lambda run: None)
+    centre = ladder.index(benchmark.LR_CENTRE["harma"])
+    assert tried == [ladder[centre - 1], ladder[centre], ladder[centre + 1], ladder[centre + 2], ladder[centre + 3]]
+    assert best == ladder[centre + 3]
+    assert [run["lr"] for run in runs] == sorted(tried)
+
+    tried.clear()
+    best, _ = benchmark.choose_lr("full", lambda lr: runner(lr) | {"val": {"mean_recall": -abs(math.log10(lr / 3e-4))}},
+                                  extensions=2, on_run=lambda run: None)
+    assert best == 3e-4 and len(tried) == 3  # the centre won: no extension
+
+
+def test_compact_tokenizer_keeps_padding_zero_and_end_of_text_largest() -> None:
+    benchmark = load_benchmark()
+    captions = ["a red house on the left", "two planes near a white terminal"]
+    tokenizer = benchmark.CompactTokenizer(captions, context_length=16)
+    tokens = tokenizer(captions)
+    assert tokens.shape == (2, 16)
+    assert int(tokens.max()) == tokenizer.vocab_size - 1
+    # open_clip pools the text at the argmax token: it must be the end-of-text position.
+    bpe = tokenizer.bpe(captions)
+    assert torch.equal(tokens.argmax(dim=-1), bpe.argmax(dim=-1))
+    assert torch.equal(tokens == 0, bpe == 0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        tokenizer(["zebra"])
