@@ -423,6 +423,18 @@ def _load_reference_file(path: Path) -> Mapping[str, Any]:
         ) from None
 
 
+def check_state_dict_shapes(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise a `ValueError` naming the first tensor of `state` whose shape differs from the
+    model's tensor of the same key (keys the model lacks are left to the caller)."""
+    expected = model.state_dict()
+    for key, value in state.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise ValueError(
+                f"{source}: {key!r} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(expected[key].shape)} in the model (is it the right architecture?)"
+            )
+
+
 def load_official_checkpoint(
     model: nn.Module,
     checkpoint: str | os.PathLike | Mapping[str, Any],
@@ -470,13 +482,7 @@ def load_official_checkpoint(
     if has_adapters and not is_patched(model):
         inject_harma_adapters(model, HarmaConfig.reference())
 
-    expected = model.state_dict()
-    for key, value in translated.items():
-        if key in expected and expected[key].shape != value.shape:
-            raise ValueError(
-                f"{source}: {key!r} has shape {tuple(value.shape)} in the checkpoint but "
-                f"{tuple(expected[key].shape)} in the model (is it the right architecture?)"
-            )
+    check_state_dict_shapes(model, translated, source)
     result = model.load_state_dict(translated, strict=False)
     missing = list(result.missing_keys)
     if not has_adapters:

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import check_state_dict_shapes
+
 __all__ = [
     "WEIGHT_SUFFIXES",
     "build_backbone",
@@ -129,13 +131,7 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file not found: '{path}'")
     state = _read_state_dict(path)
-    expected = model.state_dict()
-    for key, value in state.items():
-        if key in expected and expected[key].shape != value.shape:
-            raise ValueError(
-                f"{path}: {key!r} has shape {tuple(value.shape)} in the file but "
-                f"{tuple(expected[key].shape)} in the model (a different architecture?)"
-            )
+    check_state_dict_shapes(model, state, str(path))
     result = model.load_state_dict(state, strict=False)
     missing = [key for key in result.missing_keys if key not in ("logit_scale", "logit_bias")]
     if missing or result.unexpected_keys:
