@@ -1,0 +1,846 @@
+"""Offline transfer benchmark: does a frozen backbone with HarMA adapters adapt to a new domain?
+
+No pretrained CLIP weights and no remote-sensing images are available offline, so the benchmark
+makes its own: it pretrains a small open_clip CLIP from scratch on synthetic captioned scenes of
+a "source" domain (``harma.synthetic``, ``style="source"``), then adapts it to a shifted "target"
+domain (``style="target"``: other palette, textures, object scale, sensor noise and words in
+the captions) with each of
+
+- ``frozen``: the pretrained backbone, zero-shot (no training);
+- ``harma``: HarMA adapters, reference layout (MMS used by the text tower only);
+- ``harma_paper``: HarMA adapters, paper layout (MMS of layer i shared by both towers);
+- ``lora``: peft LoRA on the MLPs (``c_fc``, ``c_proj``) and the attention (``attn``, peft's
+  ``nn.MultiheadAttention`` support) of every block, rank chosen to match HarMA's
+  reference-layout parameter count;
+- ``linear_probe``: only the two projections (``visual.proj``, ``text_projection``);
+- ``full``: every backbone weight.
+
+Every trained method uses the same loss (:class:`harma.losses.HarmaLoss`, whose temperature is
+trained in every method), the same optimiser (AdamW, betas 0.9/0.98, weight decay 0.04 on
+matrices), the same schedule (10% linear warm-up, then linear decay), the same number of steps,
+the same batches in the same order (per seed), and its own learning rate, picked by one rule
+for all: on seed 0, train with c and its two neighbours on the ladder 1e-5, 3e-5, 1e-4, 3e-4,
+1e-3, ... (about x3 apart), where c = 3e-4 for full fine-tuning and c = 3e-3 (ten times more)
+for the methods that train only new or few parameters; while the best validation mR sits at an
+end of the grid, add the next rung beyond it (at most ``grid_extensions`` times); the learning
+rate with the best mean recall on the target *validation* split wins and is used for every
+seed. The test split is never used for any choice.
+
+Results on the held-out target test split (R@1/5/10 both ways, mR), trainable parameters and
+median train-step time are written as JSON (``--json``), a markdown table next to it, and a plot
+of mR against trainable parameters (``--plot``). See ``docs/transfer_benchmark.md``.
+
+    python benchmarks/transfer.py --quick --json docs/transfer_results.json   # 10-12 min, 2 CPU cores
+    python benchmarks/transfer.py --smoke --json /tmp/smoke.json             # seconds, for the test
+    python benchmarks/transfer.py --json results.json                        # the larger setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO_ROOT))
+
+import harma  # noqa: E402
+from harma.data import DEFAULT_CLIP_MEAN, DEFAULT_CLIP_STD, preprocess_caption  # noqa: E402
+from harma.losses import HarmaLoss  # noqa: E402
+from harma.retrieval import retrieval_metrics_from_embeddings  # noqa: E402
+from harma.synthetic import make_synthetic_dataset  # noqa: E402
+
+METHODS = ("frozen", "harma", "harma_paper", "lora", "linear_probe", "full")
+TRAINED_METHODS = METHODS[1:]
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall")
+# Centre of each method's learning-rate grid (see the module docstring).
+LR_CENTRE = {"full": 3e-4, "harma": 3e-3, "harma_paper": 3e-3, "lora": 3e-3, "linear_probe": 3e-3}
+# Learning rates are tried along this ladder (about x3 apart): the grid is the centre and its
+# two neighbours, extended one rung at a time past an edge winner.
+LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+SOURCE_DATA_SEED = 1000  # the source domain and the pretraining never change with --seeds
+PRETRAIN_SEED = 1000
+DEFAULT_PLOT = REPO_ROOT / "docs" / "img" / "transfer_mr_vs_params.png"
+
+# The architecture is ViT-B/32's with every width divided by 4 and 4 blocks per tower instead
+# of 12; HarMA's bottlenecks are divided by the same factor with their head widths kept
+# (MGA: 128 -> 32 features, heads of 16; MMS: 64 -> 16 features, heads of 8), so the adapters
+# take about the same share of the model as on ViT-B/32.
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of one benchmark mode."""
+
+    name: str
+    seeds: tuple[int, ...]
+    source_train_images: int
+    source_test_images: int
+    target_train_images: int
+    target_val_images: int
+    target_test_images: int
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_lr: float
+    adapt_steps: int
+    adapt_batch: int
+    grid_extensions: int
+    vision_width: int = 192
+    text_width: int = 128
+    layers: int = 4
+    head_width: int = 64
+    image_size: int = 32
+    patch_size: int = 8
+    context_length: int = 32
+    eval_batch: int = 256
+    timing_rounds: int = 3
+    timing_steps: int = 3
+
+    @property
+    def width_scale(self) -> float:
+        """Tower width relative to ViT-B/32's text tower (512), which sets HarMA's sizes."""
+        return self.text_width / 512
+
+    @property
+    def embed_dim(self) -> int:
+        return int(512 * self.width_scale)
+
+    def harma_sizes(self) -> dict[str, int]:
+        """HarMA's bottlenecks scaled with the model: 128 and 64 times the width scale, with the
+        reference's head widths (16 for the MGA, 8 for the MMS)."""
+        bottleneck = round(128 * self.width_scale)
+        mini = round(64 * self.width_scale)
+        return {
+            "bottleneck": bottleneck,
+            "heads": max(1, bottleneck // 16),
+            "mini_bottleneck": mini,
+            "mini_heads": max(1, mini // 8),
+        }
+
+
+MODES: dict[str, Settings] = {
+    # A few seconds: tiny model and data, one seed, a handful of steps. For the test.
+    "smoke": Settings(
+        name="smoke", seeds=(0,), source_train_images=40, source_test_images=20,
+        target_train_images=20, target_val_images=10, target_test_images=10,
+        pretrain_steps=4, pretrain_batch=16, pretrain_lr=1e-3,
+        adapt_steps=2, adapt_batch=8, grid_extensions=0,
+        vision_width=96, text_width=64, layers=1, context_length=32, timing_rounds=1, timing_steps=1,
+    ),
+    # 10-12 minutes on 2 shared CPU cores.
+    "quick": Settings(
+        name="quick", seeds=(0, 1, 2), source_train_images=1000, source_test_images=200,
+        target_train_images=200, target_val_images=100, target_test_images=200,
+        pretrain_steps=400, pretrain_batch=32, pretrain_lr=1e-3,
+        adapt_steps=80, adapt_batch=32, grid_extensions=1,
+    ),
+    # The larger setting (about 1-2 hours on 2 CPU cores).
+    "standard": Settings(
+        name="standard", seeds=(0, 1, 2), source_train_images=3000, source_test_images=300,
+        target_train_images=500, target_val_images=200, target_test_images=300,
+        pretrain_steps=2000, pretrain_batch=64, pretrain_lr=1e-3,
+        adapt_steps=300, adapt_batch=32, grid_extensions=2,
+    ),
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def derived_seed(*keys: Any) -> int:
+    return zlib.crc32(repr(keys).encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+class CompactTokenizer:
+    """open_clip's BPE tokenizer with the token ids renumbered into a compact table.
+
+    Only BPE tokens that occur in some caption of the benchmark (both domains, every split)
+    get a row, numbered in BPE order, so the end-of-text token keeps the largest id and
+    open_clip's argmax pooling still finds it; 0 stays the padding id. This is equivalent to
+    the full 49,408-row embedding table, of which the model would only ever read these rows
+    (rows of words never seen in pretraining keep their random initialisation either way),
+    but it keeps the embedding table from dominating the parameter count of a model this small.
+    """
+
+    def __init__(self, captions: Sequence[str], context_length: int) -> None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.bpe = SimpleTokenizer(context_length=context_length)
+        self.context_length = context_length
+        tokens = self.bpe(list(captions))
+        used = torch.unique(torch.cat([tokens.flatten(), torch.tensor([0])]))
+        special = torch.tensor([self.bpe.sot_token_id, self.bpe.eot_token_id])
+        used = torch.unique(torch.cat([used, special]))  # sorted: 0 first, end-of-text last
+        self.lookup = torch.full((len(self.bpe.encoder),), -1, dtype=torch.long)
+        self.lookup[used] = torch.arange(len(used))
+        self.vocab_size = len(used)
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        ids = self.lookup[self.bpe(list(captions))]
+        if bool((ids < 0).any()):
+            raise ValueError("a caption holds a token outside the benchmark's vocabulary")
+        return ids
+
+
+@dataclass
+class PairSplit:
+    """Training pairs: ``images[image_index[k]]`` goes with caption ``captions[k]``."""
+
+    images: torch.Tensor  # (n_images, 3, H, W), normalised
+    captions: list[str]
+    image_index: torch.Tensor  # (n_pairs,)
+    tokens: torch.Tensor | None = None
+
+
+@dataclass
+class EvalSplit:
+    images: torch.Tensor
+    captions: list[str]
+    txt2img: torch.Tensor
+    tokens: torch.Tensor | None = None
+
+
+def _decode_images(image_root: Path, relative_paths: Sequence[str]) -> torch.Tensor:
+    from PIL import Image
+
+    arrays = []
+    for relative in relative_paths:
+        with Image.open(image_root / relative) as image:
+            arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(DEFAULT_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(DEFAULT_CLIP_STD).view(1, 3, 1, 1)
+    return ((pixels - mean) / std).contiguous()
+
+
+def load_pairs(annotation_file: Path, image_root: Path) -> PairSplit:
+    entries = json.loads(annotation_file.read_text(encoding="utf-8"))
+    paths: list[str] = []
+    index_of: dict[str, int] = {}
+    image_index = []
+    for entry in entries:
+        if entry["image"] not in index_of:
+            index_of[entry["image"]] = len(paths)
+            paths.append(entry["image"])
+        image_index.append(index_of[entry["image"]])
+    return PairSplit(
+        images=_decode_images(image_root, paths),
+        captions=[preprocess_caption(entry["caption"]) for entry in entries],
+        image_index=torch.tensor(image_index),
+    )
+
+
+def load_eval(annotation_file: Path, image_root: Path) -> EvalSplit:
+    entries = json.loads(annotation_file.read_text(encoding="utf-8"))
+    captions, txt2img = [], []
+    for index, entry in enumerate(entries):
+        for caption in entry["caption"]:
+            captions.append(preprocess_caption(caption))
+            txt2img.append(index)
+    return EvalSplit(
+        images=_decode_images(image_root, [entry["image"] for entry in entries]),
+        captions=captions,
+        txt2img=torch.tensor(txt2img),
+    )
+
+
+@dataclass
+class Domain:
+    train: PairSplit
+    val: EvalSplit | None
+    test: EvalSplit
+
+
+def make_domain(root: Path, style: str, seed: int, n_train: int, n_val: int, n_test: int,
+                image_size: int, load_val: bool) -> Domain:
+    files = make_synthetic_dataset(root, num_train_images=n_train, num_val_images=n_val,
+                                   num_test_images=n_test, image_size=image_size, seed=seed, style=style)
+    return Domain(
+        train=load_pairs(files.train_file, files.image_root),
+        val=load_eval(files.val_file, files.image_root) if load_val else None,
+        test=load_eval(files.test_file, files.image_root),
+    )
+
+
+def tokenize_domain(domain: Domain, tokenizer: CompactTokenizer) -> None:
+    for split in (domain.train, domain.val, domain.test):
+        if split is not None:
+            split.tokens = tokenizer(split.captions)
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def build_clip(settings: Settings, vocab_size: int) -> nn.Module:
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    return CLIP(
+        embed_dim=settings.embed_dim,
+        vision_cfg=CLIPVisionCfg(
+            layers=settings.layers, width=settings.vision_width, head_width=settings.head_width,
+            patch_size=settings.patch_size, image_size=settings.image_size,
+        ),
+        text_cfg=CLIPTextCfg(
+            context_length=settings.context_length, vocab_size=vocab_size, width=settings.text_width,
+            heads=settings.text_width // settings.head_width, layers=settings.layers,
+        ),
+    ).float()
+
+
+def lora_targets() -> list[str]:
+    # "attn" is each block's nn.MultiheadAttention (peft adapts its in_proj and out_proj);
+    # targeting "attn.out_proj" alone would do nothing, since nn.MultiheadAttention reads that
+    # weight directly instead of calling the module.
+    return ["c_fc", "c_proj", "attn"]
+
+
+def lora_parameters_per_rank(settings: Settings, vocab_size: int) -> int:
+    model = apply_method(build_clip(settings, vocab_size), "lora", settings, lora_rank=1)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def apply_method(model: nn.Module, method: str, settings: Settings, lora_rank: int = 8) -> nn.Module:
+    """Prepare ``model`` for ``method``: add its modules and set ``requires_grad``."""
+    if method in ("harma", "harma_paper"):
+        factory = harma.HarmaConfig.reference if method == "harma" else harma.HarmaConfig.paper
+        harma.inject_harma_adapters(model, factory(**settings.harma_sizes()))
+    elif method == "lora":
+        import warnings
+
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                            target_modules=lora_targets())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft's notes on nn.MultiheadAttention support
+            model = inject_adapter_in_model(config, model)
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+    elif method == "linear_probe":
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in ("visual.proj", "text_projection"))
+    elif method in ("full", "frozen"):
+        for name, param in model.named_parameters():
+            # logit_scale is unused: the loss carries its own temperature.
+            param.requires_grad_(method == "full" and name not in ("logit_scale", "logit_bias"))
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return model
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------- training
+
+
+def parameter_groups(named: Sequence[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for name, param in named:
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (no_decay if param.ndim < 2 or name.endswith("bias") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def batch_order(n_pairs: int, steps: int, batch: int, seed: int) -> list[torch.Tensor]:
+    """Batches of pair indices: shuffled epochs, reshuffled each epoch; a pure function of the seed."""
+    generator = torch.Generator().manual_seed(seed)
+    pool: list[int] = []
+    batches = []
+    for _ in range(steps):
+        while len(pool) < batch:
+            pool.extend(torch.randperm(n_pairs, generator=generator).tolist())
+        batches.append(torch.tensor(pool[:batch]))
+        del pool[:batch]
+    return batches
+
+
+@dataclass
+class TrainResult:
+    step_seconds: float
+    final_loss: float
+    temperature: float
+
+
+def train(model: nn.Module, data: PairSplit, steps: int, batch: int, lr: float, order_seed: int,
+          loss_fn: nn.Module, weight_decay: float = 0.04) -> TrainResult:
+    """AdamW (0.9, 0.98), 10% linear warm-up then linear decay, one step per batch."""
+    named = list(model.named_parameters()) + [("temperature", loss_fn.temperature)]
+    optimizer = torch.optim.AdamW(parameter_groups(named, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    warmup = max(1, int(0.1 * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    model.train()
+    times = []
+    loss_value = float("nan")
+    for indices in batch_order(len(data.captions), steps, batch, order_seed):
+        start = time.perf_counter()
+        image_index = data.image_index[indices]
+        output = loss_fn(model.encode_image(data.images[image_index]), model.encode_text(data.tokens[indices]),
+                         image_index)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_fn.clamp_temperature_()
+        times.append(time.perf_counter() - start)
+        loss_value = float(output.loss.detach())
+        if not math.isfinite(loss_value):
+            break
+    model.eval()
+    # The first steps pay for allocations; the median of the rest is the steady-state cost.
+    steady = times[min(2, len(times) - 1):]
+    return TrainResult(statistics.median(steady), loss_value, float(loss_fn.effective_temperature().detach()))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: EvalSplit, batch: int) -> dict[str, float]:
+    model.eval()
+    image_embeds = torch.cat([model.encode_image(split.images[i:i + batch])
+                              for i in range(0, len(split.images), batch)])
+    text_embeds = torch.cat([model.encode_text(split.tokens[i:i + batch])
+                             for i in range(0, len(split.tokens), batch)])
+    if not (torch.isfinite(image_embeds).all() and torch.isfinite(text_embeds).all()):
+        return {key: 0.0 for key in METRIC_KEYS} | {"diverged": 1.0}
+    metrics = retrieval_metrics_from_embeddings(image_embeds, text_embeds, split.txt2img)
+    return {key: float(metrics[key]) for key in METRIC_KEYS}
+
+
+# ------------------------------------------------------------------------------ the benchmark
+
+
+def pretrain(settings: Settings, source: Domain, vocab_size: int) -> tuple[dict[str, torch.Tensor], dict]:
+    torch.manual_seed(PRETRAIN_SEED)
+    model = apply_method(build_clip(settings, vocab_size), "full", settings)
+    loss_fn = HarmaLoss()
+    start = time.perf_counter()
+    result = train(model, source.train, settings.pretrain_steps, settings.pretrain_batch,
+                   settings.pretrain_lr, derived_seed("pretrain", PRETRAIN_SEED), loss_fn)
+    seconds = time.perf_counter() - start
+    metrics = evaluate(model, source.test, settings.eval_batch)
+    info = {
+        "steps": settings.pretrain_steps, "batch": settings.pretrain_batch, "lr": settings.pretrain_lr,
+        "seconds": round(seconds, 1), "step_seconds": result.step_seconds, "final_loss": result.final_loss,
+        "source_test": metrics, "parameters": trainable_count(model),
+    }
+    return {key: value.clone() for key, value in model.state_dict().items()}, info
+
+
+def run_method(method: str, lr: float, seed: int, settings: Settings, state: dict[str, torch.Tensor],
+               vocab_size: int, target: Domain, lora_rank: int, splits: Sequence[str]) -> dict[str, Any]:
+    """Adapt the pretrained backbone with ``method`` on seed ``seed``'s target data and evaluate."""
+    torch.manual_seed(derived_seed("init", method, seed))  # adapter / LoRA initialisation
+    model = build_clip(settings, vocab_size)
+    model.load_state_dict(state)
+    model = apply_method(model, method, settings, lora_rank)
+    loss_fn = HarmaLoss()
+    params = trainable_count(model) + 1  # + the loss temperature, trained by every method
+    result = train(model, target.train, settings.adapt_steps, settings.adapt_batch, lr,
+                   derived_seed("order", seed), loss_fn)
+    out: dict[str, Any] = {
+        "seed": seed, "lr": lr, "trainable_params": params, "step_seconds": result.step_seconds,
+        "final_loss": result.final_loss, "temperature": result.temperature,
+    }
+    for split in splits:
+        out[split] = evaluate(model, getattr(target, split), settings.eval_batch)
+    return out
+
+
+def time_steps(methods: Sequence[str], settings: Settings, state: dict[str, torch.Tensor], vocab_size: int,
+               data: PairSplit, lora_rank: int, rounds: int, steps_per_round: int) -> dict[str, float]:
+    """Median seconds per training step (forward, backward, AdamW step) of each method, measured
+    round-robin on the same batches so that a busy machine slows every method alike."""
+    models, optimizers, losses = {}, {}, {}
+    for method in methods:
+        torch.manual_seed(0)
+        model = build_clip(settings, vocab_size)
+        model.load_state_dict(state)
+        models[method] = apply_method(model, method, settings, lora_rank)
+        losses[method] = HarmaLoss()
+        named = list(models[method].named_parameters()) + [("temperature", losses[method].temperature)]
+        optimizers[method] = torch.optim.AdamW(parameter_groups(named, 0.04), lr=1e-5)
+    batches = batch_order(len(data.captions), steps_per_round, settings.adapt_batch, seed=0)
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for round_index in range(rounds + 1):  # round 0 warms up and is not counted
+        for method in methods:
+            model, loss_fn, optimizer = models[method], losses[method], optimizers[method]
+            for indices in batches:
+                start = time.perf_counter()
+                image_index = data.image_index[indices]
+                output = loss_fn(model.encode_image(data.images[image_index]),
+                                 model.encode_text(data.tokens[indices]), image_index)
+                optimizer.zero_grad(set_to_none=True)
+                output.loss.backward()
+                optimizer.step()
+                if round_index:
+                    times[method].append(time.perf_counter() - start)
+    return {method: statistics.median(values) for method, values in times.items()}
+
+
+def choose_lr(method: str, runner: Callable[[float], dict[str, Any]], extensions: int,
+              on_run: Callable[[dict[str, Any]], None]) -> tuple[float, list[dict[str, Any]]]:
+    """Best learning rate by validation mR on the ladder grid, extended past an edge winner.
+
+    Ties go to the smaller learning rate."""
+    runs: dict[int, dict[str, Any]] = {}
+
+    def run(rung: int) -> None:
+        if rung not in runs:
+            runs[rung] = runner(LR_LADDER[rung])
+            on_run(runs[rung])
+
+    def best() -> int:
+        return max(sorted(runs), key=lambda rung: (runs[rung]["val"]["mean_recall"], -rung))
+
+    centre = LR_LADDER.index(LR_CENTRE[method])
+    for rung in (centre - 1, centre, centre + 1):
+        run(rung)
+    for _ in range(extensions):
+        rungs, winner = sorted(runs), best()
+        if winner == rungs[0] and winner > 0:
+            run(winner - 1)
+        elif winner == rungs[-1] and winner < len(LR_LADDER) - 1:
+            run(winner + 1)
+        else:
+            break
+    return LR_LADDER[best()], [runs[rung] for rung in sorted(runs)]
+
+
+def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for key in METRIC_KEYS:
+        values = [run["test"][key] for run in per_seed]
+        summary[key] = statistics.fmean(values)
+        summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    summary["step_seconds_in_training"] = statistics.fmean(run["step_seconds"] for run in per_seed)
+    return summary
+
+
+def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str]) -> dict[str, Any]:
+    wall_start = time.perf_counter()
+    seeds = settings.seeds
+    log(f"mode {settings.name}: seeds {list(seeds)}, {torch.get_num_threads()} threads, data in {data_dir}")
+    source = make_domain(data_dir / "source", "source", SOURCE_DATA_SEED, settings.source_train_images, 1,
+                         settings.source_test_images, settings.image_size, load_val=False)
+    targets = {
+        seed: make_domain(data_dir / f"target_seed{seed}", "target", seed, settings.target_train_images,
+                          settings.target_val_images, settings.target_test_images, settings.image_size,
+                          load_val=True)
+        for seed in seeds
+    }
+    all_captions = list(source.train.captions) + list(source.test.captions)
+    for domain in targets.values():
+        all_captions += domain.train.captions + domain.val.captions + domain.test.captions
+    tokenizer = CompactTokenizer(all_captions, settings.context_length)
+    for domain in (source, *targets.values()):
+        tokenize_domain(domain, tokenizer)
+    source_words = set(" ".join(source.train.captions).split())
+    target_words = set(" ".join(targets[seeds[0]].train.captions).split())
+    log(f"data ready in {time.perf_counter() - wall_start:.1f}s: vocabulary {tokenizer.vocab_size} BPE tokens; "
+        f"{len(target_words - source_words)} of {len(target_words)} target caption words never occur in source")
+
+    state, pretrain_info = pretrain(settings, source, tokenizer.vocab_size)
+    full_params = pretrain_info["parameters"]
+    log(f"pretrained {full_params:,} parameters in {pretrain_info['seconds']}s "
+        f"({pretrain_info['step_seconds'] * 1000:.0f} ms/step): source test mR "
+        f"{pretrain_info['source_test']['mean_recall']:.1f}")
+
+    harma_params = trainable_count(apply_method(build_clip(settings, tokenizer.vocab_size), "harma", settings))
+    per_rank = lora_parameters_per_rank(settings, tokenizer.vocab_size)
+    lora_rank = max(1, round(harma_params / per_rank))
+    log(f"HarMA (reference layout) trains {harma_params:,} parameters; LoRA rank {lora_rank} "
+        f"({lora_rank * per_rank:,} parameters) matches it")
+
+    results: dict[str, Any] = {}
+    grids: dict[str, Any] = {}
+    chosen_lr: dict[str, float | None] = {}
+    for method in methods:
+        per_seed: list[dict[str, Any]] = []
+        if method == "frozen":
+            model = build_clip(settings, tokenizer.vocab_size)
+            model.load_state_dict(state)
+            for seed in seeds:
+                per_seed.append({"seed": seed, "lr": None, "trainable_params": 0, "step_seconds": 0.0,
+                                 "val": evaluate(model, targets[seed].val, settings.eval_batch),
+                                 "test": evaluate(model, targets[seed].test, settings.eval_batch)})
+            chosen_lr[method] = None
+        else:
+            def runner(lr: float, seed: int = seeds[0], method: str = method) -> dict[str, Any]:
+                return run_method(method, lr, seed, settings, state, tokenizer.vocab_size, targets[seed],
+                                  lora_rank, ("val", "test"))
+
+            def report(run: dict[str, Any], method: str = method) -> None:
+                log(f"  {method:12s} seed {run['seed']} lr {run['lr']:.0e}: val mR {run['val']['mean_recall']:5.1f}"
+                    f"  ({run['step_seconds'] * 1000:.0f} ms/step, loss {run['final_loss']:.3f})")
+
+            best_lr, grid_runs = choose_lr(method, runner, settings.grid_extensions, report)
+            chosen_lr[method] = best_lr
+            grids[method] = [{"lr": run["lr"], "val_mean_recall": run["val"]["mean_recall"],
+                              "test_mean_recall": run["test"]["mean_recall"],
+                              "final_loss": run["final_loss"]} for run in grid_runs]
+            per_seed.append(next(run for run in grid_runs if run["lr"] == best_lr))
+            log(f"  {method}: lr {best_lr:.0e} chosen on seed {seeds[0]}'s validation split")
+            for seed in seeds[1:]:
+                run = run_method(method, best_lr, seed, settings, state, tokenizer.vocab_size, targets[seed],
+                                 lora_rank, ("val", "test"))
+                report(run)
+                per_seed.append(run)
+        summary = summarise(per_seed)
+        params = per_seed[0]["trainable_params"]
+        results[method] = {
+            **summary,
+            "step_seconds": 0.0,  # trained methods: replaced by the round-robin timing below
+            "trainable_params": params,
+            "trainable_percent_of_full": 100.0 * params / (full_params + 1),
+            "lr": chosen_lr[method],
+            "per_seed": per_seed,
+        }
+        log(f"{method}: test mR {summary['mean_recall']:.1f} +- {summary['mean_recall_std']:.1f} "
+            f"({params:,} trainable parameters)")
+
+    trained = [method for method in methods if method != "frozen"]
+    if trained:
+        log(f"timing {settings.timing_rounds} round-robin rounds of {settings.timing_steps} steps per method")
+        step_seconds = time_steps(trained, settings, state, tokenizer.vocab_size, targets[seeds[0]].train,
+                                  lora_rank, settings.timing_rounds, settings.timing_steps)
+        for method, seconds in step_seconds.items():
+            results[method]["step_seconds"] = seconds
+
+    results["_meta"] = {
+        "mode": settings.name,
+        "settings": dataclasses.asdict(settings) | {"embed_dim": settings.embed_dim},
+        "harma_sizes": settings.harma_sizes(),
+        "lora": {"rank": lora_rank, "alpha": 2 * lora_rank, "targets": lora_targets()},
+        "lr_rule": (f"on seed {seeds[0]}, c and its two neighbours, c = {LR_CENTRE['full']:g} for full fine-tuning and "
+                    f"{LR_CENTRE['harma']:g} for the others, extended along {list(LR_LADDER)} past an edge winner at "
+                    f"most {settings.grid_extensions} times; best target validation mR wins"),
+        "lr_grids": grids,
+        "vocab_size": tokenizer.vocab_size,
+        "full_params": full_params + 1,
+        "pretrain": pretrain_info,
+        "targets": check_targets(results),
+        "wall_seconds": round(time.perf_counter() - wall_start, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    return results
+
+
+def check_targets(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets: a HarMA layout at >= 90% of full fine-tuning's mR with <= 5% of its
+    trainable parameters, and >= 20 mR points above the frozen backbone."""
+    if "full" not in results or "frozen" not in results:
+        return {}
+    full, frozen = results["full"], results["frozen"]
+    out: dict[str, Any] = {}
+    for method in ("harma", "harma_paper"):
+        if method not in results:
+            continue
+        mr = results[method]["mean_recall"]
+        ratio = mr / full["mean_recall"] if full["mean_recall"] > 0 else float("inf")
+        param_ratio = results[method]["trainable_params"] / full["trainable_params"]
+        out[method] = {
+            "mr_fraction_of_full": ratio,
+            "param_fraction_of_full": param_ratio,
+            "mr_above_frozen": mr - frozen["mean_recall"],
+            "met": bool(ratio >= 0.9 and param_ratio <= 0.05 and mr - frozen["mean_recall"] >= 20.0),
+        }
+    out["any_met"] = any(v["met"] for k, v in out.items() if isinstance(v, dict))
+    return out
+
+
+# ------------------------------------------------------------------------------------ output
+
+LABELS = {
+    "frozen": "frozen (zero-shot)", "harma": "HarMA (reference)", "harma_paper": "HarMA (paper)",
+    "lora": "LoRA", "linear_probe": "linear probe", "full": "full fine-tuning",
+}
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    meta = results.get("_meta", {})
+    full_params = meta.get("full_params") or 1
+    lines = [
+        "| method | trainable params | % of full | lr | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 "
+        "| t2i R@10 | mR (mean ± std) | step ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method in METHODS:
+        if method not in results:
+            continue
+        r = results[method]
+        lr = "-" if r["lr"] is None else f"{r['lr']:.0e}"
+        step = "-" if method == "frozen" else f"{1000 * r['step_seconds']:.0f}"
+        recalls = " | ".join(f"{r[key]:.1f}" for key in METRIC_KEYS[:6])
+        lines.append(
+            f"| {LABELS[method]} | {r['trainable_params']:,} | {100 * r['trainable_params'] / full_params:.2f} "
+            f"| {lr} | {recalls} | **{r['mean_recall']:.1f}** ± {r['mean_recall_std']:.1f} | {step} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summary_text(results: dict[str, Any]) -> str:
+    meta = results["_meta"]
+    pre = meta["pretrain"]
+    lines = [
+        f"Mode `{meta['mode']}`, seeds {meta['settings']['seeds']}, {meta['threads']} threads, "
+        f"wall time {meta['wall_seconds']:.0f} s.",
+        f"Pretrained backbone: {meta['full_params']:,} trainable parameters in full training "
+        f"(incl. the loss temperature); source-domain test mR {pre['source_test']['mean_recall']:.1f} "
+        f"after {pre['steps']} steps.",
+        f"LoRA: rank {meta['lora']['rank']}, alpha {meta['lora']['alpha']}, targets {meta['lora']['targets']}.",
+        f"Learning rate rule: {meta['lr_rule']}.",
+    ]
+    for method, grid in meta["lr_grids"].items():
+        points = ", ".join(f"{g['lr']:.0e}: {g['val_mean_recall']:.1f}" for g in grid)
+        lines.append(f"- {method}: val mR by lr {{{points}}}")
+    for method, check in meta["targets"].items():
+        if isinstance(check, dict):
+            lines.append(
+                f"Target check {method}: {100 * check['mr_fraction_of_full']:.0f}% of full fine-tuning's mR "
+                f"(need >= 90%), {100 * check['param_fraction_of_full']:.2f}% of its parameters (need <= 5%), "
+                f"{check['mr_above_frozen']:+.1f} mR over frozen (need >= +20): "
+                f"{'met' if check['met'] else 'NOT met'}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = results["_meta"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    colours = {"harma": "tab:red", "harma_paper": "tab:orange", "lora": "tab:blue",
+               "linear_probe": "tab:green", "full": "black"}
+    for method, colour in colours.items():
+        if method not in results:
+            continue
+        r = results[method]
+        ax.errorbar([r["trainable_params"]], [r["mean_recall"]], yerr=[r["mean_recall_std"]], fmt="o",
+                    color=colour, capsize=4, markersize=7, label=LABELS[method])
+        ax.annotate(f"{r['mean_recall']:.1f}", (r["trainable_params"], r["mean_recall"]),
+                    textcoords="offset points", xytext=(7, -3), fontsize=8, color=colour)
+    if "frozen" in results:
+        frozen = results["frozen"]
+        ax.axhline(frozen["mean_recall"], color="grey", linestyle="--", label=LABELS["frozen"])
+        ax.axhspan(frozen["mean_recall"] - frozen["mean_recall_std"],
+                   frozen["mean_recall"] + frozen["mean_recall_std"], color="grey", alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("target test mR (%)")
+    n_seeds = len(meta["settings"]["seeds"])
+    ax.set_title(f"Synthetic source -> target transfer ({meta['mode']} mode, {n_seeds} seeds, mean ± std)",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the 10-12-minute CPU setting (3 seeds)")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes, 1 seed, a few steps (seconds)")
+    parser.add_argument("--json", type=Path, help="write the results here (and a .md table next to it)")
+    parser.add_argument("--plot", default=None,
+                        help=f"PNG of mR against trainable parameters; default {DEFAULT_PLOT.relative_to(REPO_ROOT)} "
+                             "except in --smoke mode; 'none' to skip")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the mode's seeds")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--adapt-steps", type=int, help="override the mode's adaptation steps (every method)")
+    parser.add_argument("--pretrain-steps", type=int, help="override the mode's pretraining steps")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads; default: 2, or 1 when the machine is already busy "
+                             "(1-minute load average >= 1), where a second thread mostly waits")
+    parser.add_argument("--data-dir", type=Path, help="where to write the synthetic data (default: a temporary folder)")
+    args = parser.parse_args(argv)
+
+    settings = MODES["quick" if args.quick else "smoke" if args.smoke else "standard"]
+    if args.seeds:
+        settings = dataclasses.replace(settings, seeds=tuple(args.seeds))
+    if args.adapt_steps:
+        settings = dataclasses.replace(settings, adapt_steps=args.adapt_steps)
+    if args.pretrain_steps:
+        settings = dataclasses.replace(settings, pretrain_steps=args.pretrain_steps)
+    threads = args.threads
+    if threads is None:
+        threads = 2 if not hasattr(os, "getloadavg") or os.getloadavg()[0] < 1.0 else 1
+    torch.set_num_threads(threads)
+    methods = [m for m in METHODS if m in args.methods]
+
+    if args.data_dir is not None:
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+        results = run_benchmark(settings, args.data_dir, methods)
+    else:
+        with tempfile.TemporaryDirectory(prefix="harma-transfer-") as tmp:
+            results = run_benchmark(settings, Path(tmp), methods)
+
+    table = markdown_table(results)
+    summary = summary_text(results)
+    print()
+    print(table)
+    print(summary)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(json_safe(results), indent=1) + "\n", encoding="utf-8")
+        args.json.with_suffix(".md").write_text(table + "\n" + summary, encoding="utf-8")
+        log(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+    plot_path = args.plot if args.plot is not None else (None if args.smoke else str(DEFAULT_PLOT))
+    if plot_path and plot_path.lower() != "none":
+        plot(results, Path(plot_path))
+        log(f"wrote {plot_path}")
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
