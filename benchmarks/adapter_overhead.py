@@ -1,7 +1,7 @@
 """Train-step time and peak memory of HarMA against other ways of training open_clip ViT-B-32.
 
-Each method runs in a fresh subprocess (so peak RSS is its own), on random weights, CPU, with
-a batch of 8 images (224 px) and 8 captions, a CLIP contrastive loss and AdamW:
+Random weights, CPU, a batch of 8 images (224 px) and 8 captions, a CLIP contrastive loss and
+AdamW:
 
 - ``full``: full fine-tuning (every parameter trained).
 - ``frozen``: the frozen backbone, forward only (what inference costs).
@@ -13,11 +13,11 @@ a batch of 8 images (224 px) and 8 captions, a CLIP contrastive loss and AdamW:
 - ``lora``: peft LoRA, r=8, on the MLPs (``c_fc``, ``c_proj``) and attention (``attn``, via
   peft's ``nn.MultiheadAttention`` support: targeting ``attn.out_proj`` alone would have no
   effect because ``nn.MultiheadAttention`` reads that weight directly).
-- ``lora_mlp``: peft LoRA, r=8, on the MLPs only (peft's attention support merges the low-rank
-  update into the weight at every forward, which dominates its step time on a CPU).
+- ``lora_mlp``: peft LoRA, r=8, on the MLPs only.
 
-Times are medians over the measured steps, printed as ratios to full fine-tuning (and to the
-floor), all from one run on one machine.
+Each method runs in fresh processes, interleaved with the others over ``--repeats`` rounds; its
+step time is the median over those processes of each one's median step, its memory the peak
+RSS. Printed as ratios to full fine-tuning and to the floor, all from one run on one machine.
 
     python benchmarks/adapter_overhead.py                 # all methods
     python benchmarks/adapter_overhead.py --profile harma # where HarMA's step time goes
@@ -169,7 +169,8 @@ class _text_input_requires_grad:
         self.handle.remove()
 
 
-def run_one(method: str, batch: int, warmup: int, steps: int, threads: int) -> dict:
+def measure(method: str, batch: int, warmup: int, steps: int, threads: int) -> dict:
+    """Median step time (s) and peak RSS (MiB) of a fresh process that builds ``method``."""
     torch.set_num_threads(threads)
     model, optimizer, params = build(method)
     step = make_step(method, model, optimizer, batch)
@@ -181,7 +182,6 @@ def run_one(method: str, batch: int, warmup: int, steps: int, threads: int) -> d
         step()
         times.append(time.perf_counter() - start)
     return {
-        "method": method,
         "median_step_s": statistics.median(times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable_params": sum(p.numel() for p in params),
@@ -234,7 +234,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per process")
+    parser.add_argument("--repeats", type=int, default=3, help="processes per method, interleaved")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--profile", choices=METHODS, help="profile one method's step instead")
     parser.add_argument("--rows", type=int, default=25)
@@ -246,21 +247,36 @@ def main() -> None:
         profile(args.profile, args.batch, args.threads, args.rows)
         return
     if args._child:
-        print(json.dumps(run_one(args._child, args.batch, args.warmup, args.steps, args.threads)))
+        print(json.dumps(measure(args._child, args.batch, args.warmup, args.steps, args.threads)))
         return
 
-    results = {}
-    for method in args.methods:
-        command = [sys.executable, __file__, "--_child", method, "--batch", str(args.batch),
-                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[method] = json.loads(output.strip().splitlines()[-1])
-        print(f"measured {method}: {results[method]['median_step_s']:.3f} s/step", file=sys.stderr)
+    # Each method in a fresh process (its own peak memory, no other model's data in the caches),
+    # and the methods interleaved over several repeats, so that drifts in the machine's speed
+    # hit every method alike; a method's time is the median over its repeats.
+    runs: dict[str, list[dict]] = {method: [] for method in args.methods}
+    for repeat in range(args.repeats):
+        for method in args.methods:
+            command = [sys.executable, __file__, "--_child", method, "--batch", str(args.batch),
+                       "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs[method].append(json.loads(output.strip().splitlines()[-1]))
+            print(f"repeat {repeat + 1}/{args.repeats} {method}: "
+                  f"{runs[method][-1]['median_step_s']:.3f} s/step", file=sys.stderr)
+    results = {
+        method: {
+            "median_step_s": statistics.median(r["median_step_s"] for r in rows),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+            "trainable_params": rows[0]["trainable_params"],
+            "step_s_per_repeat": [r["median_step_s"] for r in rows],
+        }
+        for method, rows in runs.items()
+    }
 
     full = results.get("full")
     floor = results.get("floor")
     print(f"\nopen_clip ViT-B-32, random weights, CPU ({args.threads} threads), batch {args.batch}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up\n")
+          f"median over {args.repeats} interleaved processes of the median of {args.steps} steps "
+          f"after {args.warmup} warm-up\n")
     print("| method | trainable params | step time vs full | step time vs floor | peak RSS vs full |")
     print("|---|---:|---:|---:|---:|")
     for method, row in results.items():
