@@ -289,3 +289,16 @@ def test_config_validation_and_json_round_trip():
         harma.HarmaConfig.from_dict({"bottle_neck": 3})
     with pytest.raises(ValueError, match="towers must be a list"):
         harma.HarmaConfig(towers="text")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_forward_matches_the_cpu_forward():
+    model = harma.inject_harma_adapters(tiny_open_clip())
+    perturb_adapters(model)
+    with torch.no_grad():
+        expected = encode(model, images(), tokens())
+        model.cuda()
+        got = encode(model, images().cuda(), tokens().cuda())  # the fused attention kernel path
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
