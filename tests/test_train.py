@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import harma
+from harma.demo import run_demo
 from harma.losses import HarmaLoss
 from harma.models import build_backbone, tiny_clip_config
 from harma.train import (
@@ -25,7 +26,6 @@ from harma.train import (
     main,
     parameter_groups,
     parse_args,
-    run_demo,
     train,
 )
 
@@ -414,7 +414,7 @@ def test_quick_demo_runs_and_reloads_its_adapters(tmp_path, capsys):
 
 def test_demo_flag_uses_its_own_folder_unless_one_is_given(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr("harma.train.run_demo", lambda output_dir: calls.append(str(output_dir)) or {})
+    monkeypatch.setattr("harma.demo.run_demo", lambda output_dir: calls.append(str(output_dir)) or {})
     main(["--demo"], defaults={"output_dir": "runs/some_recipe"})
     main(["--demo", "--output_dir", str(tmp_path / "mine")])
     assert calls == ["runs/demo", str(tmp_path / "mine")]
