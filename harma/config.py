@@ -14,7 +14,7 @@ SHARING_MODES = ("reference", "paper", "none")
 class HarmaConfig:
     """How HarMA adapters are laid out in a model.
 
-    The defaults reproduce the authors' released code (DESIGN.md sections 1-2): a multimodal
+    The defaults reproduce the authors' released code (docs/adapters.md): a multimodal
     gated adapter (MGA, bottleneck 128, 8 heads) after the MLP of every transformer block of
     both towers, and one mini adapter (MMS, width 128, bottleneck 64, 8 heads) per layer index,
     used by the text tower's adapters only.

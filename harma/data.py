@@ -1,6 +1,6 @@
 """Image-text retrieval data: annotation files, datasets and image transforms.
 
-Annotation layout (DESIGN section 5; the RSITMD/RSICD files of the HarMA authors):
+Annotation layout (the RSITMD/RSICD files of the HarMA authors):
 
 - train files: a JSON list of ``{"caption": str, "image": path, "image_id": int, "label": int,
   "label_name": str}``, one caption per entry, several entries per image. ``image_id``,
@@ -388,7 +388,7 @@ class RetrievalEvalDataset(Dataset):
 
 # --------------------------------------------------------------------------- transforms
 
-# The ops of the reference's train augmentation (DESIGN section 6).
+# The ops of the reference's train augmentation (the authors' recipe).
 RANDOM_OPS: tuple[str, ...] = (
     "identity", "autocontrast", "equalize", "brightness", "sharpness",
     "shear_x", "shear_y", "translate_x", "translate_y", "rotate",
@@ -484,7 +484,7 @@ def train_transform(
     mean: Sequence[float] = DEFAULT_CLIP_MEAN,
     std: Sequence[float] = DEFAULT_CLIP_STD,
 ) -> transforms.Compose:
-    """Training augmentation of the reference (DESIGN section 6): PIL image -> float (3, S, S).
+    """Training augmentation of the reference: PIL image -> float (3, S, S).
 
     RandomResizedCrop(S, scale 0.5-1, bicubic), horizontal flip, RandomOps(2 ops, magnitude 7),
     ToTensor, normalise with CLIP mean/std. Seed with ``torch.manual_seed`` to reproduce.

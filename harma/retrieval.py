@@ -1,6 +1,6 @@
 """Image-text retrieval metrics (R@1/5/10 both ways, mean recall) and a model evaluator.
 
-Protocol (DESIGN section 5): ``scores[i, j]`` is the similarity of image ``i`` and caption
+Protocol (as in the RSITMD/RSICD literature and the authors' code): ``scores[i, j]`` is the similarity of image ``i`` and caption
 ``j``; ``txt2img[j]`` is the image of caption ``j`` (an image may have any number >= 1 of
 captions).
 

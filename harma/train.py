@@ -103,7 +103,7 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run depends on; defaults are the reference recipe (DESIGN section 6).
+    """Everything a training run depends on; defaults are the reference recipe (docs/training.md).
 
     Load and save with `from_json_file` / `to_dict`; every field can be overridden
     on the command line of `main` as ``--name value`` (``--harma.name value`` for the
