@@ -241,7 +241,8 @@ def _resolve_adapter_source(source: str | os.PathLike, revision: str | None, tok
     if local.exists():
         return local
     repo_id = text.removeprefix("hf-hub:")
-    if text.startswith("hf-hub:") or re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+    looks_like_file = local.suffix in (".safetensors", ".pt", ".pth", ".bin")
+    if text.startswith("hf-hub:") or (re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) and not looks_like_file):
         from huggingface_hub import snapshot_download
 
         # snapshot_download reads only the local cache when HF_HUB_OFFLINE is set.

@@ -112,6 +112,8 @@ def test_files_that_are_not_harma_adapters_are_clear_errors(tmp_path):
         harma.load_adapters(tiny_open_clip(), tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError, match="no adapter file or folder"):
         harma.load_adapters(tiny_open_clip(), tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="no adapter file or folder at runs/best.safetensors"):
+        harma.load_adapters(tiny_open_clip(), "runs/best.safetensors")  # a typo, not a Hub id
     save_file({"w": torch.zeros(2)}, str(tmp_path / "future.safetensors"),
               metadata={"format": "harma.adapters", "format_version": "99"})
     with pytest.raises(ValueError, match="format version 99.*upgrade harma"):
