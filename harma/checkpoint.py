@@ -273,7 +273,8 @@ def load_adapters(
         model: the base model (patched or not).
         source: a ``.safetensors`` file, a folder saved by `save_adapters`, or a Hugging
             Face Hub repository id (``"org/name"`` or ``"hf-hub:org/name"``); local paths win.
-        revision, token: for the Hub.
+        revision: for the Hub.
+        token: for the Hub.
 
     Returns:
         ``model``, patched and loaded.

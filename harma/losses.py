@@ -93,7 +93,8 @@ def contrastive_loss(
     the same targets serve both directions.
 
     Args:
-        image_embeds, text_embeds: ``(n, d)``, raw or normalised.
+        image_embeds: ``(n, d)``, raw or normalised.
+        text_embeds: ``(n, d)``, raw or normalised.
         image_ids: ``(n,)`` integer image identity per pair; ``None`` means all distinct.
         temperature: positive scalar (float or 0-dim tensor, may require grad).
 
@@ -136,7 +137,8 @@ def adaptive_triplet_loss(
     image row and each caption column is kept (VSE++ "max violation").
 
     Args:
-        image_embeds, text_embeds: ``(n, d)``, raw or normalised.
+        image_embeds: ``(n, d)``, raw or normalised.
+        text_embeds: ``(n, d)``, raw or normalised.
         margin: hinge margin ``m`` in cosine units.
         gamma: focusing exponent of the weight.
         hardest_negative: keep only the hardest negative per row/column.
@@ -197,7 +199,8 @@ def affiliation_loss(
     targets, which made same-class samples compete against themselves.
 
     Args:
-        image_embeds, text_embeds: ``(n, d)``, raw or normalised.
+        image_embeds: ``(n, d)``, raw or normalised.
+        text_embeds: ``(n, d)``, raw or normalised.
         labels: ``(n,)`` integer scene-class labels, negative for unlabelled pairs.
         temperature: positive scalar (float or 0-dim tensor).
 
@@ -257,7 +260,8 @@ class HarmaLoss(nn.Module):
     Args:
         temperature_init: initial contrastive temperature (0.07 in the reference).
         learnable_temperature: train the temperature (the reference does).
-        margin, gamma: triplet margin and focusing exponent.
+        margin: triplet margin (cosine units).
+        gamma: focusing exponent of the triplet weight.
         hardest_negative: triplet keeps only the hardest negative per row/column.
         same_image_positive: triplet stops treating captions of the same image as negatives.
         affiliation_weight: weight of the class-centre loss; 0 disables it (default).
@@ -315,7 +319,8 @@ class HarmaLoss(nn.Module):
         """Compute the losses for a local batch of ``n`` pairs.
 
         Args:
-            image_embeds, text_embeds: ``(n, d)`` raw embeddings of this rank (any float dtype).
+            image_embeds: ``(n, d)`` raw embeddings of this rank (any float dtype).
+            text_embeds: ``(n, d)`` raw embeddings of this rank (any float dtype).
             image_ids: ``(n,)`` image identity per pair (``None``: all distinct).
             labels: ``(n,)`` scene-class labels; required when ``affiliation_weight > 0``.
         """

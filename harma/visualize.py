@@ -115,7 +115,8 @@ class RetrievalGallery:
     Attributes:
         text_to_image: caption queries; ``top`` holds image indices.
         image_to_text: image queries; ``top`` holds caption indices.
-        n_images, n_texts: size of the evaluation set the indices refer to.
+        n_images: size of the evaluation set the indices refer to.
+        n_texts: size of the evaluation set the indices refer to.
         k: results asked per query (see `images_per_query`, `captions_per_query`).
     """
 
@@ -226,7 +227,8 @@ def build_gallery(
         num_queries: captions and images to sample (each; all of them if there are fewer).
         k: results shown per query (capped by the number of images / captions).
         seed: seed of the sample (`numpy.random.default_rng`): same seed, same queries.
-        caption_queries, image_queries: explicit query indices instead of a sample.
+        caption_queries: explicit query indices instead of a sample.
+        image_queries: explicit query indices instead of a sample.
 
     Returns:
         A `RetrievalGallery`; its ranks equal `harma.retrieval.retrieval_metrics(scores,
@@ -271,7 +273,11 @@ def build_gallery_from_embeddings(
         txt2img: ``(n_texts,)`` image index of every caption.
         normalize: cosine similarity (L2-normalise both sides first), as
             `harma.retrieval.retrieval_metrics_from_embeddings`.
-        num_queries, k, seed, caption_queries, image_queries: as `build_gallery`.
+        num_queries: as `build_gallery`.
+        k: as `build_gallery`.
+        seed: as `build_gallery`.
+        caption_queries: as `build_gallery`.
+        image_queries: as `build_gallery`.
     """
     _check_counts(num_queries, k)
     for name, embeds in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
@@ -719,7 +725,11 @@ def render_gallery_png(
     pixels; ``k`` is `RetrievalGallery.images_per_query`) and about ``thumbnail_size + 46`` pixels high per query row, plus headings.
 
     Args:
-        gallery, images, captions, title, metrics: as `render_gallery_html`.
+        gallery: as `render_gallery_html`.
+        images: as `render_gallery_html`.
+        captions: as `render_gallery_html`.
+        title: as `render_gallery_html`.
+        metrics: as `render_gallery_html`.
         thumbnail_size: longer side of the thumbnails, in pixels.
 
     Raises:
