@@ -10,27 +10,17 @@ import pickle
 import pytest
 import torch
 from tiny_models import (
+    FAMILIES,
     encode,
     images,
     perturb_adapters,
-    tiny_hf_clip,
-    tiny_hf_siglip,
     tiny_open_clip,
-    tiny_timm_vit,
     tokens,
 )
 from torch import nn
 
 import harma
 from harma.modules import MiniAdapter, MultimodalGatedAdapter
-
-FAMILIES = {
-    "open_clip": tiny_open_clip,
-    "open_clip_quickgelu": lambda: tiny_open_clip(quick_gelu=True),
-    "hf_clip": tiny_hf_clip,
-    "hf_siglip": tiny_hf_siglip,
-    "timm_vit": tiny_timm_vit,
-}
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

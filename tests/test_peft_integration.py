@@ -14,13 +14,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from tiny_models import (
+    FAMILIES,
     encode,
     images,
     perturb_adapters,
-    tiny_hf_clip,
-    tiny_hf_siglip,
     tiny_open_clip,
-    tiny_timm_vit,
     tokens,
 )
 from torch import nn
@@ -34,26 +32,12 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402
 from harma.integrations import peft as harma_peft  # noqa: E402
 from harma.integrations.peft import HarmaPeftConfig, load_peft_adapters, register_with_peft  # noqa: E402
 
-FAMILIES = {
-    "open_clip": tiny_open_clip,
-    "hf_clip": tiny_hf_clip,
-    "hf_siglip": tiny_hf_siglip,
-    "timm_vit": tiny_timm_vit,
-}
 LAYOUTS = {
     "reference": HarmaPeftConfig,
     "paper": lambda: HarmaPeftConfig(sharing="paper"),
     "none_last_layer": lambda: HarmaPeftConfig(sharing="none", layers=[-1]),
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The models are tiny: one thread is faster, and much faster on a machine that is busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def outputs(model: nn.Module) -> tuple[torch.Tensor, ...]:

@@ -35,14 +35,6 @@ DATA_URI_PREFIX = "data:image/png;base64,"
 HOSTILE_CAPTION = '<script>alert("x")</script> & <b>bold</b>'
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny models gain nothing from several threads, and the machine may be shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -98,3 +98,13 @@ def perturb_adapters(model: nn.Module, seed: int = 3, scale: float = 0.05) -> No
     with torch.no_grad():
         for param in harma.adapter_parameters(model):
             param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * scale)
+
+
+FAMILIES = {
+    "open_clip": tiny_open_clip,
+    "open_clip_quickgelu": lambda: tiny_open_clip(quick_gelu=True),
+    "hf_clip": tiny_hf_clip,
+    "hf_siglip": tiny_hf_siglip,
+    "timm_vit": tiny_timm_vit,
+}
+"""One constructor per supported model family, for parametrised tests."""
