@@ -312,20 +312,13 @@ def _copy_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: st
     parameters = dict(adapter_named_parameters(model))
     missing = sorted(set(parameters) - set(tensors))
     unexpected = sorted(set(tensors) - set(parameters))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not fit this model: "
-            + "; ".join(
-                part
-                for part in (
-                    f"{len(missing)} adapter tensor(s) missing from the file, e.g. {missing[:3]}" if missing else "",
-                    f"{len(unexpected)} tensor(s) in the file have no place in the model, e.g. {unexpected[:3]}"
-                    if unexpected
-                    else "",
-                )
-                if part
-            )
-        )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} adapter tensor(s) missing from the file, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the file have no place in the model, e.g. {unexpected[:3]}")
+    if problems:
+        raise ValueError(f"{source} does not fit this model: " + "; ".join(problems))
     for name, tensor in tensors.items():
         if tensor.shape != parameters[name].shape:
             raise ValueError(
