@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -27,6 +26,9 @@ from harma.distributed import (
 from harma.losses import HarmaLoss
 from harma.retrieval import RetrievalEvaluator
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from processes import spawn_on_free_port  # noqa: E402
+
 WORLD_SIZE = 2
 IMAGE_FEATURES, TEXT_FEATURES, EMBED_DIM = 6, 5, 4
 # (per-rank batch sizes, HarmaLoss options)
@@ -34,12 +36,6 @@ LOSS_CASES = [
     ((4, 4), {}),
     ((3, 5), {"hardest_negative": True, "same_image_positive": True, "affiliation_weight": 0.5}),
 ]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class TinyDualEncoder(nn.Module):
@@ -196,7 +192,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("two_process")
-    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    spawn_on_free_port(worker, (str(out_dir),), nprocs=WORLD_SIZE)
     return out_dir
 
 

@@ -56,6 +56,26 @@ def test_trained_adapters_change_the_output_and_disabling_restores_it(family):
         assert max_difference(encode(model, images(), tokens()), reference) > 1e-3
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapters_attend_over_tokens_never_across_the_batch(family):
+    # Identity at init cannot tell the token axis from the batch axis (the adapters add zero);
+    # trained adapters attending across the batch would make a sample depend on its neighbours.
+    model = harma.inject_harma_adapters(FAMILIES[family](), harma.HarmaConfig.paper())
+    perturb_adapters(model, scale=0.2)
+    with torch.no_grad():
+        batched = encode(model, images(3), tokens(3))
+        alone = [encode(model, images(3)[i : i + 1], tokens(3)[i : i + 1]) for i in range(3)]
+    for output, *single in zip(batched, *alone, strict=True):
+        assert (output - torch.cat(single)).abs().max().item() < 1e-4
+    # and the perturbed adapters do mix tokens: changing one token changes another's output.
+    block = next(m for m in model.modules() if isinstance(m, MultimodalGatedAdapter))
+    features = torch.randn(1, 5, block.width)
+    changed = features.clone()
+    changed[0, 4] += 1.0
+    with torch.no_grad():
+        assert (block(features)[0, 0] - block(changed)[0, 0]).abs().max().item() > 1e-4
+
+
 def test_every_block_of_both_towers_is_patched_after_its_mlp():
     model = harma.inject_harma_adapters(tiny_open_clip(layers=3))
     patched = [name for name, module in model.named_modules() if isinstance(module, MultimodalGatedAdapter)]

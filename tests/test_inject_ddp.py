@@ -3,27 +3,20 @@ mini adapter is one tensor used by both towers of each rank."""
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from processes import spawn_on_free_port  # noqa: E402
 from tiny_models import images, perturb_adapters, tiny_open_clip, tokens  # noqa: E402
 
 import harma  # noqa: E402
 
 BATCH = 4
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def build_model() -> torch.nn.Module:
@@ -56,7 +49,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_step_with_the_shared_mini_adapter_matches_one_process(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_on_free_port(worker, (str(tmp_path),), nprocs=2)
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -190,19 +189,14 @@ def test_same_seed_gives_the_same_adapters_and_another_seed_does_not(data, refer
 # ---------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_two_process_gloo_run_with_torchrun(data, tmp_path):
     model_config = tmp_path / "tiny.json"
     model_config.write_text(json.dumps(tiny_model_config()))
     output_dir = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(REPO / "examples" / "train_rsitmd.py"),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        # torchrun picks the rendezvous port itself: nothing can take it between choice and use.
+        "--standalone", str(REPO / "examples" / "train_rsitmd.py"),
         "--model", "tiny-clip", "--pretrained", "none", "--model_config", str(model_config),
         "--image_size", str(IMAGE_SIZE), "--train_files", str(data.train_file), "--val_file", str(data.val_file),
         "--test_file", str(data.test_file), "--image_root", str(data.image_root), "--batch_size", "4",
