@@ -388,8 +388,10 @@ class TrainResult:
 
 
 def train(model: nn.Module, data: PairSplit, steps: int, batch: int, lr: float, order_seed: int,
-          loss_fn: nn.Module, weight_decay: float = 0.04) -> TrainResult:
-    """AdamW (0.9, 0.98), 10% linear warm-up then linear decay, one step per batch."""
+          loss_fn: nn.Module, weight_decay: float = 0.04, loss_log: list[float] | None = None) -> TrainResult:
+    """AdamW (0.9, 0.98), 10% linear warm-up then linear decay, one step per batch.
+
+    ``loss_log``, if given, receives the loss of every step."""
     named = list(model.named_parameters()) + [("temperature", loss_fn.temperature)]
     optimizer = torch.optim.AdamW(parameter_groups(named, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8)
     warmup = max(1, int(0.1 * steps))
@@ -415,6 +417,8 @@ def train(model: nn.Module, data: PairSplit, steps: int, batch: int, lr: float, 
         loss_fn.clamp_temperature_()
         times.append(time.perf_counter() - start)
         loss_value = float(output.loss.detach())
+        if loss_log is not None:
+            loss_log.append(loss_value)
         if not math.isfinite(loss_value):
             break
     model.eval()
@@ -546,10 +550,10 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str]) -> dict[str, Any]:
-    wall_start = time.perf_counter()
+def prepare_domains(settings: Settings, data_dir: Path) -> tuple[Domain, dict[int, Domain], CompactTokenizer]:
+    """The source domain, one target domain per seed, and the tokenizer of all their captions."""
+    start = time.perf_counter()
     seeds = settings.seeds
-    log(f"mode {settings.name}: seeds {list(seeds)}, {torch.get_num_threads()} threads, data in {data_dir}")
     source = make_domain(data_dir / "source", "source", SOURCE_DATA_SEED, settings.source_train_images, 1,
                          settings.source_test_images, settings.image_size, load_val=False)
     targets = {
@@ -566,8 +570,16 @@ def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str]) ->
         tokenize_domain(domain, tokenizer)
     source_words = set(" ".join(source.train.captions).split())
     target_words = set(" ".join(targets[seeds[0]].train.captions).split())
-    log(f"data ready in {time.perf_counter() - wall_start:.1f}s: vocabulary {tokenizer.vocab_size} BPE tokens; "
+    log(f"data ready in {time.perf_counter() - start:.1f}s: vocabulary {tokenizer.vocab_size} BPE tokens; "
         f"{len(target_words - source_words)} of {len(target_words)} target caption words never occur in source")
+    return source, targets, tokenizer
+
+
+def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str]) -> dict[str, Any]:
+    wall_start = time.perf_counter()
+    seeds = settings.seeds
+    log(f"mode {settings.name}: seeds {list(seeds)}, {torch.get_num_threads()} threads, data in {data_dir}")
+    source, targets, tokenizer = prepare_domains(settings, data_dir)
 
     state, pretrain_info = pretrain(settings, source, tokenizer.vocab_size)
     full_params = pretrain_info["parameters"]

@@ -122,3 +122,66 @@ def test_compact_tokenizer_keeps_padding_zero_and_end_of_text_largest() -> None:
     assert torch.equal(tokens == 0, bpe == 0)
     with pytest.raises(ValueError, match="vocabulary"):
         tokenizer(["zebra"])
+
+
+ABLATIONS = SCRIPT.with_name("transfer_ablations.py")
+
+
+@pytest.mark.slow
+def test_ablation_script_runs_each_variant_and_changes_only_what_it_names(tmp_path: Path) -> None:
+    json_path = tmp_path / "ablations.json"
+    completed = subprocess.run(
+        [sys.executable, str(ABLATIONS), "--smoke", "--seeds", "0", "--json", str(json_path),
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    results = json.loads(json_path.read_text())
+    variants = [name for name in results if not name.startswith("_")]
+    assert "harma" in variants and "lora" in variants and len(variants) >= 10
+    for name in variants:
+        assert is_percent(results[name]["test_mean_recall"]) and is_percent(results[name]["val_mean_recall"])
+    harma_params = results["harma"]["trainable_params"]
+    assert results["harma_vision_only"]["trainable_params"] + results["harma_text_only"]["trainable_params"] \
+        == harma_params + 1  # the temperature is counted in each
+    for name in ("harma_causal_text", "harma_one_attention", "harma_3x_steps"):
+        assert results[name]["trainable_params"] == harma_params
+    assert results["harma_fixed_temperature"]["temperature"] == pytest.approx(0.07)
+    assert results["harma"]["temperature"] != pytest.approx(0.07)
+    assert results["harma_3x_steps"]["steps"] == 3 * results["harma"]["steps"]
+    assert results["lora_vision_only"]["trainable_params"] + results["lora_text_only"]["trainable_params"] \
+        == results["lora"]["trainable_params"] + 1
+
+
+def test_ablation_variants_alter_the_adapters_as_described() -> None:
+    sys.path.insert(0, str(ABLATIONS.parent))
+    try:
+        ablations = importlib.import_module("transfer_ablations")
+    finally:
+        sys.path.remove(str(ABLATIONS.parent))
+    transfer = ablations.transfer
+    settings = transfer.MODES["smoke"]
+    vocab = 40
+    state = transfer.build_clip(settings, vocab).state_dict()
+
+    def text_adapter_output(variant_name: str, text: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = ablations.build_variant(ablations.VARIANTS[variant_name], settings, state, vocab, lora_rank=1)
+        for name, param in model.named_parameters():
+            if "harma_adapter" in name and param.ndim:
+                with torch.no_grad():
+                    param.add_(0.3 * torch.randn_like(param))
+        adapter = model.get_submodule("transformer.resblocks.0.harma_adapter")
+        with torch.no_grad():
+            return adapter(text)
+
+    torch.manual_seed(1)
+    text = torch.randn(1, 6, settings.text_width)
+    later_changed = text.clone()
+    later_changed[0, 5] += 3.0
+    # Causal text adapters: the first tokens do not see a change at the last position.
+    causal = text_adapter_output("harma_causal_text", text)
+    assert torch.allclose(causal[0, :5], text_adapter_output("harma_causal_text", later_changed)[0, :5], atol=1e-6)
+    reference = text_adapter_output("harma", text)
+    assert not torch.allclose(reference[0, :5], text_adapter_output("harma", later_changed)[0, :5], atol=1e-4)
+    assert not torch.allclose(text_adapter_output("harma_one_attention", text), reference, atol=1e-4)
