@@ -315,13 +315,16 @@ def lora_targets() -> list[str]:
     return ["c_fc", "c_proj", "attn"]
 
 
-def lora_parameters_per_rank(settings: Settings, vocab_size: int) -> int:
-    model = apply_method(build_clip(settings, vocab_size), "lora", settings, lora_rank=1)
+def lora_parameters_per_rank(settings: Settings, vocab_size: int, modules: Sequence[str] | None = None) -> int:
+    model = apply_method(build_clip(settings, vocab_size), "lora", settings, lora_rank=1, lora_modules=modules)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def apply_method(model: nn.Module, method: str, settings: Settings, lora_rank: int = 8) -> nn.Module:
-    """Prepare ``model`` for ``method``: add its modules and set ``requires_grad``."""
+def apply_method(model: nn.Module, method: str, settings: Settings, lora_rank: int = 8,
+                 lora_modules: Sequence[str] | None = None) -> nn.Module:
+    """Prepare ``model`` for ``method``: add its modules and set ``requires_grad``.
+
+    ``lora_modules`` replaces the benchmark's LoRA targets (`lora_targets()`), for diagnostics."""
     if method in ("harma", "harma_paper"):
         factory = harma.HarmaConfig.reference if method == "harma" else harma.HarmaConfig.paper
         harma.inject_harma_adapters(model, factory(**settings.harma_sizes()))
@@ -331,7 +334,7 @@ def apply_method(model: nn.Module, method: str, settings: Settings, lora_rank: i
         from peft import LoraConfig, inject_adapter_in_model
 
         config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                            target_modules=lora_targets())
+                            target_modules=list(lora_modules or lora_targets()))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft's notes on nn.MultiheadAttention support
             model = inject_adapter_in_model(config, model)

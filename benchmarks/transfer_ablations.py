@@ -10,14 +10,15 @@ same batches per seed), then trains variants of HarMA and LoRA that each change 
 - HarMA's adapter self-attention applied once instead of twice;
 - the loss temperature frozen at its initial 0.07 instead of trained (a scalar trained with the
   adapters' high learning rate drifts quickly);
-- HarMA with three times as many steps.
+- LoRA on the MLPs only, without the attention, at a rank matched to HarMA's count again;
+- HarMA and full fine-tuning with three times as many steps.
 
 Every variant of a method uses that method's learning rate from the quick benchmark (HarMA 1e-2,
 LoRA 3e-3; ``--lr-harma``/``--lr-lora`` to change); nothing here is tuned or used to choose
 anything in the benchmark. The variants that alter HarMA's forward pass replace the ``forward``
 of the injected module instances, so the library is unchanged.
 
-    python benchmarks/transfer_ablations.py --json docs/transfer_ablations.json   # ~15 min, 1 CPU core
+    python benchmarks/transfer_ablations.py --json docs/transfer_ablations.json   # about 15 min, 1 CPU core
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Variant:
     one_attention_pass: bool = False
     train_temperature: bool = True
     step_factor: int = 1
+    lora_modules: tuple[str, ...] | None = None  # None: the benchmark's LoRA targets
 
 
 VARIANTS: dict[str, Variant] = {
@@ -91,6 +93,8 @@ VARIANTS: dict[str, Variant] = {
     "lora_vision_only": Variant("lora", "LoRA, vision tower only", towers=("vision",)),
     "lora_text_only": Variant("lora", "LoRA, text tower only", towers=("text",)),
     "lora_fixed_temperature": Variant("lora", "LoRA, loss temperature frozen at 0.07", train_temperature=False),
+    "lora_mlp_only": Variant("lora", "LoRA on the MLPs only (no attention), rank matched to HarMA again",
+                             lora_modules=("c_fc", "c_proj")),
     "full_3x_steps": Variant("full", "full fine-tuning, 3x the adaptation steps", step_factor=3),
 }
 
@@ -109,7 +113,7 @@ def build_variant(variant: Variant, settings: transfer.Settings, state: dict[str
             if variant.one_attention_pass and isinstance(module, MultimodalGatedAdapter):
                 module.forward = types.MethodType(_one_attention_pass, module)
         return model
-    model = transfer.apply_method(model, variant.method, settings, lora_rank)
+    model = transfer.apply_method(model, variant.method, settings, lora_rank, variant.lora_modules)
     if variant.method == "lora":
         for name, param in model.named_parameters():
             in_vision = name.startswith("visual.")
@@ -181,10 +185,14 @@ def run(settings: transfer.Settings, data_dir: Path, names: Sequence[str], lrs: 
     transfer.log(f"pretrained: source test mR {pretrain_info['source_test']['mean_recall']:.1f}")
     harma_params = transfer.trainable_count(
         transfer.apply_method(transfer.build_clip(settings, tokenizer.vocab_size), "harma", settings))
-    lora_rank = max(1, round(harma_params / transfer.lora_parameters_per_rank(settings, tokenizer.vocab_size)))
     results: dict[str, Any] = {}
+    lora_ranks: dict[str, int] = {}
     for name in names:
         variant = VARIANTS[name]
+        lora_rank = 0
+        if variant.method == "lora":  # the rank matching HarMA's count, for these target modules
+            per_rank = transfer.lora_parameters_per_rank(settings, tokenizer.vocab_size, variant.lora_modules)
+            lora_rank = lora_ranks[name] = max(1, round(harma_params / per_rank))
         runs = []
         for seed in settings.seeds:
             runs.append(run_variant(name, variant, seed, lrs[variant.method], settings, state,
@@ -193,7 +201,7 @@ def run(settings: transfer.Settings, data_dir: Path, names: Sequence[str], lrs: 
                          f"val mR {runs[-1]['val']['mean_recall']:5.1f}")
         results[name] = summarise(runs)
     results["_meta"] = {
-        "settings": dataclasses.asdict(settings), "lrs": lrs, "lora_rank": lora_rank,
+        "settings": dataclasses.asdict(settings), "lrs": lrs, "lora_ranks": lora_ranks,
         "pretrain_source_test_mean_recall": pretrain_info["source_test"]["mean_recall"],
         "threads": torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - start, 1),
     }

@@ -151,6 +151,9 @@ def test_ablation_script_runs_each_variant_and_changes_only_what_it_names(tmp_pa
     assert results["harma_3x_steps"]["steps"] == 3 * results["harma"]["steps"]
     assert results["lora_vision_only"]["trainable_params"] + results["lora_text_only"]["trainable_params"] \
         == results["lora"]["trainable_params"] + 1
+    # LoRA on the MLPs alone gets a higher rank, so its budget still matches HarMA's.
+    assert results["_meta"]["lora_ranks"]["lora_mlp_only"] > results["_meta"]["lora_ranks"]["lora"]
+    assert abs(results["lora_mlp_only"]["trainable_params"] - harma_params) < 0.15 * harma_params
 
 
 def test_ablation_variants_alter_the_adapters_as_described() -> None:
