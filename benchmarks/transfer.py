@@ -768,8 +768,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
         r = results[method]
         ax.errorbar([r["trainable_params"]], [r["mean_recall"]], yerr=[r["mean_recall_std"]], fmt="o",
                     color=colour, capsize=4, markersize=7, label=LABELS[method])
+        # The two HarMA layouts have the same parameter count: their labels go on opposite sides.
+        left = method == "harma_paper"
         ax.annotate(f"{r['mean_recall']:.1f}", (r["trainable_params"], r["mean_recall"]),
-                    textcoords="offset points", xytext=(7, -3), fontsize=8, color=colour)
+                    textcoords="offset points", xytext=(-7 if left else 7, -3), fontsize=8, color=colour,
+                    ha="right" if left else "left")
     if "frozen" in results:
         frozen = results["frozen"]
         ax.axhline(frozen["mean_recall"], color="grey", linestyle="--", label=LABELS["frozen"])
