@@ -49,6 +49,8 @@ from harma.modules import MultimodalGatedAdapter, SelfAttention  # noqa: E402
 
 
 def _causal_attention(self: SelfAttention, x: torch.Tensor) -> torch.Tensor:
+    if not self.batch_first:
+        raise ValueError("the causal-attention variant expects batch-first blocks (open_clip >= 2.23)")
     batch, tokens, _ = x.shape
     qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
     qkv = qkv.view(batch, tokens, 3, self.heads, self.dim // self.heads).permute(2, 0, 3, 1, 4)
@@ -150,7 +152,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     test, test_std = mean_std([run["test"]["mean_recall"] for run in runs])
     val, val_std = mean_std([run["val"]["mean_recall"] for run in runs])
-    loss_keys = runs[0]["loss_by_step"].keys()
+    # A run that diverged stopped early and lacks the later steps: average what every run has.
+    loss_keys = [k for k in runs[0]["loss_by_step"] if all(k in run["loss_by_step"] for run in runs)]
     return {
         "test_mean_recall": test, "test_mean_recall_std": test_std,
         "val_mean_recall": val, "val_mean_recall_std": val_std,
