@@ -9,6 +9,8 @@ the captions) with each of
 - ``frozen``: the pretrained backbone, zero-shot (no training);
 - ``harma``: HarMA adapters, reference layout (MMS used by the text tower only);
 - ``harma_paper``: HarMA adapters, paper layout (MMS of layer i shared by both towers);
+- ``harma_plus``: HarMA adapters, the ``HarmaConfig.plus`` preset (adapters after attention and
+  MLP, masked and single-pass adapter attention, at no more parameters than the reference);
 - ``lora``: peft LoRA on the MLPs (``c_fc``, ``c_proj``) and the attention (``attn``, peft's
   ``nn.MultiheadAttention`` support) of every block, rank chosen to match HarMA's
   reference-layout parameter count;
@@ -26,6 +28,13 @@ end of the grid, add the next rung beyond it (at most ``grid_extensions`` times)
 rate with the best mean recall on the target *validation* split wins and is used for every
 seed. The test split is never used for any choice.
 
+Two scenarios (``--scenario``). ``new-vocabulary`` (the default): the source captions use one
+word for each concept and the target captions another, so 40 of the target's words never occur
+in pretraining and their embeddings stay random in a frozen backbone. ``known-vocabulary``:
+30% of the pretraining images are captioned with the target's words (the images keep the
+source look), so every target word occurs at least 20 times in pretraining and the shift is in
+the images and in which words are used, as for a real pretrained CLIP.
+
 Results on the held-out target test split (R@1/5/10 both ways, mR), trainable parameters and
 median train-step time are written as JSON (``--json``), a markdown table next to it, and a plot
 of mR against trainable parameters (``--plot``). See ``docs/transfer_benchmark.md``.
@@ -33,6 +42,7 @@ of mR against trainable parameters (``--plot``). See ``docs/transfer_benchmark.m
     python benchmarks/transfer.py --quick --json docs/transfer_results.json   # 10-12 min, 2 CPU cores
     python benchmarks/transfer.py --smoke --json /tmp/smoke.json             # seconds, for the test
     python benchmarks/transfer.py --json results.json                        # the larger setting
+    python benchmarks/transfer.py --quick --scenario known-vocabulary --json docs/transfer_results_known_vocab.json
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,13 +76,20 @@ import harma  # noqa: E402
 from harma.data import DEFAULT_CLIP_MEAN, DEFAULT_CLIP_STD, preprocess_caption  # noqa: E402
 from harma.losses import HarmaLoss  # noqa: E402
 from harma.retrieval import retrieval_metrics_from_embeddings  # noqa: E402
-from harma.synthetic import make_synthetic_dataset  # noqa: E402
+from harma.synthetic import LABEL_NAMES, SOURCE_STYLE, TARGET_STYLE, generate_scene, make_synthetic_dataset  # noqa: E402
 
-METHODS = ("frozen", "harma", "harma_paper", "lora", "linear_probe", "full")
+METHODS = ("frozen", "harma", "harma_paper", "harma_plus", "lora", "linear_probe", "full")
 TRAINED_METHODS = METHODS[1:]
+HARMA_METHODS = ("harma", "harma_paper", "harma_plus")
+SCENARIOS = ("new-vocabulary", "known-vocabulary")
+# known-vocabulary: this share of the pretraining images is captioned with the target's words,
+# and every target caption word must then occur this often in the pretraining captions.
+KNOWN_VOCABULARY_SHARE = 0.3
+KNOWN_VOCABULARY_MIN_COUNT = 20
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall")
 # Centre of each method's learning-rate grid (see the module docstring).
-LR_CENTRE = {"full": 3e-4, "harma": 3e-3, "harma_paper": 3e-3, "lora": 3e-3, "linear_probe": 3e-3}
+LR_CENTRE = {"full": 3e-4, "harma": 3e-3, "harma_paper": 3e-3, "harma_plus": 3e-3, "lora": 3e-3,
+             "linear_probe": 3e-3}
 # Learning rates are tried along this ladder (about x3 apart): the grid is the centre and its
 # two neighbours, extended one rung at a time past an edge winner.
 LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -122,17 +140,26 @@ class Settings:
     def embed_dim(self) -> int:
         return int(512 * self.width_scale)
 
-    def harma_sizes(self) -> dict[str, int]:
-        """HarMA's bottlenecks scaled with the model: 128 and 64 times the width scale, with the
-        reference's head widths (16 for the MGA, 8 for the MMS)."""
-        bottleneck = round(128 * self.width_scale)
-        mini = round(64 * self.width_scale)
-        return {
-            "bottleneck": bottleneck,
-            "heads": max(1, bottleneck // 16),
-            "mini_bottleneck": mini,
-            "mini_heads": max(1, mini // 8),
-        }
+    def harma_sizes(self, config: harma.HarmaConfig | None = None) -> dict[str, int]:
+        """The bottlenecks of ``config`` (ViT-B/32 sizes; default the reference's 128 and 64)
+        scaled with the model by the width scale, with ``config``'s head widths kept (16 for
+        the reference's MGA, 8 for its MMS)."""
+        config = config or harma.HarmaConfig()
+
+        def scaled(width: int, heads: int) -> tuple[int, int]:
+            new_width = max(1, round(width * self.width_scale))
+            new_heads = max(1, new_width // (width // heads))
+            while new_width % new_heads:
+                new_heads -= 1
+            return new_width, new_heads
+
+        bottleneck, heads = scaled(config.bottleneck, config.heads)
+        mini, mini_heads = scaled(config.mini_bottleneck, config.mini_heads)
+        return {"bottleneck": bottleneck, "heads": heads, "mini_bottleneck": mini, "mini_heads": mini_heads}
+
+    def scaled_harma_config(self, config: harma.HarmaConfig) -> harma.HarmaConfig:
+        """``config`` (written for ViT-B/32) with its bottlenecks scaled to this model."""
+        return config.replace(**self.harma_sizes(config))
 
 
 MODES: dict[str, Settings] = {
@@ -320,14 +347,24 @@ def lora_parameters_per_rank(settings: Settings, vocab_size: int, modules: Seque
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def harma_method_config(method: str) -> harma.HarmaConfig:
+    """The ViT-B/32-sized layout of a HarMA method of the benchmark."""
+    factories = {"harma": harma.HarmaConfig.reference, "harma_paper": harma.HarmaConfig.paper,
+                 "harma_plus": harma.HarmaConfig.plus}
+    return factories[method]()
+
+
 def apply_method(model: nn.Module, method: str, settings: Settings, lora_rank: int = 8,
-                 lora_modules: Sequence[str] | None = None) -> nn.Module:
+                 lora_modules: Sequence[str] | None = None,
+                 harma_config: harma.HarmaConfig | None = None) -> nn.Module:
     """Prepare ``model`` for ``method``: add its modules and set ``requires_grad``.
 
-    ``lora_modules`` replaces the benchmark's LoRA targets (`lora_targets()`), for diagnostics."""
-    if method in ("harma", "harma_paper"):
-        factory = harma.HarmaConfig.reference if method == "harma" else harma.HarmaConfig.paper
-        harma.inject_harma_adapters(model, factory(**settings.harma_sizes()))
+    ``lora_modules`` replaces the benchmark's LoRA targets (`lora_targets()`), and
+    ``harma_config`` (ViT-B/32-sized, scaled here) a HarMA method's layout, for diagnostics and
+    the selection of the ``harma_plus`` preset."""
+    if method in HARMA_METHODS:
+        config = harma_config or harma_method_config(method)
+        harma.inject_harma_adapters(model, settings.scaled_harma_config(config))
     elif method == "lora":
         import warnings
 
@@ -464,12 +501,14 @@ def pretrain(settings: Settings, source: Domain, vocab_size: int) -> tuple[dict[
 
 
 def run_method(method: str, lr: float, seed: int, settings: Settings, state: dict[str, torch.Tensor],
-               vocab_size: int, target: Domain, lora_rank: int, splits: Sequence[str]) -> dict[str, Any]:
-    """Adapt the pretrained backbone with ``method`` on seed ``seed``'s target data and evaluate."""
+               vocab_size: int, target: Domain, lora_rank: int, splits: Sequence[str],
+               harma_config: harma.HarmaConfig | None = None) -> dict[str, Any]:
+    """Adapt the pretrained backbone with ``method`` on seed ``seed``'s target data and evaluate
+    on ``splits``. ``harma_config`` replaces a HarMA method's layout (see `apply_method`)."""
     torch.manual_seed(derived_seed("init", method, seed))  # adapter / LoRA initialisation
     model = build_clip(settings, vocab_size)
     model.load_state_dict(state)
-    model = apply_method(model, method, settings, lora_rank)
+    model = apply_method(model, method, settings, lora_rank, harma_config=harma_config)
     loss_fn = HarmaLoss()
     params = trainable_count(model) + 1  # + the loss temperature, trained by every method
     result = train(model, target.train, settings.adapt_steps, settings.adapt_batch, lr,
@@ -553,36 +592,127 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def prepare_domains(settings: Settings, data_dir: Path) -> tuple[Domain, dict[int, Domain], CompactTokenizer]:
-    """The source domain, one target domain per seed, and the tokenizer of all their captions."""
+def _concatenate(first: PairSplit, second: PairSplit) -> PairSplit:
+    return PairSplit(images=torch.cat([first.images, second.images]), captions=first.captions + second.captions,
+                     image_index=torch.cat([first.image_index, second.image_index + len(first.images)]))
+
+
+def make_source(settings: Settings, data_dir: Path, scenario: str, target_words: set[str]) -> Domain:
+    """The pretraining domain. ``known-vocabulary``: a `KNOWN_VOCABULARY_SHARE` of the training
+    images look like the source but are captioned with the target style's words, picked so that
+    every word of ``target_words`` occurs at least `KNOWN_VOCABULARY_MIN_COUNT` times."""
+    n_train = settings.source_train_images
+    n_known = round(KNOWN_VOCABULARY_SHARE * n_train) if scenario == "known-vocabulary" else 0
+    source = make_domain(data_dir / "source", "source", SOURCE_DATA_SEED, n_train - n_known, 1,
+                         settings.source_test_images, settings.image_size, load_val=False)
+    if n_known:
+        counts = Counter(word for caption in source.train.captions for word in caption.split())
+        source.train = _concatenate(source.train, known_vocabulary_pairs(settings, n_known, target_words, counts))
+    return source
+
+
+def _scene_pixels(images: Sequence[Any]) -> torch.Tensor:
+    pixels = torch.from_numpy(np.stack([np.asarray(image, dtype=np.uint8) for image in images]))
+    pixels = pixels.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(DEFAULT_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(DEFAULT_CLIP_STD).view(1, 3, 1, 1)
+    return ((pixels - mean) / std).contiguous()
+
+
+def known_vocabulary_pairs(settings: Settings, count: int, target_words: set[str], counts: Counter) -> PairSplit:
+    """``count`` source-look scenes captioned with the target's words. Scenes are drawn in turn
+    over the labels; while a target word is short of `KNOWN_VOCABULARY_MIN_COUNT` pretraining
+    occurrences, only scenes that use a short word are kept, then the rest are filled in order.
+    ``counts`` (word -> occurrences so far) is updated."""
+    style = dataclasses.replace(SOURCE_STYLE, name="source_target_words", vocabulary=TARGET_STYLE.vocabulary)
+    kept: list[Any] = []
+    spare: list[Any] = []
+    for k in range(40 * count):
+        short = {word for word in target_words if counts[word] < KNOWN_VOCABULARY_MIN_COUNT}
+        if not short and len(kept) + len(spare) >= count:
+            break
+        label = LABEL_NAMES[k % len(LABEL_NAMES)]
+        scene = generate_scene(label, np.random.default_rng([SOURCE_DATA_SEED, 77, k]), style, settings.image_size)
+        captions = [preprocess_caption(caption) for caption in scene.captions]
+        words = [word for caption in captions for word in caption.split()]
+        if short & set(words):
+            kept.append((scene.image, captions))
+            counts.update(words)
+        elif len(spare) < count:
+            spare.append((scene.image, captions))
+    if len(kept) > count or any(counts[word] < KNOWN_VOCABULARY_MIN_COUNT for word in target_words):
+        raise RuntimeError(f"known-vocabulary pretraining data: {count} scenes cannot give every target word "
+                           f"{KNOWN_VOCABULARY_MIN_COUNT} occurrences; raise KNOWN_VOCABULARY_SHARE")
+    for image, captions in spare[:count - len(kept)]:
+        kept.append((image, captions))
+        counts.update(word for caption in captions for word in caption.split())
+    return PairSplit(images=_scene_pixels([image for image, _ in kept]),
+                     captions=[caption for _, captions in kept for caption in captions],
+                     image_index=torch.tensor([i for i, (_, captions) in enumerate(kept) for _ in captions]))
+
+
+def vocabulary_report(source: Domain, targets: dict[int, Domain]) -> dict[str, Any]:
+    """How often each word of the target captions (every seed, every split) occurs in the
+    pretraining captions: the rarest words and those never seen."""
+    counts: dict[str, int] = {}
+    for caption in source.train.captions:
+        for word in caption.split():
+            counts[word] = counts.get(word, 0) + 1
+    target_words = {word for domain in targets.values()
+                    for split in (domain.train, domain.val, domain.test) if split is not None
+                    for caption in split.captions for word in caption.split()}
+    by_count = sorted(target_words, key=lambda word: (counts.get(word, 0), word))
+    return {
+        "target_words": len(target_words),
+        "unseen_in_pretraining": [word for word in by_count if word not in counts],
+        "min_count": counts.get(by_count[0], 0) if by_count else 0,
+        "rarest": {word: counts.get(word, 0) for word in by_count[:5]},
+    }
+
+
+def prepare_domains(settings: Settings, data_dir: Path, scenario: str = "new-vocabulary"
+                    ) -> tuple[Domain, dict[int, Domain], CompactTokenizer, dict[str, Any]]:
+    """The source domain, one target domain per seed, the tokenizer of all their captions and
+    the vocabulary report (`vocabulary_report`).
+
+    Raises:
+        RuntimeError: ``known-vocabulary`` pretraining data in which some target word would occur
+            fewer than `KNOWN_VOCABULARY_MIN_COUNT` times (not checked in smoke mode).
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
     start = time.perf_counter()
     seeds = settings.seeds
-    source = make_domain(data_dir / "source", "source", SOURCE_DATA_SEED, settings.source_train_images, 1,
-                         settings.source_test_images, settings.image_size, load_val=False)
     targets = {
         seed: make_domain(data_dir / f"target_seed{seed}", "target", seed, settings.target_train_images,
                           settings.target_val_images, settings.target_test_images, settings.image_size,
                           load_val=True)
         for seed in seeds
     }
+    target_words = {word for domain in targets.values() for split in (domain.train, domain.val, domain.test)
+                    for caption in split.captions for word in caption.split()}
+    if scenario == "known-vocabulary" and settings.name == "smoke":
+        target_words = set()  # too few pretraining scenes for the word counts; the smoke run only checks the code
+    source = make_source(settings, data_dir, scenario, target_words)
     all_captions = list(source.train.captions) + list(source.test.captions)
     for domain in targets.values():
         all_captions += domain.train.captions + domain.val.captions + domain.test.captions
     tokenizer = CompactTokenizer(all_captions, settings.context_length)
     for domain in (source, *targets.values()):
         tokenize_domain(domain, tokenizer)
-    source_words = set(" ".join(source.train.captions).split())
-    target_words = set(" ".join(targets[seeds[0]].train.captions).split())
-    log(f"data ready in {time.perf_counter() - start:.1f}s: vocabulary {tokenizer.vocab_size} BPE tokens; "
-        f"{len(target_words - source_words)} of {len(target_words)} target caption words never occur in source")
-    return source, targets, tokenizer
+    report = vocabulary_report(source, targets)
+    log(f"data ready in {time.perf_counter() - start:.1f}s ({scenario}): vocabulary {tokenizer.vocab_size} BPE "
+        f"tokens; {len(report['unseen_in_pretraining'])} of {report['target_words']} target caption words never "
+        f"occur in pretraining; the rarest occur {report['rarest']} times")
+    return source, targets, tokenizer, report
 
 
-def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str]) -> dict[str, Any]:
+def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str],
+                  scenario: str = "new-vocabulary") -> dict[str, Any]:
     wall_start = time.perf_counter()
     seeds = settings.seeds
     log(f"mode {settings.name}: seeds {list(seeds)}, {torch.get_num_threads()} threads, data in {data_dir}")
-    source, targets, tokenizer = prepare_domains(settings, data_dir)
+    source, targets, tokenizer, vocabulary = prepare_domains(settings, data_dir, scenario)
 
     state, pretrain_info = pretrain(settings, source, tokenizer.vocab_size)
     full_params = pretrain_info["parameters"]
@@ -640,6 +770,8 @@ def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str]) ->
             "lr": chosen_lr[method],
             "per_seed": per_seed,
         }
+        if method in HARMA_METHODS:
+            results[method]["config"] = settings.scaled_harma_config(harma_method_config(method)).to_dict()
         log(f"{method}: test mR {summary['mean_recall']:.1f} +- {summary['mean_recall_std']:.1f} "
             f"({params:,} trainable parameters)")
 
@@ -653,6 +785,8 @@ def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str]) ->
 
     results["_meta"] = {
         "mode": settings.name,
+        "scenario": scenario,
+        "vocabulary": vocabulary,
         "settings": dataclasses.asdict(settings) | {"embed_dim": settings.embed_dim},
         "harma_sizes": settings.harma_sizes(),
         "lora": {"rank": lora_rank, "alpha": 2 * lora_rank, "targets": lora_targets()},
@@ -664,6 +798,7 @@ def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str]) ->
         "full_params": full_params + 1,
         "pretrain": pretrain_info,
         "targets": check_targets(results),
+        "shift": check_shift(results),
         "wall_seconds": round(time.perf_counter() - wall_start, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -674,13 +809,14 @@ def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str]) ->
 
 
 def check_targets(results: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets: a HarMA layout at >= 90% of full fine-tuning's mR with <= 5% of its
-    trainable parameters, and >= 20 mR points above the frozen backbone."""
+    """The targets of a HarMA layout: >= 90% of full fine-tuning's mR with <= 5% of its trainable
+    parameters and >= 20 mR points above the frozen backbone; for ``harma_plus`` also at least
+    LoRA's mR with no more parameters than LoRA."""
     if "full" not in results or "frozen" not in results:
         return {}
     full, frozen = results["full"], results["frozen"]
     out: dict[str, Any] = {}
-    for method in ("harma", "harma_paper"):
+    for method in HARMA_METHODS:
         if method not in results:
             continue
         mr = results[method]["mean_recall"]
@@ -692,14 +828,27 @@ def check_targets(results: dict[str, Any]) -> dict[str, Any]:
             "mr_above_frozen": mr - frozen["mean_recall"],
             "met": bool(ratio >= 0.9 and param_ratio <= 0.05 and mr - frozen["mean_recall"] >= 20.0),
         }
+        if method == "harma_plus" and "lora" in results:
+            lora = results["lora"]
+            out[method]["mr_above_lora"] = mr - lora["mean_recall"]
+            out[method]["params_at_most_lora"] = results[method]["trainable_params"] <= lora["trainable_params"]
     out["any_met"] = any(v["met"] for k, v in out.items() if isinstance(v, dict))
     return out
+
+
+def check_shift(results: dict[str, Any]) -> dict[str, Any]:
+    """Whether the domain shift is real: the frozen backbone's mR at most 60% of full fine-tuning's."""
+    if "full" not in results or "frozen" not in results or results["full"]["mean_recall"] <= 0:
+        return {}
+    fraction = results["frozen"]["mean_recall"] / results["full"]["mean_recall"]
+    return {"frozen_fraction_of_full": fraction, "real": bool(fraction <= 0.6)}
 
 
 # ------------------------------------------------------------------------------------ output
 
 LABELS = {
     "frozen": "frozen (zero-shot)", "harma": "HarMA (reference)", "harma_paper": "HarMA (paper)",
+    "harma_plus": "HarMA plus",
     "lora": "LoRA", "linear_probe": "linear probe", "full": "full fine-tuning",
 }
 
@@ -730,8 +879,8 @@ def summary_text(results: dict[str, Any]) -> str:
     meta = results["_meta"]
     pre = meta["pretrain"]
     lines = [
-        f"Mode `{meta['mode']}`, seeds {meta['settings']['seeds']}, {meta['threads']} threads, "
-        f"wall time {meta['wall_seconds']:.0f} s.",
+        f"Mode `{meta['mode']}`, scenario `{meta.get('scenario', 'new-vocabulary')}`, seeds "
+        f"{meta['settings']['seeds']}, {meta['threads']} threads, wall time {meta['wall_seconds']:.0f} s.",
         f"Pretrained backbone: {meta['full_params']:,} trainable parameters in full training "
         f"(incl. the loss temperature); source-domain test mR {pre['source_test']['mean_recall']:.1f} "
         f"after {pre['steps']} steps.",
@@ -743,12 +892,19 @@ def summary_text(results: dict[str, Any]) -> str:
         lines.append(f"- {method}: val mR by lr {{{points}}}")
     for method, check in meta["targets"].items():
         if isinstance(check, dict):
+            versus_lora = (f"; {check['mr_above_lora']:+.1f} mR over LoRA with "
+                           f"{'no more' if check['params_at_most_lora'] else 'MORE'} parameters"
+                           if "mr_above_lora" in check else "")
             lines.append(
                 f"Target check {method}: {100 * check['mr_fraction_of_full']:.0f}% of full fine-tuning's mR "
                 f"(need >= 90%), {100 * check['param_fraction_of_full']:.2f}% of its parameters (need <= 5%), "
                 f"{check['mr_above_frozen']:+.1f} mR over frozen (need >= +20): "
-                f"{'met' if check['met'] else 'NOT met'}"
+                f"{'met' if check['met'] else 'NOT met'}{versus_lora}"
             )
+    shift = meta.get("shift") or {}
+    if shift:
+        lines.append(f"Shift check: frozen reaches {100 * shift['frozen_fraction_of_full']:.0f}% of full fine-tuning's "
+                     f"mR (need <= 60%): {'real' if shift['real'] else 'TOO WEAK'}")
     return "\n".join(lines) + "\n"
 
 
@@ -760,7 +916,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     meta = results["_meta"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    colours = {"harma": "tab:red", "harma_paper": "tab:orange", "lora": "tab:blue",
+    colours = {"harma": "tab:red", "harma_paper": "tab:orange", "harma_plus": "tab:purple", "lora": "tab:blue",
                "linear_probe": "tab:green", "full": "black"}
     for method, colour in colours.items():
         if method not in results:
@@ -814,6 +970,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "except in --smoke mode; 'none' to skip")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the mode's seeds")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--scenario", choices=SCENARIOS, default="new-vocabulary",
+                        help="new-vocabulary: target words unseen in pretraining (default); known-vocabulary: "
+                             "every target word occurs in pretraining, the shift is in images and word usage")
     parser.add_argument("--adapt-steps", type=int, help="override the mode's adaptation steps (every method)")
     parser.add_argument("--pretrain-steps", type=int, help="override the mode's pretraining steps")
     parser.add_argument("--threads", type=int, default=None,
@@ -837,10 +996,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if args.data_dir is not None:
         args.data_dir.mkdir(parents=True, exist_ok=True)
-        results = run_benchmark(settings, args.data_dir, methods)
+        results = run_benchmark(settings, args.data_dir, methods, args.scenario)
     else:
         with tempfile.TemporaryDirectory(prefix="harma-transfer-") as tmp:
-            results = run_benchmark(settings, Path(tmp), methods)
+            results = run_benchmark(settings, Path(tmp), methods, args.scenario)
 
     table = markdown_table(results)
     summary = summary_text(results)

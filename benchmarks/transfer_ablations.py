@@ -183,7 +183,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def run(settings: transfer.Settings, data_dir: Path, names: Sequence[str], lrs: dict[str, float]) -> dict[str, Any]:
     start = time.perf_counter()
-    source, targets, tokenizer = transfer.prepare_domains(settings, data_dir)
+    source, targets, tokenizer, _ = transfer.prepare_domains(settings, data_dir)
     state, pretrain_info = transfer.pretrain(settings, source, tokenizer.vocab_size)
     transfer.log(f"pretrained: source test mR {pretrain_info['source_test']['mean_recall']:.1f}")
     harma_params = transfer.trainable_count(

@@ -29,7 +29,13 @@ from .inject import (
 )
 
 FORMAT_NAME = "harma.adapters"
-FORMAT_VERSION = 1
+# 2: the config records placement, adapter_mask, attention_passes, attention_attribute and
+# causal_towers. Version 1 files lack them and load with their defaults (the reference layout).
+FORMAT_VERSION = 2
+# The config fields that decide which adapter tensors exist, their shapes and what they compute.
+LAYOUT_FIELDS = ("bottleneck", "heads", "mini_bottleneck", "mini_heads", "sharing", "towers", "layers",
+                 "target_modules", "mlp_attribute", "placement", "adapter_mask", "attention_passes",
+                 "attention_attribute", "causal_towers")
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 MODEL_CARD_NAME = "README.md"
@@ -302,10 +308,7 @@ def load_adapters(
 
 
 def _layout(config: HarmaConfig) -> dict[str, Any]:
-    """The config fields that decide which adapter tensors exist and their shapes."""
-    fields = ("bottleneck", "heads", "mini_bottleneck", "mini_heads", "sharing", "towers", "layers",
-              "target_modules", "mlp_attribute")
-    return {name: getattr(config, name) for name in fields}
+    return {name: getattr(config, name) for name in LAYOUT_FIELDS}
 
 
 def _copy_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 SHARING_MODES = ("reference", "paper", "none")
+PLACEMENTS = ("mlp", "attention", "attention+mlp")
+ADAPTER_MASKS = ("none", "tower")
+ATTENTION_PASSES = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,23 @@ class HarmaConfig:
             (``True``: ``(batch, tokens, width)``; ``False``: ``(tokens, batch, width)``).
             Known families are detected automatically.
         freeze_backbone: set ``requires_grad=False`` on every parameter that is not an adapter's.
+        placement: which sublayer outputs get an MGA. ``"mlp"``: after each block's MLP (the
+            reference). ``"attention"``: after each block's attention sublayer instead.
+            ``"attention+mlp"``: both, each position with its own MGA and block gate; the MMS of
+            layer ``i`` is used by every MGA of layer ``i`` that the ``sharing`` rule gives one.
+        adapter_mask: the adapters' own self-attention. ``"none"``: unmasked over every token,
+            padding included (the reference). ``"tower"``: masked as the tower's own attention
+            is, i.e. causal in CLIP-style text towers (open_clip text towers with a causal mask,
+            Hugging Face ``CLIPTextModel``) and unmasked elsewhere (vision towers, SigLIP text).
+        attention_passes: how often the MGA applies its self-attention: ``2`` (the reference:
+            attention, MMS, the same attention again) or ``1`` (attention, then MMS).
+        attention_attribute: name of each block's attention submodule, for ``placement`` with
+            ``"attention"`` on blocks found through ``target_modules``. ``None`` takes the first
+            of ``attn``, ``self_attn``, ``attention`` that the block has. Known families are
+            detected automatically.
+        causal_towers: with ``adapter_mask="tower"``, names of the towers whose adapters attend
+            causally, replacing the automatic choice (needed for causal towers found through
+            ``target_modules``, whose mask harma cannot see). ``None`` detects it.
     """
 
     bottleneck: int = 128
@@ -59,6 +79,11 @@ class HarmaConfig:
     mlp_attribute: str = "mlp"
     batch_first: bool = True
     freeze_backbone: bool = True
+    placement: str = "mlp"
+    adapter_mask: str = "none"
+    attention_passes: int = 2
+    attention_attribute: str | None = None
+    causal_towers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Lists from JSON or from users become tuples so that the config stays hashable.
@@ -66,6 +91,8 @@ class HarmaConfig:
             object.__setattr__(self, "towers", tuple(self._as_sequence("towers", self.towers)))
         if self.layers is not None and not isinstance(self.layers, tuple):
             object.__setattr__(self, "layers", tuple(self._as_sequence("layers", self.layers)))
+        if self.causal_towers is not None and not isinstance(self.causal_towers, tuple):
+            object.__setattr__(self, "causal_towers", tuple(self._as_sequence("causal_towers", self.causal_towers)))
         self._validate()
 
     @staticmethod
@@ -121,6 +148,30 @@ class HarmaConfig:
             raise ValueError(
                 f"HarmaConfig.mlp_attribute must be an attribute name, got {self.mlp_attribute!r}"
             )
+        self._validate_options()
+
+    def _validate_options(self) -> None:
+        """The fields that go beyond the reference layout."""
+        for name, allowed in (("placement", PLACEMENTS), ("adapter_mask", ADAPTER_MASKS),
+                              ("attention_passes", ATTENTION_PASSES)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in allowed:
+                raise ValueError(f"HarmaConfig.{name} must be one of {allowed}, got {value!r}")
+        if self.attention_attribute is not None and (
+            not isinstance(self.attention_attribute, str) or not self.attention_attribute.isidentifier()
+        ):
+            raise ValueError(
+                f"HarmaConfig.attention_attribute must be None or an attribute name, got {self.attention_attribute!r}"
+            )
+        if self.causal_towers is not None and not all(isinstance(t, str) and t for t in self.causal_towers):
+            raise ValueError(
+                f"HarmaConfig.causal_towers must be None or a list of tower names, got {self.causal_towers!r}"
+            )
+
+    @property
+    def positions(self) -> tuple[str, ...]:
+        """The sublayers adapted in each block, in the order the block runs them."""
+        return ("attention", "mlp") if self.placement == "attention+mlp" else (self.placement,)
 
     @classmethod
     def reference(cls, **overrides: Any) -> HarmaConfig:
@@ -139,7 +190,7 @@ class HarmaConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict of every field."""
         data = dataclasses.asdict(self)
-        for key in ("towers", "layers"):
+        for key in ("towers", "layers", "causal_towers"):
             if data[key] is not None:
                 data[key] = list(data[key])
         return data

@@ -4,6 +4,7 @@ removing, and counting parameters."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import re
 from collections.abc import Iterator
@@ -13,9 +14,17 @@ import torch
 from torch import nn
 
 from .config import HarmaConfig
-from .modules import MiniAdapter, MultimodalGatedAdapter, apply_adapter_hook
+from .modules import MiniAdapter, MultimodalGatedAdapter, apply_adapter_hook, apply_attention_adapter_hook
 
 ADAPTER_ATTRIBUTE = "harma_adapter"
+"""Block attribute of the MGA after the MLP (the reference position): ``<block>.harma_adapter.*``."""
+ATTENTION_ADAPTER_ATTRIBUTE = "harma_attention_adapter"
+"""Block attribute of the MGA after the attention sublayer (``placement`` with ``"attention"``)."""
+_POSITION_ATTRIBUTES = {"mlp": ADAPTER_ATTRIBUTE, "attention": ATTENTION_ADAPTER_ATTRIBUTE}
+_POSITION_HOOKS = {"mlp": apply_adapter_hook, "attention": apply_attention_adapter_hook}
+# Tried in order when HarmaConfig.attention_attribute is None: open_clip and timm blocks call
+# theirs "attn", Hugging Face encoder layers "self_attn".
+_ATTENTION_ATTRIBUTE_CANDIDATES = ("attn", "self_attn", "attention")
 _CONFIG_ATTRIBUTE = "harma_config"
 _TRAINABLE_BEFORE_ATTRIBUTE = "_harma_trainable_before"
 
@@ -30,6 +39,7 @@ class Tower:
         block_names: dotted module paths of the blocks, in depth order.
         width: output features of the blocks' MLPs.
         batch_first: whether the blocks see ``(batch, tokens, width)``.
+        causal: whether the tower's own attention is causal (CLIP-style text towers).
     """
 
     name: str
@@ -37,6 +47,7 @@ class Tower:
     block_names: tuple[str, ...]
     width: int
     batch_first: bool
+    causal: bool = False
 
 
 # (tower name, container path, path of the module whose ``batch_first`` attribute tells the
@@ -64,6 +75,15 @@ def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def _output_width(module: nn.Module, name: str) -> int:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"{name} ({type(module).__name__}) has no nn.Linear, so its output width cannot be found"
+        )
+    return linears[-1].out_features
+
+
 def _mlp_width(block: nn.Module, block_name: str, mlp_attribute: str) -> int:
     mlp = getattr(block, mlp_attribute, None)
     if not isinstance(mlp, nn.Module):
@@ -71,13 +91,32 @@ def _mlp_width(block: nn.Module, block_name: str, mlp_attribute: str) -> int:
             f"block {block_name!r} ({type(block).__name__}) has no submodule {mlp_attribute!r} "
             f"to adapt; set HarmaConfig.mlp_attribute to the name of its MLP"
         )
-    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(
-            f"the MLP {block_name}.{mlp_attribute} ({type(mlp).__name__}) has no nn.Linear, "
-            f"so its output width cannot be found"
-        )
-    return linears[-1].out_features
+    return _output_width(mlp, f"the MLP {block_name}.{mlp_attribute}")
+
+
+def _attention_module(block: nn.Module, block_name: str, config: HarmaConfig) -> nn.Module:
+    """The attention submodule of ``block`` whose output an attention-position MGA adapts."""
+    names = (config.attention_attribute,) if config.attention_attribute else _ATTENTION_ATTRIBUTE_CANDIDATES
+    for name in names:
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(
+        f"block {block_name!r} ({type(block).__name__}) has no attention submodule named "
+        f"{' or '.join(repr(n) for n in names)}; set HarmaConfig.attention_attribute to its name"
+    )
+
+
+def _text_tower_is_causal(model: nn.Module, path: str) -> bool:
+    """Whether the known text tower at ``path`` runs causal self-attention."""
+    if path.endswith("encoder.layers"):
+        # Hugging Face: CLIP text transformers always apply a causal mask; SigLIP's do not.
+        config = getattr(_get_submodule(model, path[: -len(".encoder.layers")]), "config", None)
+        return str(getattr(config, "model_type", "")).startswith("clip")
+    # open_clip: the module holding the text transformer keeps its causal mask as attn_mask
+    # (None for text towers built without one).
+    owner = _get_submodule(model, path[: -len("transformer.resblocks")].rstrip("."))
+    return getattr(owner, "attn_mask", None) is not None
 
 
 def _known_towers(model: nn.Module, config: HarmaConfig) -> list[Tower]:
@@ -103,6 +142,7 @@ def _known_towers(model: nn.Module, config: HarmaConfig) -> list[Tower]:
                 block_names=block_names,
                 width=_mlp_width(container[0], block_names[0], config.mlp_attribute),
                 batch_first=batch_first,
+                causal=name == "text" and _text_tower_is_causal(model, path),
             )
         )
         taken.add(name)
@@ -151,14 +191,17 @@ def find_towers(model: nn.Module, config: HarmaConfig | None = None) -> list[Tow
             f"module names (e.g. r'encoder\\.layers\\.\\d+'), each having an "
             f"{config.mlp_attribute!r} submodule"
         )
+    names = [t.name for t in found]
+    for field_name in ("towers", "causal_towers"):
+        missing = [t for t in getattr(config, field_name) or () if t not in names]
+        if missing:
+            raise ValueError(
+                f"HarmaConfig.{field_name} asks for {missing}, but {type(model).__name__} has the towers {names}"
+            )
+    if config.causal_towers is not None:
+        found = [dataclasses.replace(t, causal=t.name in config.causal_towers) for t in found]
     if config.towers is None:
         return found
-    names = [t.name for t in found]
-    missing = [t for t in config.towers if t not in names]
-    if missing:
-        raise ValueError(
-            f"HarmaConfig.towers asks for {missing}, but {type(model).__name__} has the towers {names}"
-        )
     return [t for t in found if t.name in config.towers]
 
 
@@ -191,13 +234,47 @@ def get_harma_config(model: nn.Module) -> HarmaConfig:
     return config
 
 
+def _registration_order(config: HarmaConfig) -> list[str]:
+    # The MLP adapter is registered first so that a shared MMS keeps its reference name
+    # (``<block>.harma_adapter.mini_adapter.*``) whatever else the block carries.
+    return sorted(config.positions, key=lambda position: position != "mlp")
+
+
+def _adapted_module(model: nn.Module, tower: Tower, layer: int, position: str, config: HarmaConfig) -> nn.Module:
+    block_name = tower.block_names[layer]
+    block = model.get_submodule(block_name)
+    if position == "mlp":
+        return getattr(block, config.mlp_attribute)
+    return _attention_module(block, block_name, config)
+
+
+def _mini_adapter(
+    cache: dict[int, MiniAdapter], layer: int, tower: Tower, config: HarmaConfig
+) -> MiniAdapter | None:
+    """The MMS of ``layer`` for an MGA of ``tower``, created on first use, or None where the
+    sharing rule gives that tower none."""
+    if config.sharing == "none" or (config.sharing == "reference" and tower.name != "text"):
+        return None
+    if layer not in cache:
+        cache[layer] = MiniAdapter(
+            config.bottleneck,
+            config.mini_bottleneck,
+            config.mini_heads,
+            config.mini_gate_init,
+            batch_first=tower.batch_first,
+        )
+    return cache[layer]
+
+
 def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -> nn.Module:
     """Patch every selected transformer block of ``model`` in place with a HarMA adapter.
 
     Each block's MLP output ``m`` becomes ``m + sigmoid(g_block) * W_up z`` (see
     `harma.modules.MultimodalGatedAdapter`), implemented as a forward hook on the MLP, so
     the base model's state-dict keys are unchanged; adapter parameters appear under
-    ``<block>.harma_adapter.*``. With ``config.freeze_backbone`` only adapter parameters require
+    ``<block>.harma_adapter.*``. With ``config.placement`` naming ``"attention"``, the
+    attention sublayer's output gets its own adapter the same way, under
+    ``<block>.harma_attention_adapter.*``. With ``config.freeze_backbone`` only adapter parameters require
     grad afterwards. Until the adapters are trained the model computes exactly what it did before.
 
     Args:
@@ -227,43 +304,30 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
             "sharing='paper' needs every tower to use the same sequence layout, but the towers "
             f"{[(t.name, t.batch_first) for t in towers]} differ"
         )
-
     trainable_before = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    targets = [(tower, layer, position, _adapted_module(model, tower, layer, position, config))
+               for tower in towers for layer in _selected_layers(tower, config.layers)
+               for position in _registration_order(config)]
     mini_adapters: dict[int, MiniAdapter] = {}
-
-    def mini_adapter_for(layer: int, tower: Tower, reference_param: torch.Tensor) -> MiniAdapter | None:
-        if config.sharing == "none" or (config.sharing == "reference" and tower.name != "text"):
-            return None
-        if layer not in mini_adapters:
-            mini_adapters[layer] = MiniAdapter(
-                config.bottleneck,
-                config.mini_bottleneck,
-                config.mini_heads,
-                config.mini_gate_init,
-                batch_first=tower.batch_first,
-            ).to(device=reference_param.device, dtype=reference_param.dtype)
-        return mini_adapters[layer]
-
-    for tower in towers:
-        for layer in _selected_layers(tower, config.layers):
-            block = model.get_submodule(tower.block_names[layer])
-            mlp = getattr(block, config.mlp_attribute)
-            reference_param = next(mlp.parameters())
-            adapter = MultimodalGatedAdapter(
-                tower.width,
-                config.bottleneck,
-                config.heads,
-                config.gate_init,
-                config.block_gate_init,
-                mini_adapter=mini_adapter_for(layer, tower, reference_param),
-                batch_first=tower.batch_first,
-            ).to(device=reference_param.device, dtype=reference_param.dtype)
-            block.add_module(ADAPTER_ATTRIBUTE, adapter)
-            mlp.register_forward_hook(functools.partial(apply_adapter_hook, adapter))
+    for tower, layer, position, module in targets:
+        reference_param = next(module.parameters())
+        adapter = MultimodalGatedAdapter(
+            _output_width(module, f"{tower.block_names[layer]}.{position}"),
+            config.bottleneck,
+            config.heads,
+            config.gate_init,
+            config.block_gate_init,
+            mini_adapter=_mini_adapter(mini_adapters, layer, tower, config),
+            batch_first=tower.batch_first,
+            attention_passes=config.attention_passes,
+            causal=config.adapter_mask == "tower" and tower.causal,
+        ).to(device=reference_param.device, dtype=reference_param.dtype)
+        model.get_submodule(tower.block_names[layer]).add_module(_POSITION_ATTRIBUTES[position], adapter)
+        module.register_forward_hook(functools.partial(_POSITION_HOOKS[position], adapter))
 
     if config.freeze_backbone:
         for name, param in model.named_parameters():
-            param.requires_grad_(f".{ADAPTER_ATTRIBUTE}." in f".{name}")
+            param.requires_grad_(is_adapter_parameter_name(name))
     else:
         for param in adapter_parameters(model):
             param.requires_grad_(True)
@@ -272,9 +336,16 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
     return model
 
 
+def is_adapter_parameter_name(name: str) -> bool:
+    """Whether a parameter or state-dict key (model-relative, any prefix) belongs to a HarMA adapter."""
+    dotted = f".{name}"
+    return any(f".{attribute}." in dotted for attribute in _POSITION_ATTRIBUTES.values())
+
+
 def _patched_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
-        if isinstance(getattr(module, ADAPTER_ATTRIBUTE, None), MultimodalGatedAdapter):
+        if any(isinstance(getattr(module, attribute, None), MultimodalGatedAdapter)
+               for attribute in _POSITION_ATTRIBUTES.values()):
             yield name, module
 
 
@@ -284,12 +355,16 @@ def remove_harma_adapters(model: nn.Module) -> nn.Module:
     Returns ``model`` itself, computing and holding exactly what it did before patching.
     """
     config = get_harma_config(model)
-    for _, block in list(_patched_blocks(model)):
-        mlp = getattr(block, config.mlp_attribute)
-        for key, hook in list(mlp._forward_hooks.items()):
-            if isinstance(hook, functools.partial) and hook.func is apply_adapter_hook:
-                del mlp._forward_hooks[key]
-        delattr(block, ADAPTER_ATTRIBUTE)
+    for block_name, block in list(_patched_blocks(model)):
+        for position, attribute in _POSITION_ATTRIBUTES.items():
+            if not hasattr(block, attribute):
+                continue
+            module = (getattr(block, config.mlp_attribute) if position == "mlp"
+                      else _attention_module(block, block_name, config))
+            for key, hook in list(module._forward_hooks.items()):
+                if isinstance(hook, functools.partial) and hook.func is _POSITION_HOOKS[position]:
+                    del module._forward_hooks[key]
+            delattr(block, attribute)
     trainable_before = set(getattr(model, _TRAINABLE_BEFORE_ATTRIBUTE, ()))
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable_before)
@@ -299,16 +374,18 @@ def remove_harma_adapters(model: nn.Module) -> nn.Module:
 
 
 def adapters(model: nn.Module) -> Iterator[tuple[str, MultimodalGatedAdapter]]:
-    """``(block name, adapter)`` for every patched block, in module order."""
-    for name, block in _patched_blocks(model):
-        yield name, getattr(block, ADAPTER_ATTRIBUTE)
+    """``(module name, adapter)`` of every MGA (e.g. ``"transformer.resblocks.0.harma_adapter"``),
+    in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, MultimodalGatedAdapter):
+            yield name, module
 
 
 def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Adapter parameters with their model-relative names; a shared MMS appears once, under
     the first block that uses it."""
     for name, param in model.named_parameters():
-        if f".{ADAPTER_ATTRIBUTE}." in f".{name}":
+        if is_adapter_parameter_name(name):
             yield name, param
 
 

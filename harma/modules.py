@@ -7,6 +7,7 @@ true and ``(tokens, batch, width)`` otherwise; only the self-attention cares whi
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from torch import nn
 
 
 class SelfAttention(nn.Module):
-    """Unmasked multi-head self-attention over the token axis.
+    """Multi-head self-attention over the token axis, unmasked or causal.
 
     Parameters are laid out exactly as `torch.nn.MultiheadAttention`'s (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``) so that the reference checkpoints
@@ -42,7 +43,9 @@ class SelfAttention(nn.Module):
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """``x``: ``(batch, tokens, dim)`` (or ``(tokens, batch, dim)``); ``causal``: token ``t``
+        attends to tokens ``<= t`` only."""
         if not self.batch_first:
             x = x.transpose(0, 1)
         batch, tokens, _ = x.shape
@@ -50,11 +53,14 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(batch, tokens, 3, self.heads, self.dim // self.heads).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
         if query.is_cuda:
-            attended = F.scaled_dot_product_attention(query, key, value)
+            attended = F.scaled_dot_product_attention(query, key, value, is_causal=causal)
         else:
             # PyTorch's CPU flash kernel is slower than plain matmuls at these head widths (8-16)
             # and sequence lengths (50-77): 2.9 vs 3.6 ms forward+backward at (8, 8, 77, 16).
             scores = (query * query.shape[-1] ** -0.5) @ key.transpose(-2, -1)
+            if causal:
+                future = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
             attended = scores.softmax(dim=-1) @ value
         attended = attended.transpose(1, 2).reshape(batch, tokens, self.dim)
         out = self.out_proj(attended)
@@ -82,9 +88,9 @@ class MiniAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, causal: bool = False) -> torch.Tensor:
         u = self.down(y)
-        v = self.attn(u)
+        v = self.attn(u, causal)
         g = torch.sigmoid(self.gate)
         return y + self.up(g * v + (1 - g) * u)
 
@@ -92,12 +98,16 @@ class MiniAdapter(nn.Module):
 class MultimodalGatedAdapter(nn.Module):
     """MGA, the multimodal gated adapter (reference name ``MMadapter``), with its block gate.
 
-    Applied to the output ``m`` of a transformer block's MLP, of shape ``(..., width)``:
+    Applied to the output ``m`` of a transformer block's MLP (or attention sublayer), of shape
+    ``(batch, tokens, width)`` (``(tokens, batch, width)`` when not ``batch_first``):
 
         h = GELU(W_down m)
         a = MHA(MMS(MHA(h)))                      # the same MHA twice; MMS only if attached
         z = sigmoid(g) * h + (1 - sigmoid(g)) * a
         returns m + sigmoid(g_block) * W_up z
+
+    With ``attention_passes=1`` the second MHA is skipped (``a = MMS(MHA(h))``); with ``causal``
+    every attention inside the adapter, the MMS's included, is causal over the tokens.
 
     which equals the reference's ``sigmoid(g_block) * MGA(m) + (1 - sigmoid(g_block)) * m``
     with ``MGA(m) = m + W_up z``, but is exactly ``m`` while ``W_up`` is zero (no rounding from
@@ -116,9 +126,17 @@ class MultimodalGatedAdapter(nn.Module):
         block_gate_init: float,
         mini_adapter: MiniAdapter | None = None,
         batch_first: bool = True,
+        attention_passes: int = 2,
+        causal: bool = False,
     ) -> None:
         super().__init__()
+        if attention_passes not in (1, 2):
+            raise ValueError(f"attention_passes must be 1 or 2, got {attention_passes!r}")
         self.width = width
+        self.attention_passes = attention_passes
+        # Per adapter, not per MMS: a shared MMS attends causally for a text MGA and fully for
+        # an image MGA of the same layer.
+        self.causal = causal
         self.down = nn.Linear(width, bottleneck)
         self.attn = SelfAttention(bottleneck, heads, batch_first)
         self.up = nn.Linear(bottleneck, width)
@@ -134,16 +152,20 @@ class MultimodalGatedAdapter(nn.Module):
         if not self.enabled:
             return m
         h = F.gelu(self.down(m))
-        a = self.attn(h)
+        a = self.attn(h, self.causal)
         if self.mini_adapter is not None:
-            a = self.mini_adapter(a)
-        a = self.attn(a)
+            a = self.mini_adapter(a, self.causal)
+        if self.attention_passes == 2:
+            a = self.attn(a, self.causal)
         g = torch.sigmoid(self.gate)
         z = g * h + (1 - g) * a
         return m + torch.sigmoid(self.block_gate) * self.up(z)
 
     def extra_repr(self) -> str:
-        return f"width={self.width}, shared_mini_adapter={self.mini_adapter is not None}"
+        return (
+            f"width={self.width}, shared_mini_adapter={self.mini_adapter is not None}, "
+            f"attention_passes={self.attention_passes}, causal={self.causal}"
+        )
 
 
 def apply_adapter_hook(
@@ -154,4 +176,18 @@ def apply_adapter_hook(
     A module-level function bound with `functools.partial` (not a closure) so that
     patched models can be deep-copied and pickled.
     """
+    return adapter(output)
+
+
+def apply_attention_adapter_hook(
+    adapter: MultimodalGatedAdapter, module: nn.Module, args: tuple, output: Any
+) -> Any:
+    """Forward hook placed on a block's attention module: its output goes through the adapter.
+
+    Attention modules return a tensor (timm, open_clip's custom blocks) or a tuple whose first
+    item is the attended sequence (``nn.MultiheadAttention``, Hugging Face attention layers);
+    only that sequence is adapted.
+    """
+    if isinstance(output, tuple):
+        return (adapter(output[0]), *output[1:])
     return adapter(output)

@@ -63,7 +63,7 @@ def test_file_holds_only_adapter_tensors_and_the_shared_mini_adapter_once(tmp_pa
         "visual.transformer.resblocks.0",
         "visual.transformer.resblocks.1",
     }
-    assert metadata["format"] == "harma.adapters" and metadata["format_version"] == "1"
+    assert metadata["format"] == "harma.adapters" and metadata["format_version"] == "2"
     assert json.loads(metadata["fingerprint"])[0] == {
         "name": "vision", "path": "visual.transformer.resblocks", "blocks": 2, "width": 64,
     }

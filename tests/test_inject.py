@@ -151,7 +151,7 @@ def test_unknown_tower_and_layer_are_clear_errors():
 def test_choice_of_towers_and_layers():
     model = harma.inject_harma_adapters(tiny_open_clip(layers=4), harma.HarmaConfig(towers=["text"], layers=[0, -1]))
     patched = [name for name, _ in harma.inject.adapters(model)]
-    assert patched == ["transformer.resblocks.0", "transformer.resblocks.3"]
+    assert patched == ["transformer.resblocks.0.harma_adapter", "transformer.resblocks.3.harma_adapter"]
 
 
 def test_pattern_reaches_other_models():
@@ -169,7 +169,7 @@ def test_pattern_reaches_other_models():
     config = harma.HarmaConfig(target_modules=r"[02]", mlp_attribute="ffn", bottleneck=8, heads=2,
                                mini_bottleneck=4, mini_heads=2)
     harma.inject_harma_adapters(model, config)
-    assert [name for name, _ in harma.inject.adapters(model)] == ["0", "2"]
+    assert [name for name, _ in harma.inject.adapters(model)] == ["0.harma_adapter", "2.harma_adapter"]
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="has no submodule 'mlp'"):
         harma.inject_harma_adapters(nn.Sequential(Block()), harma.HarmaConfig(target_modules=r"0"))

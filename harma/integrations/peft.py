@@ -44,13 +44,14 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, architecture_fingerprint
+from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, LAYOUT_FIELDS, architecture_fingerprint
 from ..config import HarmaConfig
 from ..inject import (
-    ADAPTER_ATTRIBUTE,
     adapter_named_parameters,
+    adapters as adapter_modules,
     get_harma_config,
     inject_harma_adapters,
+    is_adapter_parameter_name,
     is_patched,
     remove_harma_adapters,
 )
@@ -69,7 +70,8 @@ PEFT_TYPE = "HARMA"
 """The ``peft_type`` of HarMA configs and of the ``adapter_config.json`` files peft writes for them."""
 
 PEFT_PREFIX = "harma_"
-"""peft's per-method prefix: every HarMA parameter name contains it (``...harma_adapter...``)."""
+"""peft's per-method prefix: every HarMA parameter name contains it (``...harma_adapter...``,
+``...harma_attention_adapter...``)."""
 
 _PEFT_KEY_PREFIX = "base_model.model."
 _MERGE_ERROR = (
@@ -79,13 +81,10 @@ _MERGE_ERROR = (
 # The HarmaConfig fields a HarmaPeftConfig mirrors; freeze_backbone is not one of them, since peft
 # always trains the adapters alone.
 _MIRRORED_FIELDS = tuple(f.name for f in dataclasses.fields(HarmaConfig) if f.name != "freeze_backbone")
-# The fields that decide which adapter tensors exist and their shapes.
-_LAYOUT_FIELDS = ("bottleneck", "heads", "mini_bottleneck", "mini_heads", "sharing", "towers", "layers",
-                  "target_modules", "mlp_attribute")
 
 
 def _is_adapter_key(key: str) -> bool:
-    return f".{ADAPTER_ATTRIBUTE}." in f".{key}"
+    return is_adapter_parameter_name(key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,6 +116,14 @@ class HarmaPeftConfig(PeftConfig):
             Unlike LoRA's ``target_modules`` it names transformer *blocks*, not linear layers.
         mlp_attribute: name of each block's MLP submodule.
         batch_first: sequence layout of blocks found through ``target_modules``.
+        placement: ``"mlp"`` (reference), ``"attention"`` or ``"attention+mlp"``: which
+            sublayer outputs get an adapter.
+        adapter_mask: ``"none"`` (reference) or ``"tower"``: the adapters' self-attention is
+            causal in causal text towers.
+        attention_passes: ``2`` (reference) or ``1``: passes through the MGA's attention.
+        attention_attribute: name of each block's attention submodule, or None to detect it.
+        causal_towers: towers whose adapters attend causally with ``adapter_mask="tower"``, or
+            None to detect them.
         fingerprint: each patched tower's name, depth and width. Filled in when the adapters are
             injected and saved in ``adapter_config.json``; when set, loading checks that the
             model has this architecture. Leave it None.
@@ -152,6 +159,19 @@ class HarmaPeftConfig(PeftConfig):
     batch_first: bool = field(
         default=True, metadata={"help": "sequence layout of target_modules blocks"}
     )
+    placement: str = field(
+        default="mlp", metadata={"help": "adapted sublayers: mlp, attention or attention+mlp"}
+    )
+    adapter_mask: str = field(
+        default="none", metadata={"help": "adapter self-attention mask: none or tower (causal in text towers)"}
+    )
+    attention_passes: int = field(default=2, metadata={"help": "passes through the MGA's attention: 2 or 1"})
+    attention_attribute: str | None = field(
+        default=None, metadata={"help": "name of the blocks' attention submodule (None: detect)"}
+    )
+    causal_towers: list[str] | None = field(
+        default=None, metadata={"help": "towers whose adapters attend causally with adapter_mask='tower'"}
+    )
     fingerprint: list[dict[str, Any]] | None = field(
         default=None, metadata={"help": "architecture the adapters were made for (filled in by harma)"}
     )
@@ -163,6 +183,8 @@ class HarmaPeftConfig(PeftConfig):
             self.towers = list(self.towers)
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
+        if isinstance(self.causal_towers, tuple):
+            self.causal_towers = list(self.causal_towers)
         self.to_harma_config()  # validates every field, with HarmaConfig's messages
 
     def to_harma_config(self) -> HarmaConfig:
@@ -384,10 +406,7 @@ class HarmaTuner(BaseTuner):
         self.peft_config[adapter_name] = dataclasses.replace(config, fingerprint=fingerprint)
         adapters = [module for module in model.modules() if isinstance(module, MultimodalGatedAdapter)]
         self.harma_layers = _HarmaLayerStatus(adapter_name, adapters)
-        self.targeted_module_names.extend(
-            name for name, module in model.named_modules()
-            if isinstance(getattr(module, ADAPTER_ATTRIBUTE, None), MultimodalGatedAdapter)
-        )
+        self.targeted_module_names.extend(name.rpartition(".")[0] for name, _ in adapter_modules(model))
         if config.inference_mode:
             self.set_requires_grad(adapter_name, False)
 
@@ -590,7 +609,7 @@ def load_peft_adapters(
     harma_config = config.to_harma_config()
     if is_patched(model):
         ours = get_harma_config(model)
-        differing = [f for f in _LAYOUT_FIELDS if getattr(ours, f) != getattr(harma_config, f)]
+        differing = [f for f in LAYOUT_FIELDS if getattr(ours, f) != getattr(harma_config, f)]
         if differing:
             raise ValueError(
                 f"{name} was saved with another adapter layout than the model's: "
