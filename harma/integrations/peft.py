@@ -48,13 +48,13 @@ from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, LAYOUT_FIELDS, architectur
 from ..config import HarmaConfig
 from ..inject import (
     adapter_named_parameters,
-    adapters as adapter_modules,
     get_harma_config,
     inject_harma_adapters,
     is_adapter_parameter_name,
     is_patched,
     remove_harma_adapters,
 )
+from ..inject import adapters as adapter_modules
 from ..modules import MultimodalGatedAdapter
 
 __all__ = [
