@@ -349,9 +349,8 @@ def lora_parameters_per_rank(settings: Settings, vocab_size: int, modules: Seque
 
 def harma_method_config(method: str) -> harma.HarmaConfig:
     """The ViT-B/32-sized layout of a HarMA method of the benchmark."""
-    factories = {"harma": harma.HarmaConfig.reference, "harma_paper": harma.HarmaConfig.paper,
-                 "harma_plus": harma.HarmaConfig.plus}
-    return factories[method]()
+    factories = {"harma": "reference", "harma_paper": "paper", "harma_plus": "plus"}
+    return getattr(harma.HarmaConfig, factories[method])()
 
 
 def apply_method(model: nn.Module, method: str, settings: Settings, lora_rank: int = 8,
