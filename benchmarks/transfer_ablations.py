@@ -15,8 +15,8 @@ same batches per seed), then trains variants of HarMA and LoRA that each change 
 
 Every variant of a method uses that method's learning rate from the quick benchmark (HarMA 1e-2,
 LoRA 3e-3; ``--lr-harma``/``--lr-lora`` to change); nothing here is tuned or used to choose
-anything in the benchmark. The variants that alter HarMA's forward pass replace the ``forward``
-of the injected module instances, so the library is unchanged.
+anything in the benchmark. The variants that alter HarMA's forward pass use the library's options
+(``HarmaConfig(adapter_mask="tower")``, ``HarmaConfig(attention_passes=1)``).
 
     python benchmarks/transfer_ablations.py --json docs/transfer_ablations.json   # about 15 min, 1 CPU core
 """
@@ -31,13 +31,11 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,27 +43,6 @@ import transfer  # noqa: E402  (the benchmark this diagnoses; it puts the reposi
 
 import harma  # noqa: E402
 from harma.losses import HarmaLoss  # noqa: E402
-from harma.modules import MultimodalGatedAdapter, SelfAttention  # noqa: E402
-
-
-def _causal_attention(self: SelfAttention, x: torch.Tensor) -> torch.Tensor:
-    if not self.batch_first:
-        raise ValueError("the causal-attention variant expects batch-first blocks (open_clip >= 2.23)")
-    batch, tokens, _ = x.shape
-    qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-    qkv = qkv.view(batch, tokens, 3, self.heads, self.dim // self.heads).permute(2, 0, 3, 1, 4)
-    query, key, value = qkv.unbind(0)
-    attended = F.scaled_dot_product_attention(query, key, value, is_causal=True)
-    return self.out_proj(attended.transpose(1, 2).reshape(batch, tokens, self.dim))
-
-
-def _one_attention_pass(self: MultimodalGatedAdapter, m: torch.Tensor) -> torch.Tensor:
-    h = F.gelu(self.down(m))
-    a = self.attn(h)
-    if self.mini_adapter is not None:
-        a = self.mini_adapter(a)
-    g = torch.sigmoid(self.gate)
-    return m + torch.sigmoid(self.block_gate) * self.up(g * h + (1 - g) * a)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,15 +83,14 @@ def build_variant(variant: Variant, settings: transfer.Settings, state: dict[str
     model = transfer.build_clip(settings, vocab_size)
     model.load_state_dict(state)
     if variant.method == "harma":
-        config = harma.HarmaConfig.reference(**settings.harma_sizes(), towers=variant.towers)
-        harma.inject_harma_adapters(model, config)
-        for name, module in model.named_modules():
-            in_text_tower = name.startswith("transformer.")
-            if variant.causal_text_adapters and in_text_tower and isinstance(module, SelfAttention):
-                module.forward = types.MethodType(_causal_attention, module)
-            if variant.one_attention_pass and isinstance(module, MultimodalGatedAdapter):
-                module.forward = types.MethodType(_one_attention_pass, module)
-        return model
+        # adapter_mask="tower" makes the text tower's adapters (their MMS included) causal and
+        # leaves the vision tower's unmasked; attention_passes=1 drops the second attention.
+        config = harma.HarmaConfig.reference(
+            **settings.harma_sizes(), towers=variant.towers,
+            adapter_mask="tower" if variant.causal_text_adapters else "none",
+            attention_passes=1 if variant.one_attention_pass else 2,
+        )
+        return harma.inject_harma_adapters(model, config)
     model = transfer.apply_method(model, variant.method, settings, lora_rank, variant.lora_modules)
     if variant.method == "lora":
         for name, param in model.named_parameters():

@@ -35,7 +35,7 @@ FORMAT_VERSION = 2
 # The config fields that decide which adapter tensors exist, their shapes and what they compute.
 LAYOUT_FIELDS = ("bottleneck", "heads", "mini_bottleneck", "mini_heads", "sharing", "towers", "layers",
                  "target_modules", "mlp_attribute", "placement", "adapter_mask", "attention_passes",
-                 "attention_attribute", "causal_towers")
+                 "attention_attribute", "causal_towers", "batch_first")
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 MODEL_CARD_NAME = "README.md"
@@ -291,10 +291,12 @@ def load_adapters(
     adapter_file = read_adapter_file(_resolve_adapter_source(source, revision, token))
     if is_patched(model):
         config = get_harma_config(model)
-        if _layout(config) != _layout(adapter_file.config):
+        differing = [name for name in LAYOUT_FIELDS if getattr(config, name) != getattr(adapter_file.config, name)]
+        if differing:
             raise ValueError(
-                f"{adapter_file.path} was saved with {_layout(adapter_file.config)}, but the model "
-                f"is patched with {_layout(config)}"
+                f"{adapter_file.path} was saved with another adapter layout than the model's: "
+                + ", ".join(f"{name}={getattr(adapter_file.config, name)!r} (model: {getattr(config, name)!r})"
+                            for name in differing)
             )
     else:
         config = adapter_file.config
@@ -305,10 +307,6 @@ def load_adapters(
         inject_harma_adapters(model, config)
     _copy_into(model, adapter_file.tensors, str(adapter_file.path))
     return model
-
-
-def _layout(config: HarmaConfig) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in LAYOUT_FIELDS}
 
 
 def _copy_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:

@@ -155,7 +155,7 @@ class HarmaConfig:
         for name, allowed in (("placement", PLACEMENTS), ("adapter_mask", ADAPTER_MASKS),
                               ("attention_passes", ATTENTION_PASSES)):
             value = getattr(self, name)
-            if isinstance(value, bool) or value not in allowed:
+            if type(value) is not type(allowed[0]) or value not in allowed:
                 raise ValueError(f"HarmaConfig.{name} must be one of {allowed}, got {value!r}")
         if self.attention_attribute is not None and (
             not isinstance(self.attention_attribute, str) or not self.attention_attribute.isidentifier()

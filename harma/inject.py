@@ -304,14 +304,20 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
             f"{[(t.name, t.batch_first) for t in towers]} differ"
         )
     trainable_before = tuple(n for n, p in model.named_parameters() if p.requires_grad)
-    targets = [(tower, layer, position, _adapted_module(model, tower, layer, position, config))
-               for tower in towers for layer in _selected_layers(tower, config.layers)
-               for position in _registration_order(config)]
+    # Every module and width is resolved before anything is attached, so a block that cannot
+    # be adapted leaves the model untouched.
+    targets = []
+    for tower in towers:
+        for layer in _selected_layers(tower, config.layers):
+            for position in _registration_order(config):
+                module = _adapted_module(model, tower, layer, position, config)
+                width = _output_width(module, f"{tower.block_names[layer]}.{position}")
+                targets.append((tower, layer, position, module, width))
     mini_adapters: dict[int, MiniAdapter] = {}
-    for tower, layer, position, module in targets:
+    for tower, layer, position, module, width in targets:
         reference_param = next(module.parameters())
         adapter = MultimodalGatedAdapter(
-            _output_width(module, f"{tower.block_names[layer]}.{position}"),
+            width,
             config.bottleneck,
             config.heads,
             config.gate_init,

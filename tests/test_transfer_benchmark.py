@@ -14,7 +14,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
-METHODS = ("frozen", "harma", "harma_paper", "lora", "linear_probe", "full")
+METHODS = ("frozen", "harma", "harma_paper", "harma_plus", "lora", "linear_probe", "full")
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
 
@@ -68,7 +68,7 @@ def test_smoke_mode_writes_documented_results(tmp_path: Path) -> None:
     assert results["frozen"]["trainable_params"] == 0
     assert results["frozen"]["step_seconds"] == 0.0
     full = results["full"]["trainable_params"]
-    for method in ("harma", "harma_paper", "lora", "linear_probe"):
+    for method in ("harma", "harma_paper", "harma_plus", "lora", "linear_probe"):
         assert 0 < results[method]["trainable_params"] < full
         assert results[method]["step_seconds"] > 0.0
         assert results[method]["lr"] in load_benchmark().LR_LADDER
@@ -79,12 +79,86 @@ def test_smoke_mode_writes_documented_results(tmp_path: Path) -> None:
     assert meta["mode"] == "smoke"
     assert set(meta["lr_grids"]) == set(METHODS) - {"frozen"}
     assert is_percent(meta["pretrain"]["source_test"]["mean_recall"])
-    assert set(meta["targets"]) >= {"harma", "harma_paper", "any_met"}
+    assert set(meta["targets"]) >= {"harma", "harma_paper", "harma_plus", "any_met"}
+    assert "mr_above_lora" in meta["targets"]["harma_plus"]
+    assert meta["scenario"] == "new-vocabulary" and set(meta["shift"]) == {"frozen_fraction_of_full", "real"}
+    # Each HarMA entry records the layout it ran with, at the benchmark's scale.
+    import harma
+
+    plus = harma.HarmaConfig.from_dict(results["harma_plus"]["config"])
+    assert plus == load_benchmark().MODES["smoke"].scaled_harma_config(harma.HarmaConfig.plus())
+    assert results["harma_plus"]["trainable_params"] <= results["harma"]["trainable_params"]
 
     table = json_path.with_suffix(".md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("|")]
     assert len(rows) == 2 + len(METHODS)  # header, separator, one row per method
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_known_vocabulary_scenario_runs_and_records_itself(tmp_path: Path) -> None:
+    json_path = tmp_path / "results.json"
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--threads", "1", "--scenario", "known-vocabulary", "--methods",
+         "frozen", "harma_plus", "full", "--json", str(json_path), "--plot", "none"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    results = json.loads(json_path.read_text())
+    assert list(results) == ["frozen", "harma_plus", "full", "_meta"]  # in the order asked for
+    assert results["_meta"]["scenario"] == "known-vocabulary"
+    assert results["_meta"]["vocabulary"]["unseen_in_pretraining"] == []
+
+
+def test_known_vocabulary_pretraining_covers_every_target_word() -> None:
+    benchmark = load_benchmark()
+    settings = benchmark.MODES["smoke"]
+    words = {"silo", "airstrip", "meadow", "house"}
+    counts = benchmark.Counter({"house": 25})
+    pairs = benchmark.known_vocabulary_pairs(settings, 60, words, counts)
+    assert len(pairs.images) == 60 and pairs.images.shape[1:] == (3, settings.image_size, settings.image_size)
+    assert len(pairs.captions) == len(pairs.image_index) == 5 * 60
+    seen = benchmark.Counter(word for caption in pairs.captions for word in caption.split())
+    for word in words - {"house"}:
+        assert seen[word] >= benchmark.KNOWN_VOCABULARY_MIN_COUNT, word
+    assert counts["silo"] == seen["silo"]  # the running counts were updated
+    # Too few scenes for the words asked: a clear error, not silently thin coverage.
+    with pytest.raises(RuntimeError, match="KNOWN_VOCABULARY_SHARE"):
+        benchmark.known_vocabulary_pairs(settings, 3, {"parasol", "silo", "airstrip"}, benchmark.Counter())
+
+
+def test_false_colour_target_keeps_the_words_and_changes_the_colours() -> None:
+    benchmark = load_benchmark()
+    style, target = benchmark.KNOWN_VOCABULARY_TARGET_STYLE, benchmark.TARGET_STYLE
+    assert dict(style.vocabulary) == dict(target.vocabulary)
+    assert style.noise_std == target.noise_std and style.scale == target.scale
+    # Vegetation is bright in the near-infrared (the red channel here), water dark.
+    assert style.palette["tree"][0] > style.palette["tree"][1]
+    assert style.palette["water"][0] < 0.6 * style.palette["grass"][0]
+    assert style.palette["red"] != target.palette["red"]
+
+
+def test_vocabulary_report_names_unseen_and_rare_words() -> None:
+    benchmark = load_benchmark()
+    split = benchmark.PairSplit(images=torch.zeros(1), captions=["a red house", "a red house near a pond"],
+                                image_index=torch.zeros(2, dtype=torch.long))
+    target_split = benchmark.EvalSplit(images=torch.zeros(1), captions=["a house by a lake"], txt2img=torch.zeros(1))
+    source = benchmark.Domain(train=split, val=None, test=split)
+    report = benchmark.vocabulary_report(source, {0: benchmark.Domain(train=target_split, val=None, test=target_split)})
+    assert report["unseen_in_pretraining"] == ["by", "lake"]
+    assert report["min_count"] == 0 and report["target_words"] == 4
+    assert report["rarest"]["house"] == 2
+
+
+def test_harma_sizes_scale_any_preset_and_keep_head_widths() -> None:
+    import harma
+
+    settings = load_benchmark().MODES["quick"]  # widths divided by 4
+    assert settings.harma_sizes() == {"bottleneck": 32, "heads": 2, "mini_bottleneck": 16, "mini_heads": 2}
+    half = harma.HarmaConfig(bottleneck=64, heads=4, mini_bottleneck=32, mini_heads=4, placement="attention+mlp")
+    scaled = settings.scaled_harma_config(half)
+    assert (scaled.bottleneck, scaled.heads, scaled.mini_bottleneck, scaled.mini_heads) == (16, 1, 8, 1)
+    assert scaled.placement == "attention+mlp"
 
 
 def test_lr_rule_extends_past_an_edge_winner_and_never_sees_test() -> None:
