@@ -993,6 +993,33 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merge_results(earlier: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``earlier`` with the methods of ``new`` added or replaced, its targets and shift checks
+    recomputed. Both runs must have the same mode, scenario, settings and pretrained backbone.
+
+    Raises:
+        ValueError: the runs differ in any of those (named).
+    """
+    old_meta, new_meta = earlier["_meta"], new["_meta"]
+    for key in ("mode", "settings", "vocab_size", "full_params", "lora"):
+        if old_meta.get(key) != new_meta.get(key):
+            raise ValueError(f"cannot merge runs that differ in {key}: {old_meta.get(key)!r} vs {new_meta.get(key)!r}")
+    if old_meta.get("scenario", "new-vocabulary") != new_meta["scenario"]:
+        raise ValueError(f"cannot merge a {new_meta['scenario']} run into a {old_meta.get('scenario')} run")
+    if old_meta["pretrain"]["source_test"] != new_meta["pretrain"]["source_test"]:
+        raise ValueError("cannot merge runs whose pretrained backbones differ (source test metrics differ)")
+    methods = [m for m in METHODS if m in earlier or m in new]
+    merged = {method: new.get(method, earlier.get(method)) for method in methods}
+    merged["_meta"] = dict(old_meta)
+    merged["_meta"]["lr_grids"] = {**old_meta["lr_grids"], **new_meta["lr_grids"]}
+    merged["_meta"]["targets"] = check_targets(merged)
+    merged["_meta"]["shift"] = check_shift(merged)
+    merged["_meta"]["merged_runs"] = old_meta.get("merged_runs", []) + [
+        {"methods": [m for m in new if not m.startswith("_")], "wall_seconds": new_meta["wall_seconds"],
+         "threads": new_meta["threads"], "torch": new_meta["torch"]}]
+    return merged
+
+
 def json_safe(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: json_safe(item) for key, item in value.items()}
@@ -1023,6 +1050,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads; default: 2, or 1 when the machine is already busy "
                              "(1-minute load average >= 1), where a second thread mostly waits")
+    parser.add_argument("--merge-into", type=Path, metavar="JSON",
+                        help="add the methods of this run to an earlier run's results (same mode, scenario, seeds "
+                             "and settings) and write the union with --json")
     parser.add_argument("--data-dir", type=Path, help="where to write the synthetic data (default: a temporary folder)")
     args = parser.parse_args(argv)
 
@@ -1046,6 +1076,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="harma-transfer-") as tmp:
             results = run_benchmark(settings, Path(tmp), methods, args.scenario)
 
+    if args.merge_into is not None:
+        results = merge_results(json.loads(args.merge_into.read_text(encoding="utf-8")), results)
     table = markdown_table(results)
     summary = summary_text(results)
     print()

@@ -161,6 +161,31 @@ def test_harma_sizes_scale_any_preset_and_keep_head_widths() -> None:
     assert scaled.placement == "attention+mlp"
 
 
+def _fake_run(methods: dict[str, float], scenario: str = "new-vocabulary", source_mr: float = 40.0) -> dict:
+    results = {method: {"mean_recall": mr, "trainable_params": 1000 if method == "full" else 10}
+               for method, mr in methods.items()}
+    results["_meta"] = {"mode": "quick", "settings": {"seeds": [0]}, "vocab_size": 9, "full_params": 1000,
+                        "lora": {"rank": 6}, "scenario": scenario, "wall_seconds": 1.0, "threads": 1,
+                        "torch": "x", "pretrain": {"source_test": {"mean_recall": source_mr}},
+                        "lr_grids": {m: [] for m in methods if m != "frozen"}}
+    return results
+
+
+def test_merge_adds_methods_and_recomputes_the_checks() -> None:
+    benchmark = load_benchmark()
+    earlier = _fake_run({"frozen": 5.0, "harma": 20.0, "lora": 25.0, "full": 30.0})
+    merged = benchmark.merge_results(earlier, _fake_run({"harma_plus": 28.0}))
+    assert [key for key in merged if key != "_meta"] == ["frozen", "harma", "harma_plus", "lora", "full"]
+    assert merged["harma"] == earlier["harma"]
+    check = merged["_meta"]["targets"]["harma_plus"]
+    assert check["mr_above_lora"] == pytest.approx(3.0) and check["mr_fraction_of_full"] == pytest.approx(28 / 30)
+    assert merged["_meta"]["shift"]["real"] and "harma_plus" in merged["_meta"]["lr_grids"]
+    with pytest.raises(ValueError, match="backbones differ"):
+        benchmark.merge_results(earlier, _fake_run({"harma_plus": 28.0}, source_mr=41.0))
+    with pytest.raises(ValueError, match="known-vocabulary run into"):
+        benchmark.merge_results(earlier, _fake_run({"harma_plus": 28.0}, scenario="known-vocabulary"))
+
+
 def test_lr_rule_extends_past_an_edge_winner_and_never_sees_test() -> None:
     benchmark = load_benchmark()
     ladder = benchmark.LR_LADDER
