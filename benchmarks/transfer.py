@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -1064,6 +1065,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--merge-into", type=Path, metavar="JSON",
                         help="add the methods of this run to an earlier run's results (same mode, scenario, seeds "
                              "and settings) and write the union with --json")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: merge these results files (as --merge-into does, first to last) "
+                             "and write the union with --json")
     parser.add_argument("--data-dir", type=Path, help="where to write the synthetic data (default: a temporary folder)")
     args = parser.parse_args(argv)
 
@@ -1080,7 +1084,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(threads)
     methods = [m for m in METHODS if m in args.methods]
 
-    if args.data_dir is not None:
+    if args.combine:
+        runs = [json.loads(path.read_text(encoding="utf-8")) for path in args.combine]
+        results = functools.reduce(merge_results, runs)
+    elif args.data_dir is not None:
         args.data_dir.mkdir(parents=True, exist_ok=True)
         results = run_benchmark(settings, args.data_dir, methods, args.scenario)
     else:
