@@ -995,8 +995,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("target test mR (%)")
     n_seeds = len(meta["settings"]["seeds"])
-    ax.set_title(f"Synthetic source -> target transfer ({meta['mode']} mode, {n_seeds} seeds, mean ± std)",
-                 fontsize=9)
+    ax.set_title(f"Synthetic source -> target transfer, {meta.get('scenario', 'new-vocabulary')} "
+                 f"({meta['mode']} mode, {n_seeds} seeds, mean ± std)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -1012,6 +1012,8 @@ def merge_results(earlier: dict[str, Any], new: dict[str, Any]) -> dict[str, Any
     Raises:
         ValueError: the runs differ in any of those (named).
     """
+    # Compare as stored: a run in memory holds tuples where its JSON file holds lists.
+    earlier, new = (json.loads(json.dumps(json_safe(run))) for run in (earlier, new))
     old_meta, new_meta = earlier["_meta"], new["_meta"]
     for key in ("mode", "settings", "vocab_size", "full_params", "lora"):
         if old_meta.get(key) != new_meta.get(key):
@@ -1030,6 +1032,11 @@ def merge_results(earlier: dict[str, Any], new: dict[str, Any]) -> dict[str, Any
         {"methods": [m for m in new if not m.startswith("_")], "wall_seconds": new_meta["wall_seconds"],
          "threads": new_meta["threads"], "torch": new_meta["torch"]}]
     return merged
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(results), indent=1) + "\n", encoding="utf-8")
 
 
 def json_safe(value: Any) -> Any:
@@ -1095,6 +1102,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results = run_benchmark(settings, Path(tmp), methods, args.scenario)
 
     if args.merge_into is not None:
+        if args.json is not None:  # this run's own results survive a refused merge
+            write_json(args.json.with_name(args.json.stem + "_run.json"), results)
         results = merge_results(json.loads(args.merge_into.read_text(encoding="utf-8")), results)
     table = markdown_table(results)
     summary = summary_text(results)
@@ -1103,7 +1112,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(summary)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json_safe(results), indent=1) + "\n", encoding="utf-8")
+        write_json(args.json, results)
         args.json.with_suffix(".md").write_text(table + "\n" + summary, encoding="utf-8")
         log(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     plot_path = args.plot if args.plot is not None else (None if args.smoke else str(DEFAULT_PLOT))

@@ -181,7 +181,9 @@ def _fake_run(methods: dict[str, float], scenario: str = "new-vocabulary", sourc
 def test_merge_adds_methods_and_recomputes_the_checks() -> None:
     benchmark = load_benchmark()
     earlier = _fake_run({"frozen": 5.0, "harma": 20.0, "lora": 25.0, "full": 30.0})
-    merged = benchmark.merge_results(earlier, _fake_run({"harma_plus": 28.0}))
+    new = _fake_run({"harma_plus": 28.0})
+    new["_meta"]["settings"]["seeds"] = (0,)  # a run in memory holds tuples, its JSON file lists
+    merged = benchmark.merge_results(earlier, new)
     assert [key for key in merged if key != "_meta"] == ["frozen", "harma", "harma_plus", "lora", "full"]
     assert merged["harma"] == earlier["harma"]
     check = merged["_meta"]["targets"]["harma_plus"]
