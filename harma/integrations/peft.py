@@ -83,10 +83,6 @@ _MERGE_ERROR = (
 _MIRRORED_FIELDS = tuple(f.name for f in dataclasses.fields(HarmaConfig) if f.name != "freeze_backbone")
 
 
-def _is_adapter_key(key: str) -> bool:
-    return is_adapter_parameter_name(key)
-
-
 # --------------------------------------------------------------------------------------------
 # The config
 
@@ -249,7 +245,7 @@ def _adapter_alias_groups(model: nn.Module) -> list[list[str]]:
     names under which a shared MMS is registered again (the paper layout)."""
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if _is_adapter_key(name):
+        if is_adapter_parameter_name(name):
             groups.setdefault(id(param), []).append(name)
     return list(groups.values())
 
@@ -415,7 +411,7 @@ class HarmaTuner(BaseTuner):
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():
-            param.requires_grad_(_is_adapter_key(name))
+            param.requires_grad_(is_adapter_parameter_name(name))
 
     # --- switching and gradients ------------------------------------------------------------
 
