@@ -133,7 +133,7 @@ class HarmaPeftConfig(PeftConfig):
         ```
     """
 
-    # The defaults are HarmaConfig's (tests/test_peft_integration.py checks that they agree).
+    # The defaults are HarmaConfig's (tests/integrations/test_peft.py checks that they agree).
     bottleneck: int = field(default=128, metadata={"help": "MGA bottleneck width"})
     heads: int = field(default=8, metadata={"help": "MGA attention heads"})
     mini_bottleneck: int = field(default=64, metadata={"help": "MMS bottleneck width"})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "transfer.py"
 METHODS = ("frozen", "harma", "harma_paper", "harma_plus", "lora", "linear_probe", "full")
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 

@@ -298,7 +298,7 @@ def test_hub_ids_resolve_from_the_local_cache_when_offline(tmp_path):
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1], timeout=300)
+                            cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 
@@ -398,6 +398,6 @@ def test_registration_is_idempotent_and_refuses_a_foreign_harma_method(monkeypat
 def test_importing_harma_does_not_import_peft():
     script = "import sys, harma; print('peft' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
