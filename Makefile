@@ -14,7 +14,7 @@ $(BIN)/.harma-installed: pyproject.toml
 install: $(BIN)/.harma-installed
 
 demo: install
-	$(BIN)/python examples/train_rsitmd.py --demo
+	$(BIN)/python examples/demo.py
 
 test: install
 	$(BIN)/python -m pytest -q

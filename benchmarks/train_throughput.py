@@ -1,6 +1,6 @@
 """Training throughput and peak GPU memory of HarMA, LoRA and full fine-tuning.
 
-One training step is what ``harma.train`` does: both towers of an open_clip CLIP on a batch of
+One training step is what ``harma.training.train`` does: both towers of an open_clip CLIP on a batch of
 images and captions, the HarMA loss (contrastive + adaptive triplet, learnable temperature),
 backward, AdamW. Weights are random and inputs synthetic (random images, random token ids
 ending in an end-of-text token), so nothing is downloaded; speed and memory do not depend on
@@ -26,7 +26,7 @@ import torch
 
 from harma import HarmaConfig
 from harma.losses import HarmaLoss
-from harma.train import METHODS, TrainConfig, build_model, build_optimizer
+from harma.training import METHODS, TrainConfig, build_model, build_optimizer
 
 
 def synthetic_batch(batch_size: int, image_size: int, context_length: int, device: torch.device,

@@ -2,7 +2,7 @@
 
 No pretrained CLIP weights and no remote-sensing images are available offline, so the benchmark
 makes its own: it pretrains a small open_clip CLIP from scratch on synthetic captioned scenes of
-a "source" domain (``harma.synthetic``, ``style="source"``), then adapts it to a shifted "target"
+a "source" domain (``harma.training.synthetic``, ``style="source"``), then adapts it to a shifted "target"
 domain (``style="target"``: other palette, textures, object scale, sensor noise and words in
 the captions) with each of
 
@@ -74,10 +74,10 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
 import harma  # noqa: E402
-from harma.data import DEFAULT_CLIP_MEAN, DEFAULT_CLIP_STD, preprocess_caption  # noqa: E402
 from harma.losses import HarmaLoss  # noqa: E402
 from harma.retrieval import retrieval_metrics_from_embeddings  # noqa: E402
-from harma.synthetic import (  # noqa: E402
+from harma.training.data import DEFAULT_CLIP_MEAN, DEFAULT_CLIP_STD, preprocess_caption  # noqa: E402
+from harma.training.synthetic import (  # noqa: E402
     LABEL_NAMES,
     SOURCE_STYLE,
     TARGET_STYLE,

@@ -5,7 +5,7 @@ A finished training run (its config.json names the backbone and the splits):
     python examples/evaluate.py --run runs/rsitmd_geo                  # best.safetensors on test
     python examples/evaluate.py --run runs/rsitmd_geo --checkpoint last --split val
 
-A backbone plus an adapter file (any file harma.train wrote: HarMA, LoRA or full):
+A backbone plus an adapter file (any file harma.training wrote: HarMA, LoRA or full):
 
     python examples/evaluate.py --model ViT-B-32-quickgelu --pretrained RS5M_ViT-B-32_RET-2.pt \
         --adapters runs/rsitmd_geo/best.safetensors \
@@ -38,11 +38,12 @@ from pathlib import Path
 import torch
 
 import harma
-from harma.data import RetrievalEvalDataset, test_transform
-from harma.models import build_backbone, build_tokenizer
 from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
-from harma.train import TrainConfig, format_metrics_table, load_trained_weights
-from harma.visualize import GALLERY_SUFFIXES, build_gallery_from_embeddings, write_gallery
+from harma.training import TrainConfig, format_metrics_table, load_trained_weights
+from harma.training.data import RetrievalEvalDataset, test_transform
+from harma.training.gallery import GALLERY_SUFFIXES, build_gallery_from_embeddings
+from harma.training.gallery_render import write_gallery
+from harma.training.models import build_backbone, build_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harma.train import main
+from harma.training import main
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 

@@ -1,6 +1,5 @@
 """Train HarMA adapters (or LoRA / full fine-tuning) for RSITMD image-text retrieval.
 
-    python examples/train_rsitmd.py --demo                      # CPU demo on generated data, ~2 min
     python examples/train_rsitmd.py --config examples/configs/rsitmd_geo.json \
         --image_root /data/rsitmd --pretrained /models/RS5M_ViT-B-32_RET-2.pt
     torchrun --nproc_per_node 2 examples/train_rsitmd.py --config examples/configs/rsitmd_vit.json
@@ -13,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harma.train import main
+from harma.training import main
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 

@@ -10,18 +10,10 @@ Typical use:
     harma.save_adapters(model, "adapters.safetensors")
 """
 
-__version__ = "0.1.0"
-
-from .checkpoint import (  # noqa: E402
-    OfficialCheckpoint,
-    load_adapters,
-    load_official_checkpoint,
-    push_adapters_to_hub,
-    read_adapter_file,
-    save_adapters,
-)
-from .config import HarmaConfig  # noqa: E402
-from .inject import (  # noqa: E402
+from ._version import __version__ as __version__
+from .checkpoint import load_adapters, push_adapters_to_hub, read_adapter_file, save_adapters
+from .config import HarmaConfig
+from .inject import (
     ParameterCount,
     adapter_parameters,
     count_parameters,
@@ -33,9 +25,10 @@ from .inject import (  # noqa: E402
     print_trainable_parameters,
     remove_harma_adapters,
 )
-from .losses import HarmaLoss, HarmaLossOutput  # noqa: E402
-from .modules import MiniAdapter, MultimodalGatedAdapter  # noqa: E402
-from .retrieval import (  # noqa: E402
+from .losses import HarmaLoss, HarmaLossOutput
+from .modules import MiniAdapter, MultimodalGatedAdapter
+from .official import OfficialCheckpoint, load_official_checkpoint
+from .retrieval import (
     RetrievalEvaluator,
     RetrievalRanks,
     retrieval_metrics,

@@ -1,5 +1,4 @@
-"""Adapter-only checkpoints (safetensors), peft-style folders, the Hugging Face Hub, and the
-authors' reference checkpoints."""
+"""Adapter-only files (safetensors), peft-style folders and the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -7,105 +6,41 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import HarmaConfig
-from .inject import (
-    ADAPTER_ATTRIBUTE,
-    adapter_named_parameters,
-    find_towers,
-    get_harma_config,
-    inject_harma_adapters,
-    is_patched,
+from .inject import get_harma_config, inject_harma_adapters, is_patched, remove_harma_adapters
+from .io import (
+    adapter_state_dict,
+    architecture_fingerprint,
+    atomic_write_text,
+    check_fingerprint,
+    check_layout,
+    header_json,
+    load_adapter_tensors,
+    match_adapter_tensors,
+    read_safetensors,
+    write_safetensors,
 )
 
 FORMAT_NAME = "harma.adapters"
 # 2: the config records placement, adapter_mask, attention_passes, attention_attribute and
 # causal_towers. Version 1 files lack them and load with their defaults (the reference layout).
 FORMAT_VERSION = 2
-# The config fields that decide which adapter tensors exist, their shapes and what they compute.
-LAYOUT_FIELDS = ("bottleneck", "heads", "mini_bottleneck", "mini_heads", "sharing", "towers", "layers",
-                 "target_modules", "mlp_attribute", "placement", "adapter_mask", "attention_passes",
-                 "attention_attribute", "causal_towers", "batch_first")
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 MODEL_CARD_NAME = "README.md"
 
 
 # --------------------------------------------------------------------------------------------
-# Architecture fingerprint
-
-
-def architecture_fingerprint(model: nn.Module, config: HarmaConfig) -> list[dict[str, Any]]:
-    """What an adapter file needs of its base model: each patched tower's depth and width.
-
-    Returns a JSON-compatible list, one ``{"name", "path", "blocks", "width"}`` per tower.
-    """
-    return [
-        {"name": t.name, "path": t.path, "blocks": len(t.block_names), "width": t.width}
-        for t in find_towers(model, config)
-    ]
-
-
-def _check_fingerprint(expected: list[dict[str, Any]], actual: list[dict[str, Any]], source: str) -> None:
-    def describe(towers: list[dict[str, Any]]) -> str:
-        return ", ".join(f"{t['name']} ({t['blocks']} blocks of width {t['width']})" for t in towers)
-
-    if [(t["name"], t["blocks"], t["width"]) for t in expected] != [
-        (t["name"], t["blocks"], t["width"]) for t in actual
-    ]:
-        raise ValueError(
-            f"{source} holds adapters for a model with towers {describe(expected)}, "
-            f"but this model has {describe(actual)}"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder and rename it into place, so
-    an interrupted save never leaves a truncated file where a good one was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temporary = Path(temporary_name)
-    try:
-        write(temporary)
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        # mkstemp makes owner-only files; give the result the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda target: target.write_text(text, encoding="utf-8"))
-
-
-# --------------------------------------------------------------------------------------------
 # Saving and loading adapter files
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors of ``model`` by model-relative name; a shared MMS appears once."""
-    get_harma_config(model)
-    return {name: param.detach() for name, param in adapter_named_parameters(model)}
 
 
 def _is_folder_target(path: Path) -> bool:
@@ -137,9 +72,7 @@ def save_adapters(
     """
     config = get_harma_config(model)
     path = Path(path)
-    tensors = {
-        name: tensor.to("cpu", copy=True).contiguous() for name, tensor in adapter_state_dict(model).items()
-    }
+    tensors = adapter_state_dict(model)
     header = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -150,7 +83,7 @@ def save_adapters(
         **dict(metadata or {}),
     }
     weights_path = path / ADAPTER_WEIGHTS_NAME if _is_folder_target(path) else path
-    atomic_write(weights_path, lambda target: save_file(tensors, str(target), metadata=header))
+    write_safetensors(weights_path, tensors, header)
     if _is_folder_target(path):
         adapter_config = {
             # peft_type lets peft's PeftModel.from_pretrained read the folder too, once
@@ -215,29 +148,31 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
         path = path / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no harma adapter file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as reader:
-            metadata = dict(reader.metadata() or {})
-            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    metadata, tensors = read_safetensors(path)
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(
             f"{path} is not a harma adapter file (its metadata has format={metadata.get('format')!r}, "
             f"expected {FORMAT_NAME!r})"
         )
-    version = int(metadata.get("format_version", "0"))
+    version = _format_version(metadata.get("format_version", "0"), str(path))
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} has adapter format version {version}; this harma ({__version__}) reads up to "
             f"{FORMAT_VERSION}: upgrade harma"
         )
     try:
-        config = HarmaConfig.from_json(metadata["config"])
-        fingerprint = json.loads(metadata["fingerprint"])
-    except (KeyError, ValueError) as error:
-        raise ValueError(f"{path} has a damaged harma header: {error}") from None
+        config = HarmaConfig.from_dict(header_json(metadata, "config", str(path)))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path} has a damaged header: its 'config' is not a HarmaConfig ({error})") from None
+    fingerprint = header_json(metadata, "fingerprint", str(path))
     return AdapterFile(path=path, config=config, fingerprint=fingerprint, tensors=tensors, metadata=metadata)
+
+
+def _format_version(text: Any, source: str) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source} has a damaged header: format_version {text!r} is not an integer") from None
 
 
 def _resolve_adapter_source(source: str | os.PathLike, revision: str | None, token: str | None) -> Path:
@@ -289,46 +224,35 @@ def load_adapters(
         ValueError: a different architecture, config, key set or tensor shape (named).
     """
     adapter_file = read_adapter_file(_resolve_adapter_source(source, revision, token))
-    if is_patched(model):
-        config = get_harma_config(model)
-        differing = [name for name in LAYOUT_FIELDS if getattr(config, name) != getattr(adapter_file.config, name)]
-        if differing:
-            raise ValueError(
-                f"{adapter_file.path} was saved with another adapter layout than the model's: "
-                + ", ".join(f"{name}={getattr(adapter_file.config, name)!r} (model: {getattr(config, name)!r})"
-                            for name in differing)
-            )
-    else:
-        config = adapter_file.config
-    _check_fingerprint(
-        adapter_file.fingerprint, architecture_fingerprint(model, config), str(adapter_file.path)
-    )
-    if not is_patched(model):
-        inject_harma_adapters(model, config)
-    _copy_into(model, adapter_file.tensors, str(adapter_file.path))
+    load_adapter_file(model, adapter_file.config, adapter_file.fingerprint, adapter_file.tensors,
+                      str(adapter_file.path))
     return model
 
 
-def _copy_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    parameters = dict(adapter_named_parameters(model))
-    missing = sorted(set(parameters) - set(tensors))
-    unexpected = sorted(set(tensors) - set(parameters))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} adapter tensor(s) missing from the file, e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) in the file have no place in the model, e.g. {unexpected[:3]}")
-    if problems:
-        raise ValueError(f"{source} does not fit this model: " + "; ".join(problems))
-    for name, tensor in tensors.items():
-        if tensor.shape != parameters[name].shape:
-            raise ValueError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} in the file but "
-                f"{tuple(parameters[name].shape)} in the model"
-            )
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            parameters[name].copy_(tensor)
+def load_adapter_file(
+    model: nn.Module,
+    config: HarmaConfig,
+    fingerprint: list[dict[str, Any]] | None,
+    tensors: Mapping[str, torch.Tensor],
+    source: str,
+) -> None:
+    """Check a stored layout, fingerprint and tensors against ``model`` and load them, patching an
+    unpatched model with ``config`` first. All or nothing: on any error the model is left as it
+    was (adapters injected here are removed again)."""
+    if is_patched(model):
+        check_layout(get_harma_config(model), config, source)
+    if fingerprint is not None:
+        check_fingerprint(fingerprint, architecture_fingerprint(model, config), source)
+    patched_here = not is_patched(model)
+    if patched_here:
+        inject_harma_adapters(model, config)
+    try:
+        match_adapter_tensors(model, tensors, source)
+    except ValueError:
+        if patched_here:
+            remove_harma_adapters(model)
+        raise
+    load_adapter_tensors(model, tensors, source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,140 +283,3 @@ def push_adapters_to_hub(
     return str(getattr(commit, "commit_url", commit))
 
 
-# --------------------------------------------------------------------------------------------
-# The authors' reference checkpoints
-
-_REFERENCE_BLOCK = re.compile(r"^(?P<block>(?:visual\.)?transformer\.resblocks\.\d+)\.(?P<rest>.+)$")
-_REFERENCE_TO_OURS = (
-    ("gate1", "block_gate"),
-    ("mmadapter.img_proj_down.", "down."),
-    ("mmadapter.img_proj_up.", "up."),
-    ("mmadapter.multihead_attention.", "attn."),
-    ("mmadapter.gate1", "gate"),
-    ("mmadapter.BiShareAdapterxx.l1.", "mini_adapter.down."),
-    ("mmadapter.BiShareAdapterxx.l2.", "mini_adapter.up."),
-    ("mmadapter.BiShareAdapterxx.multihead_attention1.", "mini_adapter.attn."),
-    ("mmadapter.BiShareAdapterxx.gate1", "mini_adapter.gate"),
-)
-
-
-def reference_key_to_harma(key: str) -> str:
-    """Translate one reference state-dict key (without its ``model.`` prefix) to ours; base keys
-    are returned unchanged."""
-    match = _REFERENCE_BLOCK.match(key)
-    if match is None:
-        return key
-    rest = match["rest"]
-    for theirs, ours in _REFERENCE_TO_OURS:
-        if rest == theirs or (theirs.endswith(".") and rest.startswith(theirs)):
-            return f"{match['block']}.{ADAPTER_ATTRIBUTE}.{ours}{rest[len(theirs):]}"
-    return key
-
-
-@dataclass(frozen=True)
-class OfficialCheckpoint:
-    """What `load_official_checkpoint` found.
-
-    Attributes:
-        temperature: the contrastive temperature ``temp`` (a plain float), or None if absent.
-        missing_keys: model keys the checkpoint had no tensor for (only with ``strict=False``).
-        unexpected_keys: checkpoint keys with no place in the model (only with ``strict=False``).
-        config: the training config stored beside the weights, if any.
-    """
-
-    temperature: float | None
-    missing_keys: list[str]
-    unexpected_keys: list[str]
-    config: Any = None
-
-
-def _load_reference_file(path: Path) -> Mapping[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"{path} could not be read with torch.load(weights_only=True) ({error}). Checkpoints "
-            f"from others are data, not code: harma never unpickles arbitrary objects. If you trust "
-            f"the file, re-save its 'model' state dict alone and load that."
-        ) from None
-
-
-def check_state_dict_shapes(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise a `ValueError` naming the first tensor of `state` whose shape differs from the
-    model's tensor of the same key (keys the model lacks are left to the caller)."""
-    expected = model.state_dict()
-    for key, value in state.items():
-        if key in expected and expected[key].shape != value.shape:
-            raise ValueError(
-                f"{source}: {key!r} has shape {tuple(value.shape)} in the checkpoint but "
-                f"{tuple(expected[key].shape)} in the model (is it the right architecture?)"
-            )
-
-
-def load_official_checkpoint(
-    model: nn.Module,
-    checkpoint: str | os.PathLike | Mapping[str, Any],
-    *,
-    strict: bool = True,
-) -> OfficialCheckpoint:
-    """Load a checkpoint of the authors' implementation into an open_clip CLIP.
-
-    Accepts the reference ``checkpoint_best.pth`` layout (``{"model": state_dict, "config": ...}``
-    with the CLIP under ``model.`` and the temperature as ``temp``), or a bare state dict in that
-    or in plain open_clip naming. When the checkpoint holds adapter weights and ``model`` is
-    not patched yet, it is patched with the reference layout (`HarmaConfig.reference`).
-    Base and adapter weights are then loaded.
-
-    Args:
-        model: an open_clip CLIP of the checkpoint's architecture (``ViT-B-32-quickgelu`` for
-            the released GeoRSCLIP-based checkpoints).
-        checkpoint: a path (read with ``torch.load(weights_only=True)``) or a loaded mapping.
-        strict: raise on any missing or unexpected key (named); otherwise return them.
-
-    Returns:
-        An `OfficialCheckpoint` with the temperature and the key report.
-    """
-    source = "the checkpoint"
-    if not isinstance(checkpoint, Mapping):
-        source = os.fspath(checkpoint)
-        checkpoint = _load_reference_file(Path(checkpoint))
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint.get("model"), Mapping) else checkpoint
-    training_config = checkpoint.get("config") if state is not checkpoint else None
-    if not all(isinstance(value, torch.Tensor) for value in state.values()):
-        bad = [key for key, value in state.items() if not isinstance(value, torch.Tensor)][:5]
-        raise ValueError(f"{source} is not a state dict: entries {bad} are not tensors")
-
-    temperature = checkpoint.get("temp") if state is not checkpoint else None
-    translated: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key == "temp":
-            temperature = value
-            continue
-        for prefix in ("module.", "model."):
-            key = key.removeprefix(prefix)
-        translated[reference_key_to_harma(key)] = value
-
-    has_adapters = any(f".{ADAPTER_ATTRIBUTE}." in key for key in translated)
-    if has_adapters and not is_patched(model):
-        inject_harma_adapters(model, HarmaConfig.reference())
-
-    check_state_dict_shapes(model, translated, source)
-    result = model.load_state_dict(translated, strict=False)
-    missing = list(result.missing_keys)
-    if not has_adapters:
-        # A plain backbone checkpoint (e.g. GeoRSCLIP) leaves the adapters as they are.
-        missing = [key for key in missing if f".{ADAPTER_ATTRIBUTE}." not in key]
-    unexpected = list(result.unexpected_keys)
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"{source} does not match the model: {len(missing)} missing key(s) {missing[:10]}, "
-            f"{len(unexpected)} unexpected key(s) {unexpected[:10]}; pass strict=False to load "
-            f"the rest and inspect the report"
-        )
-    if isinstance(temperature, torch.Tensor):
-        temperature = float(temperature.float().reshape(()))
-    return OfficialCheckpoint(
-        temperature=temperature, missing_keys=missing, unexpected_keys=unexpected, config=training_config
-    )

@@ -20,12 +20,14 @@ import torch.distributed as dist
 __all__ = [
     "all_gather_no_grad",
     "all_gather_with_grad",
+    "barrier",
     "cleanup_distributed",
     "get_rank",
     "get_world_size",
     "init_distributed_from_env",
     "is_distributed",
     "is_main_process",
+    "raise_on_any_rank",
 ]
 
 
@@ -149,3 +151,30 @@ def cleanup_distributed() -> None:
     """Destroy the default process group if one is initialised; no-op otherwise."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """``dist.barrier()`` under ``torch.distributed``; no-op otherwise."""
+    if is_distributed():
+        dist.barrier()
+
+
+def raise_on_any_rank(error: BaseException | None) -> None:
+    """Raise on every rank if any rank failed, so that no rank waits forever at a collective.
+
+    Args:
+        error: this rank's failure, or None. It is raised on its own rank; the other ranks
+            raise a `RuntimeError` pointing at it.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    failed = torch.tensor([1 if error is not None else 0])
+    if dist.get_backend() == "nccl":
+        failed = failed.cuda()
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if int(failed.item()):
+        raise RuntimeError("another rank failed (see its error above)")

@@ -66,7 +66,7 @@ class RetrievalRanks:
     t2i: Tensor
 
 
-def _as_index_tensor(txt2img: Any, n_images: int, n_texts: int, device: torch.device) -> Tensor:
+def txt2img_tensor(txt2img: Any, n_images: int, n_texts: int, device: torch.device) -> Tensor:
     """Validate ``txt2img`` against the score-matrix shape; return it as a LongTensor."""
     if isinstance(txt2img, Tensor):
         indices = txt2img.detach()
@@ -237,7 +237,7 @@ def retrieval_metrics(
     _check_ties(ties)
     score_matrix = _as_score_tensor(scores)
     n_images, n_texts = score_matrix.shape
-    indices = _as_index_tensor(txt2img, n_images, n_texts, score_matrix.device)
+    indices = txt2img_tensor(txt2img, n_images, n_texts, score_matrix.device)
     rows_per_tile = max(1, _DENSE_TILE_SCORES // n_texts)
     ranks = _tile_ranks(
         lambda rows, cols: score_matrix[rows, cols], n_images, n_texts, indices, rows_per_tile, n_texts, ties
@@ -306,7 +306,7 @@ def retrieval_metrics_from_embeddings(
         images = F.normalize(images, dim=-1)
         texts = F.normalize(texts, dim=-1)
     n_images, n_texts = images.shape[0], texts.shape[0]
-    indices = _as_index_tensor(txt2img, n_images, n_texts, images.device)
+    indices = txt2img_tensor(txt2img, n_images, n_texts, images.device)
     if n_images * n_texts <= chunk_size * chunk_size:
         # The whole matrix fits in one tile's memory: one matmul instead of two passes.
         scores = images @ texts.t()
@@ -391,7 +391,7 @@ class RetrievalEvaluator:
             )
         self.image_dataset = image_dataset
         self.captions = list(captions)
-        self.txt2img = _as_index_tensor(txt2img, len(image_dataset), len(self.captions), torch.device("cpu"))
+        self.txt2img = txt2img_tensor(txt2img, len(image_dataset), len(self.captions), torch.device("cpu"))
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -17,7 +17,7 @@ from tiny_models import encode, images, perturb_adapters, tiny_open_clip, tokens
 from torch import nn
 
 import harma
-from harma import checkpoint as checkpoint_module
+from harma import io as weights_io
 
 
 def trained_model(config: harma.HarmaConfig | None = None, **model_kwargs) -> nn.Module:
@@ -129,7 +129,7 @@ def test_an_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypat
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint_module, "save_file", dies_half_way)
+    monkeypatch.setattr(weights_io, "save_file", dies_half_way)
     perturb_adapters(model, seed=9)
     with pytest.raises(KeyboardInterrupt):
         harma.save_adapters(model, path)

@@ -44,17 +44,17 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, LAYOUT_FIELDS, architecture_fingerprint
+from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, load_adapter_file
 from ..config import HarmaConfig
 from ..inject import (
     adapter_named_parameters,
-    get_harma_config,
     inject_harma_adapters,
     is_adapter_parameter_name,
     is_patched,
     remove_harma_adapters,
 )
 from ..inject import adapters as adapter_modules
+from ..io import architecture_fingerprint, check_fingerprint, match_adapter_tensors
 from ..modules import MultimodalGatedAdapter
 
 __all__ = [
@@ -73,7 +73,6 @@ PEFT_PREFIX = "harma_"
 """peft's per-method prefix: every HarMA parameter name contains it (``...harma_adapter...``,
 ``...harma_attention_adapter...``)."""
 
-_PEFT_KEY_PREFIX = "base_model.model."
 _MERGE_ERROR = (
     "HarMA adapters cannot be merged into the base weights: they apply self-attention, GELU and gates to "
     "each block's MLP output. Keep the adapters, or call unload() to drop them"
@@ -83,16 +82,29 @@ _MERGE_ERROR = (
 _MIRRORED_FIELDS = tuple(f.name for f in dataclasses.fields(HarmaConfig) if f.name != "freeze_backbone")
 
 
+def _with_harma_fields(cls: type) -> type:
+    """Give ``cls`` (before ``@dataclass``) every mirrored `HarmaConfig` field with its type and
+    default, ahead of its own fields, so that the two configs cannot drift apart."""
+    harma_fields = {f.name: f for f in dataclasses.fields(HarmaConfig)}
+    own = dict(cls.__dict__.get("__annotations__", {}))
+    cls.__annotations__ = {**{name: harma_fields[name].type for name in _MIRRORED_FIELDS}, **own}
+    for name in _MIRRORED_FIELDS:
+        setattr(cls, name, field(default=harma_fields[name].default,
+                                 metadata={"help": f"harma.HarmaConfig.{name}"}))
+    return cls
+
+
 # --------------------------------------------------------------------------------------------
 # The config
 
 
 @dataclass
+@_with_harma_fields
 class HarmaPeftConfig(PeftConfig):
     """peft configuration of HarMA adapters: ``harma.HarmaConfig``'s layout fields as a
     ``PeftConfig``.
 
-    The fields and their defaults are those of ``harma.HarmaConfig`` (the reference layout
+    The fields, their types and defaults are taken from ``harma.HarmaConfig`` itself (the reference layout
     of the authors' code; ``sharing="paper"`` for the paper's cross-modal sharing), except
     ``freeze_backbone``: through peft only the adapters are trained. Values are validated by
     ``harma.HarmaConfig`` when the config is created.
@@ -133,41 +145,7 @@ class HarmaPeftConfig(PeftConfig):
         ```
     """
 
-    # The defaults are HarmaConfig's (tests/integrations/test_peft.py checks that they agree).
-    bottleneck: int = field(default=128, metadata={"help": "MGA bottleneck width"})
-    heads: int = field(default=8, metadata={"help": "MGA attention heads"})
-    mini_bottleneck: int = field(default=64, metadata={"help": "MMS bottleneck width"})
-    mini_heads: int = field(default=8, metadata={"help": "MMS attention heads"})
-    gate_init: float = field(default=0.6, metadata={"help": "initial MGA gate logit"})
-    block_gate_init: float = field(
-        default=0.6, metadata={"help": "initial block gate logit"}
-    )
-    mini_gate_init: float = field(default=0.6, metadata={"help": "initial MMS gate logit"})
-    sharing: str = field(
-        default="reference", metadata={"help": "who uses the MMS of layer i: reference, paper or none"}
-    )
-    towers: list[str] | None = field(default=None, metadata={"help": "towers to patch (None: all)"})
-    layers: list[int] | None = field(default=None, metadata={"help": "block indices to patch (None: all)"})
-    target_modules: str | None = field(
-        default=None, metadata={"help": "regular expression for the blocks of models of unknown families"}
-    )
-    mlp_attribute: str = field(default="mlp", metadata={"help": "name of the blocks' MLP"})
-    batch_first: bool = field(
-        default=True, metadata={"help": "sequence layout of target_modules blocks"}
-    )
-    placement: str = field(
-        default="mlp", metadata={"help": "adapted sublayers: mlp, attention or attention+mlp"}
-    )
-    adapter_mask: str = field(
-        default="none", metadata={"help": "adapter self-attention mask: none or tower (causal in text towers)"}
-    )
-    attention_passes: int = field(default=2, metadata={"help": "passes through the MGA's attention: 2 or 1"})
-    attention_attribute: str | None = field(
-        default=None, metadata={"help": "name of the blocks' attention submodule (None: detect)"}
-    )
-    causal_towers: list[str] | None = field(
-        default=None, metadata={"help": "towers whose adapters attend causally with adapter_mask='tower'"}
-    )
+    # Every HarmaConfig field but freeze_backbone is added by _with_harma_fields.
     fingerprint: list[dict[str, Any]] | None = field(
         default=None, metadata={"help": "architecture the adapters were made for (filled in by harma)"}
     )
@@ -234,76 +212,6 @@ class HarmaPeftConfig(PeftConfig):
         if kwargs.get("base_model") and not converted.get("base_model_name_or_path"):
             converted["base_model_name_or_path"] = kwargs["base_model"]
         return converted
-
-
-# --------------------------------------------------------------------------------------------
-# Matching stored tensors to a model's adapter parameters
-
-
-def _adapter_alias_groups(model: nn.Module) -> list[list[str]]:
-    """Names of each adapter parameter, first the one ``named_parameters()`` reports, then the
-    names under which a shared MMS is registered again (the paper layout)."""
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if is_adapter_parameter_name(name):
-            groups.setdefault(id(param), []).append(name)
-    return list(groups.values())
-
-
-def _match_adapter_tensors(
-    model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str
-) -> dict[str, torch.Tensor]:
-    """Map stored adapter tensors onto ``model``'s parameter names, strictly.
-
-    Stored names may carry peft's ``base_model.model.`` prefix or not, whatever the model's own
-    naming. Every adapter parameter must be found, under its name or an alias of a shared MMS,
-    with its shape; any other stored tensor is an error. Aliases are filled in from their group.
-    """
-    groups = _adapter_alias_groups(model)
-    model_prefixed = any(name.startswith(_PEFT_KEY_PREFIX) for group in groups for name in group)
-
-    def bare(name: str) -> str:
-        return name.removeprefix(_PEFT_KEY_PREFIX) if model_prefixed else name
-
-    stored = {key.removeprefix(_PEFT_KEY_PREFIX): value for key, value in tensors.items()}
-    known = {bare(name) for group in groups for name in group}
-    unexpected = sorted(set(stored) - known)
-    missing = [bare(group[0]) for group in groups if not any(bare(name) in stored for name in group)]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} adapter tensor(s) missing from it, e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} tensor(s) in it have no place in the model, e.g. {unexpected[:3]}")
-        raise ValueError(f"{source} does not fit this model: " + "; ".join(parts))
-
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    matched: dict[str, torch.Tensor] = {}
-    for group in groups:
-        value = next(stored[bare(name)] for name in group if bare(name) in stored)
-        expected = tuple(parameters[group[0]].shape)
-        if tuple(value.shape) != expected:
-            raise ValueError(
-                f"{source}: tensor {bare(group[0])!r} has shape {tuple(value.shape)} in it but "
-                f"{expected} in the model"
-            )
-        for name in group:
-            matched[name] = value
-    return matched
-
-
-def _check_fingerprint(expected: Sequence[Mapping[str, Any]], actual: Sequence[Mapping[str, Any]]) -> None:
-    def towers(fingerprint: Sequence[Mapping[str, Any]]) -> list[tuple[Any, Any, Any]]:
-        return [(t["name"], t["blocks"], t["width"]) for t in fingerprint]
-
-    def describe(fingerprint: Sequence[Mapping[str, Any]]) -> str:
-        return ", ".join(f"{name} ({blocks} blocks of width {width})" for name, blocks, width in towers(fingerprint))
-
-    if towers(expected) != towers(actual):
-        raise ValueError(
-            f"the HarMA adapters were made for a model with towers {describe(expected)}, but this model "
-            f"has {describe(actual)}"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,7 +303,7 @@ class HarmaTuner(BaseTuner):
         harma_config = config.to_harma_config()
         fingerprint = architecture_fingerprint(model, harma_config)
         if config.fingerprint is not None:
-            _check_fingerprint(config.fingerprint, fingerprint)
+            check_fingerprint(config.fingerprint, fingerprint, "the HarMA adapters")
         inject_harma_adapters(model, harma_config)
         # Record the architecture in a copy (the user's config object is left as it was), so that
         # save_pretrained writes it to adapter_config.json.
@@ -502,7 +410,13 @@ class HarmaTuner(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        return _match_adapter_tensors(model, state_dict, "the HarMA adapter weights")
+        matched = match_adapter_tensors(model, state_dict, "the HarMA adapter weights")
+        # Every name of a shared MMS gets the stored tensor, so peft's strict load finds each.
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        aliases = {id(param): [] for param in parameters.values()}
+        for name, param in parameters.items():
+            aliases[id(param)].append(name)
+        return {alias: value for name, value in matched.items() for alias in aliases[id(parameters[name])]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,32 +516,8 @@ def load_peft_adapters(
     if not isinstance(config, HarmaPeftConfig):
         kind = getattr(config.peft_type, "value", config.peft_type)
         raise ValueError(f"{name} holds {kind} adapters, not HarMA adapters")
-    harma_config = config.to_harma_config()
-    if is_patched(model):
-        ours = get_harma_config(model)
-        differing = [f for f in LAYOUT_FIELDS if getattr(ours, f) != getattr(harma_config, f)]
-        if differing:
-            raise ValueError(
-                f"{name} was saved with another adapter layout than the model's: "
-                + ", ".join(f"{f}={getattr(harma_config, f)!r} (model: {getattr(ours, f)!r})" for f in differing)
-            )
-    elif config.fingerprint is not None:
-        _check_fingerprint(config.fingerprint, architecture_fingerprint(model, harma_config))
     tensors = load_peft_weights(name, device="cpu", **hub_kwargs)
-    patched_here = not is_patched(model)
-    if patched_here:
-        inject_harma_adapters(model, harma_config)
-    try:
-        matched = _match_adapter_tensors(model, tensors, name)
-    except ValueError:
-        if patched_here:
-            remove_harma_adapters(model)
-        raise
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for key, value in matched.items():
-            parameters[key].copy_(value)
+    load_adapter_file(model, config.to_harma_config(), config.fingerprint, tensors, name)
     return model
-
 
 register_with_peft()

@@ -255,7 +255,7 @@ def test_missing_extra_and_misshapen_tensors_are_named(tmp_path):
         PeftModel.from_pretrained(tiny_open_clip(), tmp_path)
 
     save_file({**weights, dropped: torch.zeros(2)}, str(weights_path))
-    with pytest.raises(ValueError, match=r"has shape \(2,\) in it but \(\) in the model"):
+    with pytest.raises(ValueError, match=r"has shape \(2,\) in the file but \(\) in the model"):
         PeftModel.from_pretrained(tiny_open_clip(), tmp_path)
     plain = tiny_open_clip()
     with pytest.raises(ValueError, match=r"has shape \(2,\)"):

@@ -16,21 +16,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_train import IMAGE_SIZE, _make_synthetic_dataset, make_config
+from test_trainer import IMAGE_SIZE, make_config
 
-from harma.data import RetrievalEvalDataset
 from harma.retrieval import retrieval_metrics, retrieval_metrics_from_embeddings
-from harma.train import CURVES_NAME, train
-from harma.visualize import (
-    build_gallery,
-    build_gallery_from_embeddings,
-    plot_training_curves,
-    render_gallery_html,
-    render_gallery_png,
-    write_gallery,
-)
+from harma.training import train
+from harma.training.curves import plot_training_curves
+from harma.training.data import RetrievalEvalDataset
+from harma.training.gallery import build_gallery, build_gallery_from_embeddings
+from harma.training.gallery_render import render_gallery_html, render_gallery_png, write_gallery
+from harma.training.state import CURVES_NAME
+from harma.training.synthetic import make_synthetic_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA_URI_PREFIX = "data:image/png;base64,"
 HOSTILE_CAPTION = '<script>alert("x")</script> & <b>bold</b>'
 
@@ -39,7 +36,7 @@ HOSTILE_CAPTION = '<script>alert("x")</script> & <b>bold</b>'
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    return _make_synthetic_dataset(root, num_train_images=16, num_val_images=8, num_test_images=12,
+    return make_synthetic_dataset(root, num_train_images=16, num_val_images=8, num_test_images=12,
                                    image_size=IMAGE_SIZE, seed=5)
 
 
@@ -339,7 +336,7 @@ def test_a_failing_plot_warns_once_and_never_stops_training(data, tmp_path, monk
         def broken_plot(*args, **kwargs):
             raise OSError("disk full")
 
-        monkeypatch.setattr("harma.visualize.plot_training_curves", broken_plot)
+        monkeypatch.setattr("harma.training.trainer.plot_training_curves", broken_plot)
     results = train(make_config(data, tmp_path / "run", epochs=2, max_steps_per_epoch=1))
     assert results["finished"] is True and (tmp_path / "run" / "results.json").is_file()
     assert not (tmp_path / "run" / CURVES_NAME).exists()

@@ -14,10 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import harma
-from harma.demo import run_demo
 from harma.losses import HarmaLoss
-from harma.models import build_backbone, tiny_clip_config
-from harma.train import (
+from harma.retrieval import RetrievalEvaluator
+from harma.training import (
     LinearWarmupDecay,
     TrainConfig,
     build_model,
@@ -27,23 +26,18 @@ from harma.train import (
     parse_args,
     train,
 )
+from harma.training.data import RetrievalEvalDataset, test_transform
+from harma.training.models import build_backbone, build_tokenizer, tiny_clip_config
+from harma.training.synthetic import make_synthetic_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 32
-
-
-def _make_synthetic_dataset(*args, **kwargs):
-    try:
-        from harma.data import make_synthetic_dataset
-    except ImportError:
-        from harma.synthetic import make_synthetic_dataset
-    return make_synthetic_dataset(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    return _make_synthetic_dataset(root, num_train_images=16, num_val_images=8, num_test_images=8,
+    return make_synthetic_dataset(root, num_train_images=16, num_val_images=8, num_test_images=8,
                                    image_size=IMAGE_SIZE, seed=3)
 
 
@@ -124,12 +118,11 @@ def test_saved_adapters_reproduce_the_test_metrics(data, reference_run):
     torch.manual_seed(config.seed)  # the backbone is randomly initialised right after this seed
     model = build_backbone(config.model, None, config.model_config, config.image_size)
     load_trained_weights(model, output_dir / "best.safetensors")
-    from harma.data import RetrievalEvalDataset, test_transform
-    from harma.models import build_tokenizer
-    from harma.train import evaluate_split
 
     test_set = RetrievalEvalDataset(data.test_file, data.image_root, transform=test_transform(IMAGE_SIZE))
-    metrics = evaluate_split(model, test_set, build_tokenizer(config.model, config.model_config))
+    tokenizer = build_tokenizer(config.model, config.model_config)
+    metrics = RetrievalEvaluator.from_dataset(test_set, tokenizer, batch_size=config.eval_batch_size,
+                                              progress=False).evaluate(model)
     assert metrics == results["test"]
 
 
@@ -241,7 +234,7 @@ def test_missing_images_fail_before_the_model_is_built(data, tmp_path, monkeypat
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the data was checked")
 
-    monkeypatch.setattr("harma.train.build_model", no_model)
+    monkeypatch.setattr("harma.training.trainer.build_model", no_model)
     config = make_config(data, tmp_path / "run", image_root=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="image root"):
         train(config)
@@ -352,7 +345,7 @@ def test_config_file_then_command_line_overrides(tmp_path):
     assert config.train_files == ("a.json", "b.json")
     assert (config.max_grad_norm, config.augment, config.betas) == (1.5, False, (0.8, 0.9))
     assert config.pretrained is None and config.hardest_negative is True
-    assert not args.resume and not args.demo
+    assert not args.resume
 
     saved = tmp_path / "saved.json"
     config.save(saved)
@@ -392,23 +385,3 @@ def test_evaluate_script_reproduces_the_run_results(reference_run, capsys):
     metrics = module.main(["--run", str(output_dir), "--json", "--num_workers", "0"])
     assert metrics == results["test"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results["test"]
-
-
-def test_quick_demo_runs_and_reloads_its_adapters(tmp_path, capsys):
-    result = run_demo(tmp_path / "demo", quick=True)
-    assert result["reload_matches"] is True
-    output = capsys.readouterr().out
-    assert "PRE-TRAINING" in output and "frozen backbone (before)" in output and "HarMA adapters (after)" in output
-    # The demo folder is its own: running again replaces it; a foreign folder is refused.
-    (tmp_path / "foreign").mkdir()
-    (tmp_path / "foreign" / "file").write_text("x")
-    with pytest.raises(FileExistsError):
-        run_demo(tmp_path / "foreign", quick=True)
-
-
-def test_demo_flag_uses_its_own_folder_unless_one_is_given(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr("harma.demo.run_demo", lambda output_dir: calls.append(str(output_dir)) or {})
-    main(["--demo"], defaults={"output_dir": "runs/some_recipe"})
-    main(["--demo", "--output_dir", str(tmp_path / "mine")])
-    assert calls == ["runs/demo", str(tmp_path / "mine")]

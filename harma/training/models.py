@@ -23,10 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import check_state_dict_shapes
+from ..inject import inject_harma_adapters
+from ..io import check_state_dict_shapes, read_state_dict
+from .config import TrainConfig
 
 __all__ = [
     "WEIGHT_SUFFIXES",
+    "apply_lora",
+    "build_model",
     "build_backbone",
     "build_tokenizer",
     "check_pretrained_source",
@@ -99,46 +103,24 @@ def check_pretrained_source(pretrained: str | None) -> None:
             )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"{path} could not be read with torch.load(weights_only=True): {error}"
-        ) from None
-    if isinstance(loaded, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(loaded.get(key), Mapping):
-                loaded = loaded[key]
-                break
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return {key.removeprefix("module."): value for key, value in loaded.items()}
-
-
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a plain open_clip state dict (``.pt``/``.pth``/``.bin`` or ``.safetensors``) into
     ``model``.
 
     ``logit_scale``/``logit_bias`` may be absent (training here never uses them); any other
-    missing or unexpected key is an error that names it.
+    missing or unexpected key is an error that names it, raised before anything is loaded.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file not found: '{path}'")
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     check_state_dict_shapes(model, state, str(path))
-    result = model.load_state_dict(state, strict=False)
-    missing = [key for key in result.missing_keys if key not in ("logit_scale", "logit_bias")]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not match the model: missing {missing[:10]}, unexpected "
-            f"{list(result.unexpected_keys)[:10]}"
-        )
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state and key not in ("logit_scale", "logit_bias")]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    model.load_state_dict(state, strict=False)
 
 
 def build_backbone(
@@ -225,3 +207,48 @@ def build_tokenizer(model_name: str, model_config: Mapping[str, Any] | None = No
         context_length = text.get("context_length", 77) if isinstance(text, Mapping) else 77
         return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
     return open_clip.get_tokenizer(model_name)
+
+
+def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """peft LoRA on ``config.lora_targets`` of ``model``, the rest frozen. Returns the model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets),
+    )
+    try:
+        model = inject_adapter_in_model(lora_config, model)
+    except ValueError as error:
+        raise ValueError(f"LoRA could not be applied with lora_targets={list(config.lora_targets)}: {error}") from None
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return model
+
+
+def build_model(config: TrainConfig, *, load_weights: bool = True) -> nn.Module:
+    """The backbone of ``config`` with its method applied, in float32 on the CPU.
+
+    ``harma``: adapters injected, backbone frozen. ``lora``: peft LoRA on ``lora_targets``,
+    backbone frozen. ``full``: everything trainable except ``logit_scale``/``logit_bias``
+    (the loss has its own temperature, and an unused trainable tensor breaks DDP).
+
+    Args:
+        load_weights: False builds the architecture with random weights (``pretrained`` ignored).
+    """
+    model = build_backbone(
+        config.model,
+        pretrained=config.pretrained if load_weights else None,
+        model_config=config.model_config,
+        image_size=config.image_size,
+    )
+    if config.method == "harma":
+        inject_harma_adapters(model, config.harma)
+    elif config.method == "lora":
+        model = apply_lora(model, config)
+    else:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name not in ("logit_scale", "logit_bias"))
+    return model

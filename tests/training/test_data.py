@@ -1,4 +1,4 @@
-"""Tests of harma.data (annotation files, datasets, transforms) and harma.synthetic."""
+"""Tests of harma.training.data (annotation files, datasets, transforms) and harma.training.synthetic."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harma import data, synthetic
-from harma.data import (
+from harma.training import data, synthetic
+from harma.training.data import (
     DEFAULT_CLIP_MEAN,
     DEFAULT_CLIP_STD,
     RANDOM_OPS,
@@ -27,7 +27,7 @@ from harma.data import (
     preprocess_caption,
     train_transform,
 )
-from harma.synthetic import (
+from harma.training.synthetic import (
     SOURCE_STYLE,
     TARGET_STYLE,
     SceneStyle,
@@ -43,7 +43,7 @@ TRAIN_KEYS = {"caption", "image", "image_id", "label", "label_name"}
 
 def shared_data_dir() -> Path:
     configured = os.environ.get("HARMA_SHARED_DATA")
-    return Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(configured) if configured else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from .config import TrainConfig
+
 __all__ = [
     "DEFAULT_CLIP_MEAN",
     "DEFAULT_CLIP_STD",
@@ -37,6 +39,8 @@ __all__ = [
     "RandomOps",
     "RetrievalEvalDataset",
     "RetrievalTrainDataset",
+    "TokenizingCollate",
+    "build_datasets",
     "check_image_files",
     "load_annotations",
     "preprocess_caption",
@@ -512,3 +516,41 @@ def test_transform(
 
 
 test_transform.__test__ = False  # a name starting with "test" must not look like a test to pytest
+
+
+class TokenizingCollate:
+    """Batches ``(image, caption, image_index, label)`` items into tensors, tokenising the
+    captions in the loader's worker processes."""
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[tuple[Any, str, int, int]]) -> tuple[torch.Tensor, ...]:
+        images, captions, image_indices, labels = zip(*items, strict=True)
+        return (
+            torch.stack(list(images)),
+            self.tokenizer(list(captions)),
+            torch.tensor(image_indices, dtype=torch.long),
+            torch.tensor(labels, dtype=torch.long),
+        )
+
+
+def build_datasets(
+    config: TrainConfig,
+) -> tuple[RetrievalTrainDataset, RetrievalEvalDataset | None, RetrievalEvalDataset | None]:
+    """Train, validation and test datasets; every image path is checked here, before any model
+    is built, so a wrong image root fails in seconds."""
+    if not config.train_files:
+        raise ValueError("TrainConfig.train_files is empty: give the training annotation file(s)")
+    if not config.image_root:
+        raise ValueError("TrainConfig.image_root is empty: give the folder the annotation image paths are relative to")
+    augment = train_transform if config.augment else test_transform
+    train_set = RetrievalTrainDataset(
+        list(config.train_files), config.image_root, transform=augment(config.image_size), max_words=config.max_words
+    )
+    eval_sets = [
+        RetrievalEvalDataset(path, config.image_root, transform=test_transform(config.image_size),
+                             max_words=config.max_words) if path else None
+        for path in (config.val_file, config.test_file)
+    ]
+    return train_set, eval_sets[0], eval_sets[1]

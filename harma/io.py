@@ -1,0 +1,316 @@
+"""The weights I/O layer: every file of weights harma reads or writes goes through here.
+
+- writing: `atomic_write` (through a temporary file and a rename), `write_safetensors`;
+- reading: `read_safetensors`, with errors that name the file;
+- matching: `match_tensors` checks a set of stored tensors against the tensors they are meant
+  to fill (missing, unexpected and shape errors, each named) before anything is copied, and
+  `load_tensors` then copies them, so a load either fully succeeds or changes nothing;
+- adapters: `adapter_state_dict`, `match_adapter_tensors` (shared MMS aliases, peft prefixes),
+  `architecture_fingerprint` / `check_fingerprint` and `check_layout`, the checks an adapter
+  file makes of the model it is loaded into.
+
+Which public function reads which kind of file is listed in ``docs/checkpoints.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import HarmaConfig
+from .inject import adapter_named_parameters, find_towers, get_harma_config, is_adapter_parameter_name
+
+# The config fields that decide which adapter tensors exist, their shapes and what they compute.
+LAYOUT_FIELDS = ("bottleneck", "heads", "mini_bottleneck", "mini_heads", "sharing", "towers", "layers",
+                 "target_modules", "mlp_attribute", "placement", "adapter_mask", "attention_passes",
+                 "attention_attribute", "causal_towers", "batch_first")
+# Wrapper prefixes that name the same parameter: peft's model wrapper.
+PEFT_KEY_PREFIX = "base_model.model."
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder and rename it into place, so
+    an interrupted save never leaves a truncated file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temporary = Path(temporary_name)
+    try:
+        write(temporary)
+        with open(temporary, "rb") as stream:
+            os.fsync(stream.fileno())
+        # mkstemp makes owner-only files; give the result the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of a UTF-8 text."""
+    atomic_write(Path(path), lambda target: target.write_text(text, encoding="utf-8"))
+
+
+def copy_atomically(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` with `atomic_write`."""
+    atomic_write(Path(target), lambda temporary: shutil.copyfile(source, temporary))
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write ``tensors`` (copied to the CPU, contiguous) and the string ``metadata`` header as one
+    safetensors file, atomically. Returns ``path``."""
+    path = Path(path)
+    cpu_tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda target: save_file(cpu_tensors, str(target), metadata=dict(metadata)))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The header metadata and all tensors (on the CPU) of a safetensors file.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: the file is not a readable safetensors file (the file is named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at '{path}'")
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            return dict(reader.metadata() or {}), {key: reader.get_tensor(key) for key in reader.keys()}
+    except Exception as error:  # safetensors has its own error types for damaged headers
+        raise ValueError(f"'{path}' is not a readable safetensors file: {error}") from None
+
+
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """The content of a ``.pt``/``.pth`` file, read with ``torch.load(weights_only=True)`` onto the
+    CPU: tensors and plain containers only, never code.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: the file is damaged or holds objects other than tensors and containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at '{path}'")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"'{path}' could not be read with torch.load(weights_only=True) ({error}). Files from "
+            f"others are data, not code: harma never unpickles arbitrary objects. If you trust the "
+            f"file, re-save its state dict of tensors alone and load that."
+        ) from None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict of tensors from a ``.safetensors`` file or a torch file (a bare state dict, or
+    one under ``"state_dict"`` or ``"model"``), with DDP's ``module.`` prefixes removed.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: unreadable, or not a mapping of names to tensors (the file is named).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        return read_safetensors(path)[1]
+    loaded = read_torch_file(path)
+    if isinstance(loaded, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(loaded.get(key), Mapping):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ValueError(f"'{path}' does not hold a state dict of tensors (found {type(loaded).__name__})")
+    return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Matching and loading
+
+
+def match_tensors(
+    targets: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: str, kind: str = ""
+) -> None:
+    """Check that ``tensors`` (read from ``source``) fill ``targets`` exactly: the same names and
+    shapes. ``kind`` qualifies the tensors in messages (``"adapter"``).
+
+    Raises:
+        ValueError: naming the missing and unexpected names (a few of each, with counts) or the
+            first tensor whose shape differs, and ``source``.
+    """
+    missing = sorted(set(targets) - set(tensors))
+    unexpected = sorted(set(tensors) - set(targets))
+    problems, kind = [], f"{kind} " if kind else ""
+    if missing:
+        problems.append(f"{len(missing)} {kind}tensor(s) missing from the file, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the file have no place in the model, e.g. {unexpected[:3]}")
+    if problems:
+        raise ValueError(f"{source} does not fit this model: " + "; ".join(problems))
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(targets[name].shape):
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} in the file but "
+                f"{tuple(targets[name].shape)} in the model"
+            )
+
+
+def load_tensors(
+    targets: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """`match_tensors`, then copy every tensor into its target; on a mismatch nothing is copied."""
+    match_tensors(targets, tensors, source)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            targets[name].copy_(tensor)
+
+
+def check_state_dict_shapes(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise a `ValueError` naming the first tensor of ``state`` whose shape differs from the
+    model's tensor of the same key (keys the model lacks are left to the caller)."""
+    expected = model.state_dict()
+    for key, value in state.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise ValueError(
+                f"{source}: {key!r} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(expected[key].shape)} in the model (is it the right architecture?)"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors of a patched ``model`` by model-relative name; a shared MMS appears once."""
+    get_harma_config(model)
+    return {name: param.detach() for name, param in adapter_named_parameters(model)}
+
+
+def _adapter_alias_groups(model: nn.Module) -> list[list[str]]:
+    """Names of each adapter parameter: first the one ``named_parameters()`` reports, then the
+    names under which a shared MMS is registered again (the paper layout)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if is_adapter_parameter_name(name):
+            groups.setdefault(id(param), []).append(name)
+    return list(groups.values())
+
+
+def match_adapter_tensors(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str
+) -> dict[str, nn.Parameter | torch.Tensor]:
+    """Map stored adapter tensors onto ``model``'s adapter parameters, strictly.
+
+    Stored names may carry peft's ``base_model.model.`` prefix or not, whatever the model's
+    own naming; a shared MMS may be stored under any of its names. Every adapter parameter must
+    be found once with its shape, and no other tensor may be stored (`match_tensors`' errors).
+
+    Returns:
+        ``{parameter: stored tensor}`` keyed by each parameter's first name, ready for
+        `load_tensors`-style copying (use `load_adapter_tensors` to do both).
+    """
+    groups = _adapter_alias_groups(model)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    stored = {key.removeprefix(PEFT_KEY_PREFIX): value for key, value in tensors.items()}
+    canonical: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for group in groups:
+        bare = [name.removeprefix(PEFT_KEY_PREFIX) for name in group]
+        canonical[bare[0]] = parameters[group[0]]
+        aliases.update({alias: bare[0] for alias in bare})
+    renamed = {aliases.get(key, key): value for key, value in stored.items()}
+    match_tensors(canonical, renamed, source, kind="adapter")
+    return {name: renamed[bare] for name, bare in zip((g[0] for g in groups), canonical, strict=True)}
+
+
+def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """`match_adapter_tensors`, then copy; on a mismatch the adapters are left as they were."""
+    matched = match_adapter_tensors(model, tensors, source)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, value in matched.items():
+            parameters[name].copy_(value)
+
+
+def architecture_fingerprint(model: nn.Module, config: HarmaConfig) -> list[dict[str, Any]]:
+    """What an adapter file needs of its base model: each patched tower's depth and width.
+
+    Returns:
+        A JSON-compatible list, one ``{"name", "path", "blocks", "width"}`` per tower.
+    """
+    return [
+        {"name": t.name, "path": t.path, "blocks": len(t.block_names), "width": t.width}
+        for t in find_towers(model, config)
+    ]
+
+
+def check_fingerprint(
+    expected: Sequence[Mapping[str, Any]], actual: Sequence[Mapping[str, Any]], source: str
+) -> None:
+    """Raise a `ValueError` when two `architecture_fingerprint` lists differ in any tower's name,
+    depth or width.
+
+    Raises:
+        ValueError: the towers differ (both are described), or ``expected`` is malformed.
+    """
+    def towers(fingerprint: Sequence[Mapping[str, Any]], whose: str) -> list[tuple[Any, Any, Any]]:
+        try:
+            return [(t["name"], t["blocks"], t["width"]) for t in fingerprint]
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{source} has a damaged architecture fingerprint ({whose}): {error!r}") from None
+
+    def describe(listed: list[tuple[Any, Any, Any]]) -> str:
+        return ", ".join(f"{name} ({blocks} blocks of width {width})" for name, blocks, width in listed)
+
+    stored, current = towers(expected, "stored"), towers(actual, "model")
+    if stored != current:
+        raise ValueError(
+            f"{source} holds adapters for a model with towers {describe(stored)}, "
+            f"but this model has {describe(current)}"
+        )
+
+
+def check_layout(model_config: HarmaConfig, stored: HarmaConfig, source: str) -> None:
+    """Raise a `ValueError` naming every `LAYOUT_FIELDS` entry in which ``stored`` (a file's
+    layout) differs from ``model_config`` (the patched model's)."""
+    differing = [name for name in LAYOUT_FIELDS if getattr(model_config, name) != getattr(stored, name)]
+    if differing:
+        raise ValueError(
+            f"{source} was saved with another adapter layout than the model's: "
+            + ", ".join(f"{name}={getattr(stored, name)!r} (model: {getattr(model_config, name)!r})"
+                        for name in differing)
+        )
+
+
+def header_json(metadata: Mapping[str, str], key: str, source: str) -> Any:
+    """The JSON value stored under ``key`` in a safetensors header, with an error naming the
+    file and the key when it is absent or not JSON."""
+    try:
+        return json.loads(metadata[key])
+    except KeyError:
+        raise ValueError(f"{source} has a damaged header: no {key!r} entry") from None
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source} has a damaged header: {key!r} is not JSON ({error})") from None

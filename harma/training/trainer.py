@@ -1,0 +1,577 @@
+"""The training run: HarMA adapters, LoRA or full fine-tuning of an open_clip CLIP for
+image-text retrieval, on one process or many (``torchrun``), with exact resumption.
+
+`train` runs a `TrainConfig` through a `Trainer`, whose steps are its methods: `Trainer.setup`
+(datasets, folder, model, loss, optimizer), `Trainer.restore` (a resume state),
+`Trainer.train_epoch`, `Trainer.evaluate`, `Trainer.save_state` (the epoch's weights and resume
+state) and `Trainer.finish` (test of the best checkpoint, ``results.json``).
+
+Outputs of a run, in ``output_dir`` (see ``docs/training.md``): ``config.json``,
+``metrics.jsonl`` (one JSON line per epoch), ``training_curves.png`` (loss and validation mR per
+epoch, when matplotlib is installed), ``last.safetensors`` and ``best.safetensors`` (the
+trained tensors only; best is chosen on the validation split), ``last_state.pt`` (everything
+needed to resume) and ``results.json`` (test metrics of the best checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from ..distributed import (
+    barrier,
+    cleanup_distributed,
+    get_rank,
+    get_world_size,
+    init_distributed_from_env,
+    is_distributed,
+    is_main_process,
+    raise_on_any_rank,
+)
+from ..inject import count_parameters
+from ..io import atomic_write_text, copy_atomically
+from ..losses import HarmaLoss
+from ..retrieval import RetrievalEvaluator
+from .config import TrainConfig
+from .curves import plot_training_curves
+from .data import TokenizingCollate, build_datasets
+from .evaluation import short_metrics
+from .models import build_model, build_tokenizer, check_pretrained_source
+from .optim import LinearWarmupDecay, build_optimizer
+from .state import (
+    BEST_WEIGHTS_NAME,
+    CONFIG_NAME,
+    CURVES_NAME,
+    LAST_WEIGHTS_NAME,
+    METRICS_NAME,
+    RESULTS_NAME,
+    RUN_FILES,
+    STATE_FORMAT,
+    STATE_NAME,
+    STATE_VERSION,
+    check_output_dir,
+    read_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+    state_path,
+    write_metrics,
+)
+from .weights import load_trainable_state, load_trained_weights, save_trained_weights, trainable_state
+
+__all__ = ["EpochStats", "Trainer", "train"]
+
+
+def _log(message: str) -> None:
+    if is_main_process():
+        print(message, flush=True)
+
+
+def _seed_numpy_in_worker(worker_id: int) -> None:
+    # torch seeds its own and Python's generators in each worker; numpy is left alone.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on every key, well mixed (SeedSequence)."""
+    state = np.random.SeedSequence([int(k) % 2**63 for k in keys]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
+    """The device ``config.device`` names; ``auto`` is this process's GPU, or the CPU."""
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device={config.device!r} but CUDA is not available")
+    if config.device.startswith("cuda:"):
+        return torch.device(config.device)
+    return torch.device("cuda", local_rank)
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``config.precision`` (None for fp32)."""
+    if config.precision == "fp32":
+        return None
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return torch.bfloat16 if config.precision == "bf16" else torch.float16
+
+
+def _plot_curves(output_dir: Path) -> bool:
+    """Redraw ``training_curves.png`` from ``metrics.jsonl``. A picture must never end a run:
+    on failure, warn once and return False so the caller stops trying."""
+    try:
+        plot_training_curves(output_dir / METRICS_NAME, output_dir / CURVES_NAME)
+    except ImportError as error:
+        _log(f"[harma] warning: {CURVES_NAME} is not drawn: {error}")
+        return False
+    except Exception as error:  # whatever went wrong, training goes on
+        _log(f"[harma] warning: drawing {CURVES_NAME} failed ({type(error).__name__}: {error}); no more "
+             f"curves this run (redraw later with harma.training.curves.plot_training_curves)")
+        return False
+    return True
+
+
+class _ContrastiveStep(nn.Module):
+    """Model and loss in one module, so DDP also averages the temperature's gradient."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, image_ids: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        output = self.model(images, tokens)
+        if isinstance(output, Mapping):
+            image_embeds, text_embeds = output["image_features"], output["text_features"]
+        else:
+            image_embeds, text_embeds = output[0], output[1]
+        losses = self.loss(image_embeds, text_embeds, image_ids, labels)
+        affiliation = losses.affiliation if losses.affiliation is not None else losses.loss.new_zeros(())
+        return losses.loss, losses.contrastive, losses.triplet, affiliation
+
+
+@dataclass
+class EpochStats:
+    """What one epoch of training gave: mean losses over its micro-steps, the last learning
+    rate, and its optimizer steps."""
+
+    losses: dict[str, float]
+    lr: float
+    steps: int
+
+
+class Trainer:
+    """One training run of a `TrainConfig` on this process (every ``torchrun`` process has one).
+
+    Use `train` unless you need to drive the steps yourself: ``setup()``, then ``restore(state)``
+    when resuming, then per epoch ``train_epoch()``, ``evaluate(val_set)``, ``save_state(...)``,
+    and ``finish()``; `run` does exactly that.
+
+    Args:
+        config: the recipe; ``config.output_dir`` is the run folder.
+        device: where to train (see `resolve_device`).
+        overwrite: replace the run files of a non-empty ``output_dir``.
+    """
+
+    def __init__(self, config: TrainConfig, device: torch.device, *, overwrite: bool = False) -> None:
+        self.config = config
+        self.device = device
+        self.overwrite = overwrite
+        self.output_dir = Path(config.output_dir)
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.autocast_dtype = autocast_dtype(config, device)
+        self.epoch, self.global_step = 0, 0
+        self.best_metric, self.best_epoch = -math.inf, None
+        self.history: list[dict[str, Any]] = []
+        self.draw_curves = is_main_process()
+        self.start_time = time.time()
+
+    # ------------------------------------------------------------------------------ setup
+
+    def setup(self, *, fresh: bool = True) -> None:
+        """Check the inputs, prepare the run folder (a fresh run only) and build everything."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = self.config.tf32
+            torch.backends.cudnn.allow_tf32 = self.config.tf32
+        self._build_datasets()
+        if fresh:
+            self._prepare_folder()
+        self._build_model()
+        self._build_optimizer()
+        self._log_plan()
+
+    def _build_datasets(self) -> None:
+        # Datasets first: a wrong path fails before minutes of model loading. Every rank checks.
+        error: BaseException | None = None
+        try:
+            self.train_set, self.val_set, self.test_set = build_datasets(self.config)
+            check_pretrained_source(self.config.pretrained)
+        except (OSError, ValueError) as caught:
+            error = caught
+        raise_on_any_rank(error)
+
+    def _prepare_folder(self) -> None:
+        if is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if self.overwrite:
+                for name in RUN_FILES:
+                    (self.output_dir / name).unlink(missing_ok=True)
+            self.config.save(self.output_dir / CONFIG_NAME)
+        barrier()
+
+    def _build_model(self) -> None:
+        config = self.config
+        # Same seed on every rank: identical initial adapters (DDP also broadcasts rank 0's).
+        seed_everything(config.seed)
+        self.model = build_model(config).to(self.device)
+        self.tokenizer = build_tokenizer(config.model, config.model_config)
+        self.loss = HarmaLoss(
+            temperature_init=config.temperature_init,
+            learnable_temperature=config.learnable_temperature,
+            margin=config.margin,
+            gamma=config.gamma,
+            hardest_negative=config.hardest_negative,
+            same_image_positive=config.same_image_positive,
+            affiliation_weight=config.affiliation_weight,
+        ).to(self.device)
+        self.step_module: nn.Module = _ContrastiveStep(self.model, self.loss)
+        if is_distributed():
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+    def _steps_per_epoch(self) -> int:
+        config = self.config
+        micro_batches = len(self.train_set) // (config.batch_size * self.world_size)
+        steps = micro_batches // config.grad_accum_steps
+        if config.max_steps_per_epoch is not None:
+            steps = min(steps, config.max_steps_per_epoch)
+        if steps < 1:
+            raise ValueError(
+                f"the training set has {len(self.train_set)} pairs, fewer than one optimizer step of "
+                f"batch_size {config.batch_size} x {self.world_size} process(es) x grad_accum_steps "
+                f"{config.grad_accum_steps}; lower batch_size"
+            )
+        return steps
+
+    def _build_optimizer(self) -> None:
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.optimizer = build_optimizer(self.model, self.loss, self.config)
+        self.schedule = LinearWarmupDecay.from_fraction(
+            self.config.warmup_fraction, self.steps_per_epoch * self.config.epochs
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.precision == "fp16")
+
+    def _log_plan(self) -> None:
+        config, counts = self.config, count_parameters(self.model)
+        self.trainable_count = counts.trainable + int(config.learnable_temperature)
+        self.total_count = counts.all
+        _log(
+            f"[harma] method={config.method} model={config.model} pretrained={config.pretrained} "
+            f"device={self.device} processes={self.world_size} precision={config.precision}\n"
+            f"[harma] trainable parameters {self.trainable_count:,} of {counts.all:,} "
+            f"({100 * counts.trainable / max(counts.all, 1):.2f}%), loss temperature included\n"
+            f"[harma] train {len(self.train_set):,} pairs / {self.train_set.num_images:,} images, "
+            f"{self.steps_per_epoch} steps per epoch x {config.epochs} epochs, global batch "
+            f"{config.batch_size * self.world_size * config.grad_accum_steps}, "
+            f"warm-up {self.schedule.warmup_steps} steps"
+        )
+
+    # ---------------------------------------------------------------------------- restore
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from a resume state written by `save_state` (see `harma.training.state`)."""
+        if state.get("world_size") != self.world_size:
+            raise ValueError(
+                f"the run was started with {state.get('world_size')} process(es) and is resumed with "
+                f"{self.world_size}: the data order and global batch would differ; resume with the same count"
+            )
+        load_trainable_state(self.model, state["trainable"], "the resume state")
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.best_epoch = state["best_epoch"]
+        self.best_metric = state["best_metric"] if self.best_epoch is not None else -math.inf
+        self.history = list(state["history"])
+        if is_main_process():
+            set_rng_state(state["rng"])
+            write_metrics(self.output_dir / METRICS_NAME, self.history)
+        finished = self.epoch >= self.config.epochs
+        _log(f"[harma] resumed '{self.output_dir}' after epoch {self.epoch} (step {self.global_step})"
+             + ("; the run had finished: evaluating its best checkpoint again" if finished else ""))
+
+    # ------------------------------------------------------------------------------ train
+
+    def _loader(self) -> DataLoader:
+        config = self.config
+        # The epoch's randomness depends on (seed, epoch, rank) only, so a resumed run
+        # draws exactly what an uninterrupted one does, whatever happened in between.
+        seed_everything(derived_seed(config.seed, self.epoch, self.rank))
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
+                                     shuffle=True, seed=config.seed, drop_last=True)
+        sampler.set_epoch(self.epoch)
+        return DataLoader(
+            self.train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+            collate_fn=TokenizingCollate(self.tokenizer), pin_memory=self.device.type == "cuda",
+            drop_last=True, worker_init_fn=_seed_numpy_in_worker,
+            generator=torch.Generator().manual_seed(derived_seed(config.seed, self.epoch, self.rank, 1)),
+        )
+
+    def _micro_step(self, batch: tuple[torch.Tensor, ...], sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns the four losses, detached."""
+        batch = tuple(tensor.to(self.device, non_blocking=True) for tensor in batch)
+        no_sync = not sync and hasattr(self.step_module, "no_sync")
+        with self.step_module.no_sync() if no_sync else contextlib.nullcontext():
+            autocast = (torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+                        if self.autocast_dtype else contextlib.nullcontext())
+            with autocast:
+                losses = self.step_module(*batch)
+            self.scaler.scale(losses[0] / self.config.grad_accum_steps).backward()
+        return torch.stack([value.detach().double() for value in losses])
+
+    def _optimizer_step(self) -> None:
+        if self.config.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.loss.clamp_temperature_()
+
+    def train_epoch(self) -> EpochStats:
+        """Train one epoch (``steps_per_epoch`` optimizer steps) and advance the counters."""
+        config, steps = self.config, self.steps_per_epoch
+        accum = config.grad_accum_steps
+        # Summed on the device: reading a loss back every step would stall a GPU.
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        show_progress = config.progress and is_main_process()
+        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{config.epochs}", leave=False,
+                   disable=not show_progress, dynamic_ncols=True)
+        self.step_module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = 0
+        for batch in self._loader():
+            if micro >= steps * accum:
+                break
+            final = (micro + 1) % accum == 0
+            totals += self._micro_step(batch, sync=final)
+            micro += 1
+            if final:
+                self._optimizer_step()
+                bar.update(1)
+                if show_progress and (bar.n % 10 == 0 or bar.n == steps):
+                    bar.set_postfix(loss=f"{float(totals[0]) / micro:.4f}",
+                                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        bar.close()
+        if micro < steps * accum:
+            raise RuntimeError(f"the train loader gave {micro} micro-batches, expected {steps * accum}")
+        means = dict(zip(("loss", "contrastive", "triplet", "affiliation"), (totals / micro).tolist(), strict=True))
+        if config.affiliation_weight == 0:
+            del means["affiliation"]
+        self.epoch += 1
+        self.global_step += steps
+        return EpochStats(losses=means, lr=self.optimizer.param_groups[0]["lr"], steps=steps)
+
+    # --------------------------------------------------------------------------- evaluate
+
+    def evaluate(self, dataset: Any) -> dict[str, float]:
+        """R@1/5/10 both ways and mean recall (percent) of the model on an evaluation dataset
+        (sharded over ranks under ``torch.distributed``)."""
+        config = self.config
+        evaluator = RetrievalEvaluator.from_dataset(
+            dataset, self.tokenizer, batch_size=config.eval_batch_size, num_workers=config.num_workers,
+            device=self.device, autocast_dtype=self.autocast_dtype, progress=config.progress,
+        )
+        return evaluator.evaluate(self.model)
+
+    def evaluate_before_training(self) -> None:
+        """Validate the untrained model and log it as epoch 0."""
+        before = self.evaluate(self.val_set)
+        self.history.append({"epoch": 0, "step": 0, "val": before, "time_s": 0.0})
+        _log(f"[harma] epoch 0 (untrained) val {short_metrics(before)}")
+        if is_main_process():
+            write_metrics(self.output_dir / METRICS_NAME, self.history)
+
+    def _validate(self, line: dict[str, Any]) -> bool:
+        """Validate when the schedule says so; record the result in ``line``. Returns whether
+        this epoch becomes the best one."""
+        config = self.config
+        if self.val_set is not None and (self.epoch % config.eval_every == 0 or self.epoch == config.epochs):
+            line["val"] = self.evaluate(self.val_set)
+            improved = line["val"]["mean_recall"] > self.best_metric
+            if improved:
+                self.best_metric = line["val"]["mean_recall"]
+        else:
+            # Without a validation split the last epoch is kept.
+            improved = self.val_set is None and self.epoch == config.epochs
+        if improved:
+            self.best_epoch = self.epoch
+        return improved
+
+    # ------------------------------------------------------------------------------- save
+
+    def _resume_state(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "config": self.config.to_dict(),
+            "epoch": self.epoch, "global_step": self.global_step, "world_size": self.world_size,
+            "best_metric": float(self.best_metric) if self.best_epoch is not None else 0.0,
+            "best_epoch": self.best_epoch, "history": self.history,
+            "trainable": trainable_state(self.model), "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(),
+        }
+
+    def save_state(self, improved: bool) -> None:
+        """Write the epoch's weights (``last``, and ``best`` when ``improved``), the resume state,
+        ``metrics.jsonl`` and the curves (main process), then wait for every rank."""
+        if is_main_process():
+            temperature = float(self.loss.effective_temperature().detach())
+            extra = {"epoch": str(self.epoch), "step": str(self.global_step)}
+            save_trained_weights(self.model, self.output_dir / LAST_WEIGHTS_NAME, self.config, temperature, extra)
+            if improved:
+                copy_atomically(self.output_dir / LAST_WEIGHTS_NAME, self.output_dir / BEST_WEIGHTS_NAME)
+            save_state(self.output_dir / STATE_NAME, self._resume_state())
+            write_metrics(self.output_dir / METRICS_NAME, self.history)
+            if self.draw_curves:
+                self.draw_curves = _plot_curves(self.output_dir)
+        barrier()
+
+    # ------------------------------------------------------------------------------- loop
+
+    def run_epoch(self) -> None:
+        """`train_epoch`, then validation, `save_state` and a log line."""
+        epoch_start = time.time()
+        stats = self.train_epoch()
+        line: dict[str, Any] = {
+            "epoch": self.epoch, "step": self.global_step, "train": stats.losses, "lr": stats.lr,
+            "temperature": float(self.loss.effective_temperature().detach()),
+        }
+        improved = self._validate(line)
+        line["best_epoch"] = self.best_epoch
+        line["time_s"] = round(time.time() - epoch_start, 3)
+        self.history.append(line)
+        self.save_state(improved)
+        summary = (f"[harma] epoch {self.epoch}/{self.config.epochs} step {self.global_step} "
+                   f"loss {stats.losses['loss']:.4f} lr {stats.lr:.2e}")
+        if "val" in line:
+            summary += f" | val {short_metrics(line['val'])}" + (" (best)" if improved else "")
+        _log(summary + f" | {line['time_s']:.1f}s")
+
+    def _results(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "finished": self.epoch >= config.epochs,
+            "method": config.method,
+            "model": config.model,
+            "pretrained": config.pretrained,
+            "epochs": self.epoch,
+            "global_step": self.global_step,
+            "world_size": self.world_size,
+            "best_epoch": self.best_epoch,
+            "best_val": next((line.get("val") for line in self.history if line["epoch"] == self.best_epoch), None),
+            "trainable_parameters": self.trainable_count,
+            "total_parameters": self.total_count,
+            "temperature": float(self.loss.effective_temperature().detach()),
+            "output_dir": str(self.output_dir),
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """Test the best checkpoint (chosen on validation, never test) and write ``results.json``.
+
+        Returns:
+            The results (for a run stopped early, without the test and ``"finished": False``).
+        """
+        results = self._results()
+        if not results["finished"]:
+            _log(f"[harma] stopped after epoch {self.epoch}; continue with --resume {self.output_dir}")
+            return results
+        if self.test_set is not None and self.best_epoch is not None:
+            load_trained_weights(self.model, self.output_dir / BEST_WEIGHTS_NAME)
+            results["test"] = self.evaluate(self.test_set)
+            results["test_checkpoint"] = BEST_WEIGHTS_NAME
+            _log(f"[harma] test (best epoch {self.best_epoch} by validation) {short_metrics(results['test'])}")
+        results["time_s"] = round(time.time() - self.start_time, 3)
+        if is_main_process():
+            atomic_write_text(self.output_dir / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
+        barrier()
+        return results
+
+    def run(self, state: Mapping[str, Any] | None = None, stop_after_epoch: int | None = None) -> dict[str, Any]:
+        """Every step of the run, from `setup` to `finish`; ``state`` resumes a run."""
+        self.setup(fresh=state is None)
+        if state is not None:
+            self.restore(state)
+        elif self.config.eval_before_training and self.val_set is not None:
+            self.evaluate_before_training()
+        stop_at = self.config.epochs if stop_after_epoch is None else min(self.config.epochs, stop_after_epoch)
+        while self.epoch < stop_at:
+            self.run_epoch()
+        return self.finish()
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool | str | os.PathLike = False,
+    overwrite: bool = False,
+    stop_after_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Run a training recipe; under ``torchrun`` every process calls this.
+
+    Each epoch: train, validate (every ``eval_every`` epochs), save ``last.safetensors`` and
+    ``last_state.pt``, copy to ``best.safetensors`` when validation mean recall improves, append
+    to ``metrics.jsonl`` and redraw ``training_curves.png`` from it (skipped, with one warning,
+    without matplotlib). At the end the best checkpoint (by validation, never test) is
+    evaluated on the test split and ``results.json`` is written.
+
+    Args:
+        config: the recipe.
+        resume: True to continue the run in ``config.output_dir``, or a run folder /
+            ``last_state.pt`` path. The recipe must be the one the run was started with (only
+            the fields in ``RESUMABLE_CHANGES`` may differ); the finished run then equals an
+            uninterrupted one.
+        overwrite: start afresh in a non-empty ``output_dir``, replacing its run files.
+        stop_after_epoch: end after this many epochs as if interrupted (a job with a time
+            limit); ``resume`` continues it.
+
+    Returns:
+        The results dict written to ``results.json``: ``"test"`` (test metrics of the best
+        checkpoint), ``"best_val"``, ``"best_epoch"``, parameter counts, timings. For a
+        stopped run, the state after the last epoch with ``"finished": False``.
+
+    Raises:
+        FileExistsError: a fresh run in a non-empty ``output_dir``.
+        FileNotFoundError: missing annotation files, images or weights (named).
+        ValueError: an invalid recipe, or resuming with a different one.
+    """
+    output_dir = Path(config.output_dir)
+    state: dict[str, Any] | None = None
+    if resume:
+        path = state_path(resume, output_dir)
+        output_dir = path.parent
+        config = config.replace(output_dir=str(output_dir))
+        state = read_state(path, config)
+    check_output_dir(output_dir, resume=bool(resume), overwrite=overwrite)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    initialised_here = not is_distributed()
+    # torchrun's LOCAL_RANK picks the GPU; the backend follows the device, so a CPU run on a
+    # machine with GPUs still uses gloo.
+    device = resolve_device(config, int(os.environ.get("LOCAL_RANK", 0)))
+    init_distributed_from_env("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return Trainer(config, device, overwrite=overwrite).run(state, stop_after_epoch)
+    finally:
+        if initialised_here:
+            cleanup_distributed()

@@ -1,0 +1,120 @@
+"""The weight files of a training run: what each method trained, as one safetensors file.
+
+``harma`` runs write `harma.save_adapters` files; ``lora`` runs the LoRA tensors with the LoRA
+settings in the header; ``full`` runs the whole state dict. `load_trained_weights` reads any of
+the three back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import FORMAT_NAME as HARMA_FORMAT
+from ..checkpoint import load_adapters, save_adapters
+from ..io import load_tensors, read_safetensors, write_safetensors
+from .config import TrainConfig
+from .models import apply_lora
+
+LORA_FORMAT = "harma.train.lora"
+FULL_FORMAT = "harma.train.full"
+
+
+def _base_model_label(config: TrainConfig) -> str:
+    if config.pretrained:
+        return f"{config.model}/{Path(config.pretrained).name if os.sep in config.pretrained else config.pretrained}"
+    return config.model
+
+
+def save_trained_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: TrainConfig,
+    temperature: float | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write what the method trained as one safetensors file, atomically.
+
+    ``harma``: `harma.save_adapters` (adapter tensors and the layout). ``lora``: the LoRA
+    tensors, with the LoRA settings in the header. ``full``: the whole state dict (it is all
+    trained). The loss temperature goes into the header (it does not affect retrieval).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    metadata = {
+        "method": config.method,
+        "train_config": json.dumps(config.to_dict()),
+        **({"temperature": repr(float(temperature))} if temperature is not None else {}),
+        **dict(extra_metadata or {}),
+    }
+    if config.method == "harma":
+        return save_adapters(model, path, base_model=_base_model_label(config), metadata=metadata)
+    if config.method == "lora":
+        tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        metadata["format"] = LORA_FORMAT
+        metadata["lora"] = json.dumps({
+            "rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "targets": list(config.lora_targets),
+        })
+    else:
+        tensors = dict(model.state_dict())
+        metadata["format"] = FULL_FORMAT
+    return write_safetensors(path, tensors, metadata)
+
+
+def _load_lora(model: nn.Module, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor],
+               source: str) -> nn.Module:
+    lora = json.loads(metadata["lora"])
+    if not any("lora_" in name for name, _ in model.named_parameters()):
+        stored = TrainConfig(
+            method="lora", lora_rank=lora["rank"], lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"], lora_targets=tuple(lora["targets"]),
+        )
+        model = apply_lora(model, stored)
+    targets = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    load_tensors(targets, tensors, source)
+    return model
+
+
+def load_trained_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a file written by `save_trained_weights` into a base model (or into a model that
+    already carries the same method).
+
+    Returns:
+        The model, possibly wrapped (LoRA).
+
+    Raises:
+        ValueError: an unknown file format, or tensors that do not fit the model (named).
+    """
+    path = Path(path)
+    metadata, tensors = read_safetensors(path)
+    file_format = metadata.get("format")
+    source = f"'{path}'"
+    if file_format == HARMA_FORMAT:
+        return load_adapters(model, path)
+    if file_format == FULL_FORMAT:
+        load_tensors(model.state_dict(), tensors, source)
+        return model
+    if file_format == LORA_FORMAT:
+        return _load_lora(model, metadata, tensors, source)
+    raise ValueError(
+        f"'{path}' is not a harma training output (its header has format={file_format!r}; expected "
+        f"{HARMA_FORMAT!r}, {LORA_FORMAT!r} or {FULL_FORMAT!r})"
+    )
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the parameters that require grad, by name (what a resume state stores)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy a `trainable_state` back into ``model``; all or nothing."""
+    load_tensors({name: p for name, p in model.named_parameters() if p.requires_grad}, state, source)
