@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.metadata
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ _POSITION_HOOKS = {"mlp": apply_adapter_hook, "attention": apply_attention_adapt
 _ATTENTION_ATTRIBUTE_CANDIDATES = ("attn", "self_attn", "attention")
 _CONFIG_ATTRIBUTE = "harma_config"
 _TRAINABLE_BEFORE_ATTRIBUTE = "_harma_trainable_before"
+_HOOK_HANDLE_ATTRIBUTE = "_harma_hook_handle"
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,31 @@ def _text_tower_is_causal(model: nn.Module, path: str) -> bool:
     return getattr(owner, "attn_mask", None) is not None
 
 
+# open_clip 2.23 added ``Transformer.batch_first``: before it, blocks ran sequence-first with no
+# attribute saying so; later versions dropped the attribute again, their blocks always batch-first.
+OPEN_CLIP_BATCH_FIRST_SINCE = (2, 23)
+
+
+@functools.lru_cache(maxsize=1)
+def installed_open_clip_version() -> tuple[int, ...]:
+    """``(major, minor, ...)`` of the installed ``open_clip_torch``; ``()`` if it is not installed."""
+    try:
+        text = importlib.metadata.version("open_clip_torch")
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def _open_clip_batch_first(transformer: nn.Module) -> bool:
+    """Whether an open_clip ``Transformer`` runs its blocks batch-first: its ``batch_first``
+    attribute where it has one, else what the installed open_clip does without it."""
+    value = getattr(transformer, "batch_first", None)
+    if value is not None:
+        return bool(value)
+    version = installed_open_clip_version()
+    return not version or version >= OPEN_CLIP_BATCH_FIRST_SINCE
+
+
 def _known_towers(model: nn.Module, config: HarmaConfig) -> list[Tower]:
     towers: list[Tower] = []
     taken: set[str] = set()
@@ -131,8 +158,7 @@ def _known_towers(model: nn.Module, config: HarmaConfig) -> list[Tower]:
             continue
         batch_first = True
         if layout_path is not None:
-            # open_clip before 2.23 ran its blocks sequence-first and had no attribute for it.
-            batch_first = bool(getattr(model.get_submodule(layout_path), "batch_first", False))
+            batch_first = _open_clip_batch_first(model.get_submodule(layout_path))
         block_names = tuple(f"{path}.{i}" for i in range(len(container)))
         towers.append(
             Tower(
@@ -328,7 +354,9 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
             causal=config.adapter_mask == "tower" and tower.causal,
         ).to(device=reference_param.device, dtype=reference_param.dtype)
         model.get_submodule(tower.block_names[layer]).add_module(_POSITION_ATTRIBUTES[position], adapter)
-        module.register_forward_hook(functools.partial(_POSITION_HOOKS[position], adapter))
+        handle = module.register_forward_hook(functools.partial(_POSITION_HOOKS[position], adapter))
+        # Kept on the adapter: deepcopy and pickle carry the handle with the copied hook dict.
+        setattr(adapter, _HOOK_HANDLE_ATTRIBUTE, handle)
 
     if config.freeze_backbone:
         for name, param in model.named_parameters():
@@ -359,16 +387,15 @@ def remove_harma_adapters(model: nn.Module) -> nn.Module:
 
     Returns ``model`` itself, computing and holding exactly what it did before patching.
     """
-    config = get_harma_config(model)
-    for block_name, block in list(_patched_blocks(model)):
-        for position, attribute in _POSITION_ATTRIBUTES.items():
-            if not hasattr(block, attribute):
+    get_harma_config(model)
+    for _, block in list(_patched_blocks(model)):
+        for attribute in _POSITION_ATTRIBUTES.values():
+            adapter = getattr(block, attribute, None)
+            if adapter is None:
                 continue
-            module = (getattr(block, config.mlp_attribute) if position == "mlp"
-                      else _attention_module(block, block_name, config))
-            for key, hook in list(module._forward_hooks.items()):
-                if isinstance(hook, functools.partial) and hook.func is _POSITION_HOOKS[position]:
-                    del module._forward_hooks[key]
+            handle = getattr(adapter, _HOOK_HANDLE_ATTRIBUTE, None)
+            if handle is not None:
+                handle.remove()
             delattr(block, attribute)
     trainable_before = set(getattr(model, _TRAINABLE_BEFORE_ATTRIBUTE, ()))
     for name, param in model.named_parameters():

@@ -20,6 +20,7 @@ from tiny_models import (
 from torch import nn
 
 import harma
+from harma import inject as inject_module
 from harma.modules import MiniAdapter, MultimodalGatedAdapter
 
 
@@ -76,6 +77,49 @@ def test_adapters_attend_over_tokens_never_across_the_batch(family):
         assert (block(features)[0, 0] - block(changed)[0, 0]).abs().max().item() > 1e-4
 
 
+def _drop_batch_first_attribute(transformer: nn.Module) -> None:
+    """Make an open_clip ``Transformer`` look like one from an open_clip without the
+    ``batch_first`` attribute: no attribute, blocks always run batch-first."""
+
+    class AttributelessTransformer(type(transformer)):
+        def forward(self, x, attn_mask=None):
+            for block in self.resblocks:
+                x = block(x, attn_mask=attn_mask)
+            return x
+
+    assert transformer.batch_first is True
+    del transformer.batch_first
+    transformer.__class__ = AttributelessTransformer
+
+
+def test_open_clip_without_a_batch_first_attribute_is_batch_first(monkeypatch):
+    model = tiny_open_clip()
+    with torch.no_grad():
+        reference = encode(model, images(3), tokens(3))
+    for transformer in (model.transformer, model.visual.transformer):
+        _drop_batch_first_attribute(transformer)
+    with torch.no_grad():
+        assert max_difference(encode(model, images(3), tokens(3)), reference) == 0  # same model
+    assert [tower.batch_first for tower in harma.find_towers(model)] == [True, True]
+    harma.inject_harma_adapters(model, harma.HarmaConfig.paper())
+    perturb_adapters(model, scale=0.2)
+    with torch.no_grad():
+        batched = encode(model, images(3), tokens(3))
+        alone = [encode(model, images(3)[i : i + 1], tokens(3)[i : i + 1]) for i in range(3)]
+    for output, *single in zip(batched, *alone, strict=True):
+        assert (output - torch.cat(single)).abs().max().item() < 1e-4
+
+
+def test_open_clip_before_the_attribute_existed_is_sequence_first(monkeypatch):
+    model = tiny_open_clip()
+    del model.transformer.batch_first
+    monkeypatch.setattr(inject_module, "installed_open_clip_version", lambda: (2, 20, 0))
+    towers = {tower.name: tower.batch_first for tower in harma.find_towers(model)}
+    assert towers == {"vision": True, "text": False}
+    monkeypatch.setattr(inject_module, "installed_open_clip_version", lambda: (3, 9, 0))
+    assert all(tower.batch_first for tower in harma.find_towers(model))
+
+
 def test_every_block_of_both_towers_is_patched_after_its_mlp():
     model = harma.inject_harma_adapters(tiny_open_clip(layers=3))
     patched = [name for name, module in model.named_modules() if isinstance(module, MultimodalGatedAdapter)]
@@ -128,6 +172,20 @@ def test_remove_restores_the_original_model():
     with torch.no_grad():
         assert max_difference(encode(model, images(), tokens()), before) == 0
     harma.inject_harma_adapters(model)  # and it can be patched again
+
+
+def test_removing_from_a_copy_leaves_the_original_patched():
+    model = harma.inject_harma_adapters(tiny_open_clip())
+    perturb_adapters(model)
+    with torch.no_grad():
+        patched = encode(model, images(), tokens())
+    clone = harma.remove_harma_adapters(copy.deepcopy(model))
+    assert harma.is_patched(model) and not harma.is_patched(clone)
+    hooks = [hook for module in model.modules() for hook in module._forward_hooks.values()]
+    assert len(hooks) == len(list(harma.inject.adapters(model)))
+    assert not any(module._forward_hooks for module in clone.modules())
+    with torch.no_grad():
+        assert max_difference(encode(model, images(), tokens()), patched) == 0
 
 
 def test_patching_twice_is_a_clear_error():

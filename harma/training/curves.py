@@ -40,6 +40,43 @@ def _read_metrics_lines(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
+def _plot_losses(loss_axes: Any, trained: list[dict[str, Any]]) -> None:
+    if trained:
+        epochs = [line["epoch"] for line in trained]
+        loss_axes.plot(epochs, [line["train"].get("loss", np.nan) for line in trained], marker="o",
+                       linewidth=2, color="black", label="loss")
+        logged = {key for line in trained for key in line["train"]}
+        parts = [key for key in ("contrastive", "triplet", "affiliation") if key in logged]
+        for part in parts:
+            loss_axes.plot(epochs, [line["train"].get(part, np.nan) for line in trained], marker=".",
+                           linestyle="--", linewidth=1, label=part)
+        loss_axes.legend(loc="best", fontsize="small")
+    else:
+        loss_axes.text(0.5, 0.5, "no training epoch yet", ha="center", va="center",
+                       transform=loss_axes.transAxes)
+    loss_axes.set_title("training loss (mean per epoch)")
+    loss_axes.set_ylabel("loss")
+
+
+def _plot_recalls(recall_axes: Any, validated: list[dict[str, Any]], best_epoch: int | None) -> None:
+    if validated:
+        epochs = [line["epoch"] for line in validated]
+        recalls = [line["val"]["mean_recall"] for line in validated]
+        recall_axes.plot(epochs, recalls, marker="o", linewidth=2, color="tab:blue", label="val mR")
+        best = next((line for line in validated if line["epoch"] == best_epoch), None)
+        if best is not None:
+            best_recall = best["val"]["mean_recall"]
+            recall_axes.plot([best_epoch], [best_recall], marker="*", markersize=18, color="gold",
+                             markeredgecolor="black", linestyle="none",
+                             label=f"best: epoch {best_epoch}, mR {best_recall:.2f}")
+        recall_axes.legend(loc="best", fontsize="small")
+    else:
+        recall_axes.text(0.5, 0.5, "no validation yet", ha="center", va="center",
+                         transform=recall_axes.transAxes)
+    recall_axes.set_title("validation mean recall")
+    recall_axes.set_ylabel("mR (%)")
+
+
 def plot_training_curves(
     metrics_jsonl_path: str | os.PathLike,
     out_png: str | os.PathLike,
@@ -58,7 +95,7 @@ def plot_training_curves(
     redraw any run, finished or not.
 
     Args:
-        metrics_jsonl_path: a ``metrics.jsonl`` written by `harma.train.train`.
+        metrics_jsonl_path: a ``metrics.jsonl`` written by `harma.training.train`.
         out_png: where to write the PNG.
         title: figure title; default: the run folder's name.
 
@@ -97,39 +134,8 @@ def plot_training_curves(
     loss_axes, recall_axes = figure.subplots(1, 2, sharex=True)
     figure.suptitle(title if title is not None else metrics_path.resolve().parent.name)
 
-    if trained:
-        epochs = [line["epoch"] for line in trained]
-        loss_axes.plot(epochs, [line["train"].get("loss", np.nan) for line in trained], marker="o",
-                       linewidth=2, color="black", label="loss")
-        logged = {key for line in trained for key in line["train"]}
-        parts = [key for key in ("contrastive", "triplet", "affiliation") if key in logged]
-        for part in parts:
-            loss_axes.plot(epochs, [line["train"].get(part, np.nan) for line in trained], marker=".",
-                           linestyle="--", linewidth=1, label=part)
-        loss_axes.legend(loc="best", fontsize="small")
-    else:
-        loss_axes.text(0.5, 0.5, "no training epoch yet", ha="center", va="center",
-                       transform=loss_axes.transAxes)
-    loss_axes.set_title("training loss (mean per epoch)")
-    loss_axes.set_ylabel("loss")
-
-    if validated:
-        epochs = [line["epoch"] for line in validated]
-        recalls = [line["val"]["mean_recall"] for line in validated]
-        recall_axes.plot(epochs, recalls, marker="o", linewidth=2, color="tab:blue", label="val mR")
-        best = next((line for line in validated if line["epoch"] == best_epoch), None)
-        if best is not None:
-            best_recall = best["val"]["mean_recall"]
-            recall_axes.plot([best_epoch], [best_recall], marker="*", markersize=18, color="gold",
-                             markeredgecolor="black", linestyle="none",
-                             label=f"best: epoch {best_epoch}, mR {best_recall:.2f}")
-        recall_axes.legend(loc="best", fontsize="small")
-    else:
-        recall_axes.text(0.5, 0.5, "no validation yet", ha="center", va="center",
-                         transform=recall_axes.transAxes)
-    recall_axes.set_title("validation mean recall")
-    recall_axes.set_ylabel("mR (%)")
-
+    _plot_losses(loss_axes, trained)
+    _plot_recalls(recall_axes, validated, best_epoch)
     for axes in (loss_axes, recall_axes):
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
