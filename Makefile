@@ -22,6 +22,7 @@ test: install
 docs: install
 	$(BIN)/python -m pip install --quiet -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+	$(BIN)/python .ci/check_api_pages.py site
 
 lint: install
 	$(BIN)/ruff check .

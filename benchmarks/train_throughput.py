@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         parser.error(f"unknown method or precision: {unknown}")
     if device.type == "cuda":
-        # Same setting as harma.train's default (tf32=True): fp32 storage, TF32 tensor-core matmuls.
+        # Same setting as harma.training's default (tf32=True): fp32 storage, TF32 tensor-core matmuls.
         torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
         torch.backends.cudnn.allow_tf32 = not args.no_tf32
         device_name = torch.cuda.get_device_name(device)

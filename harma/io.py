@@ -229,8 +229,8 @@ def match_adapter_tensors(
     be found once with its shape, and no other tensor may be stored (`match_tensors`' errors).
 
     Returns:
-        ``{parameter: stored tensor}`` keyed by each parameter's first name, ready for
-        `load_tensors`-style copying (use `load_adapter_tensors` to do both).
+        The stored tensor of each adapter parameter, keyed by the parameter's first name
+        (`load_adapter_tensors` matches and copies in one call).
     """
     groups = _adapter_alias_groups(model)
     parameters = dict(model.named_parameters(remove_duplicate=False))

@@ -404,7 +404,7 @@ class RetrievalEvaluator:
         cls, dataset: Any, tokenizer: Callable[[list[str]], Tensor], **options: Any
     ) -> RetrievalEvaluator:
         """Build from an evaluation dataset exposing ``captions`` and ``txt2img`` attributes
-        (such as `harma.data.RetrievalEvalDataset`); ``options`` go to ``__init__``."""
+        (such as `harma.training.data.RetrievalEvalDataset`); ``options`` go to ``__init__``."""
         return cls(dataset, dataset.captions, dataset.txt2img, tokenizer, **options)
 
     def _resolve_device(self, model: nn.Module) -> torch.device:

@@ -55,8 +55,9 @@ def parameter_groups(
     appears once. Each group carries the parameters' names under ``"names"``.
 
     Returns:
-        ``[{"params", "names", "weight_decay": weight_decay}, {"params", "names",
-        "weight_decay": 0.0}]``, empty groups left out.
+        Two AdamW groups, each a dict with the keys ``"params"``, ``"names"`` and
+        ``"weight_decay"`` (``weight_decay`` in the first, 0.0 in the second); empty groups are
+        left out.
     """
     decay: dict[str, list] = {"params": [], "names": []}
     no_decay: dict[str, list] = {"params": [], "names": []}

@@ -490,7 +490,7 @@ class Trainer:
         """Test the best checkpoint (chosen on validation, never test) and write ``results.json``.
 
         Returns:
-            The results (for a run stopped early, without the test and ``"finished": False``).
+            The results; for a run stopped early, without the test and with ``"finished"`` set to False.
         """
         results = self._results()
         if not results["finished"]:
@@ -546,9 +546,9 @@ def train(
             limit); ``resume`` continues it.
 
     Returns:
-        The results dict written to ``results.json``: ``"test"`` (test metrics of the best
-        checkpoint), ``"best_val"``, ``"best_epoch"``, parameter counts, timings. For a
-        stopped run, the state after the last epoch with ``"finished": False``.
+        The results dict, also written to ``results.json``, with ``"test"`` (test metrics of the
+        best checkpoint), ``"best_val"``, ``"best_epoch"``, parameter counts and timings. For a
+        stopped run, the state after the last epoch, with ``"finished"`` set to False.
 
     Raises:
         FileExistsError: a fresh run in a non-empty ``output_dir``.
