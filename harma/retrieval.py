@@ -206,10 +206,27 @@ def _as_score_tensor(scores: Any) -> Tensor:
         tensor = tensor.double()
     elif tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()  # CPU comparisons on half types are slow; the upcast is exact.
-    # The sum is a cheap screen: it is finite unless some score is NaN or infinite.
-    if not bool(torch.isfinite(tensor.sum())) and bool(torch.isnan(tensor).any()):
-        raise ValueError("scores contain NaN")
+    # The sum is a cheap screen: it is finite unless some score is NaN or infinite (or the
+    # sum overflows, which the full check then clears).
+    if not bool(torch.isfinite(tensor.sum())):
+        _reject_nonfinite(tensor, "scores")
     return tensor
+
+
+def _reject_nonfinite(tensor: Tensor, name: str) -> None:
+    """Raise a `ValueError` saying how many values of ``tensor`` are NaN or infinite, and where
+    the first one is (``name[row, column]``)."""
+    bad = ~torch.isfinite(tensor)
+    count = int(bad.sum())
+    if count == 0:
+        return
+    nans = int(torch.isnan(tensor).sum())
+    first = ", ".join(str(i) for i in bad.nonzero()[0].tolist())
+    raise ValueError(
+        f"{name} contain {count} NaN or infinite value(s) ({nans} NaN, {count - nans} infinite) of "
+        f"{tensor.numel()}, the first at {name}[{first}]; retrieval needs finite values (did the "
+        f"model diverge?)"
+    )
 
 
 def retrieval_metrics(
@@ -231,8 +248,9 @@ def retrieval_metrics(
         in percent (0-100), and the ranks when ``return_ranks``.
 
     Raises:
-        ValueError: non-2-D scores, NaN scores, ``txt2img`` of the wrong length or dtype, a
-            caption pointing at a missing image, an image without caption.
+        ValueError: non-2-D scores, NaN or infinite scores (how many, and where the first
+            is), ``txt2img`` of the wrong length or dtype, a caption pointing at a missing
+            image, an image without caption.
     """
     _check_ties(ties)
     score_matrix = _as_score_tensor(scores)
@@ -285,6 +303,10 @@ def retrieval_metrics_from_embeddings(
         normalize: L2-normalise both sides first (cosine similarity).
         return_ranks: also return the 0-based `RetrievalRanks`.
         ties: ``"pessimistic"`` (default) or ``"optimistic"``.
+
+    Raises:
+        ValueError: non-2-D embeddings of different widths or devices, NaN or infinite
+            embeddings (how many, and where the first is), or an invalid ``txt2img``.
     """
     _check_ties(ties)
     if chunk_size < 1:
@@ -297,8 +319,8 @@ def retrieval_metrics_from_embeddings(
         )
     if images.device != texts.device:
         raise ValueError(f"image_embeds is on {images.device} but text_embeds is on {texts.device}")
-    if not (bool(torch.isfinite(images).all()) and bool(torch.isfinite(texts).all())):
-        raise ValueError("embeddings contain NaN or infinite values")
+    _reject_nonfinite(images, "image_embeds")
+    _reject_nonfinite(texts, "text_embeds")
     if texts.dtype != images.dtype:
         common = torch.promote_types(images.dtype, texts.dtype)
         images, texts = images.to(common), texts.to(common)

@@ -343,3 +343,30 @@ def test_evaluator_from_dataset_uses_its_captions() -> None:
     direct = RetrievalEvaluator(images, captions, txt2img, toy_tokenizer, progress=False)
     assert evaluator.batch_size == 4
     assert evaluator.evaluate(model) == direct.evaluate(model)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_scores_are_rejected_with_count_and_place(bad: float) -> None:
+    scores = torch.eye(3, dtype=torch.float64)
+    scores[1, 2] = bad
+    scores[2, 0] = bad
+    kind = "2 NaN, 0 infinite" if bad != bad else "0 NaN, 2 infinite"
+    with pytest.raises(ValueError, match=rf"scores contain 2 NaN or infinite value\(s\) \({kind}\) of 9, "
+                                         rf"the first at scores\[1, 2\]"):
+        retrieval_metrics(scores, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"scores contain 2 NaN or infinite"):
+        retrieval_metrics(scores.numpy(), [0, 1, 2])
+
+
+def test_non_finite_embeddings_are_named_like_scores() -> None:
+    texts = torch.randn(3, 4)
+    texts[2, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"text_embeds contain 1 NaN or infinite value\(s\) \(0 NaN, 1 infinite\) "
+                                         r"of 12, the first at text_embeds\[2, 1\]"):
+        retrieval_metrics_from_embeddings(torch.randn(3, 4), texts, [0, 1, 2])
+
+
+def test_finite_scores_whose_sum_overflows_are_accepted() -> None:
+    scores = torch.full((2, 2), 3e38, dtype=torch.float32)  # the sum is inf in float32
+    scores[0, 1] = scores[1, 0] = 0
+    assert retrieval_metrics(scores, [0, 1])["mean_recall"] == 100.0
