@@ -18,7 +18,7 @@ from typing import Any
 from ..config import HarmaConfig
 from .config import TrainConfig, read_config_file
 from .state import CONFIG_NAME
-from .trainer import train
+from .trainer import NonFiniteError, train
 
 __all__ = ["ParsedArgs", "main", "parse_args"]
 
@@ -154,6 +154,21 @@ def _merge_overrides(base: dict[str, Any], namespace: argparse.Namespace) -> dic
     return merged
 
 
+def _check_resume_folder(parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                         config: TrainConfig) -> None:
+    """``--resume RUN`` continues the run in RUN's folder; an ``--output_dir`` naming another
+    folder would be ignored, so it is an error."""
+    if not isinstance(namespace.resume, str) or "field:output_dir" not in vars(namespace):
+        return
+    run = Path(namespace.resume)
+    run_dir = run.parent if run.suffix == ".pt" else run
+    if run_dir.resolve() != Path(config.output_dir).resolve():
+        parser.error(
+            f"--resume {namespace.resume} continues the run in '{run_dir}', but --output_dir names "
+            f"'{config.output_dir}': drop --output_dir (a run is resumed where it is)"
+        )
+
+
 @dataclass(frozen=True)
 class ParsedArgs:
     """What `parse_args` found: the merged recipe and the run options."""
@@ -193,6 +208,7 @@ def parse_args(
         config = TrainConfig.from_dict(_merge_overrides(base, namespace))
     except ValueError as error:
         parser.error(str(error))
+    _check_resume_folder(parser, namespace, config)
     return ParsedArgs(
         config=config,
         resume=namespace.resume,
@@ -209,7 +225,12 @@ def main(
     prog: str | None = None,
     description: str | None = None,
 ) -> dict[str, Any]:
-    """Command line of the example scripts; see `parse_args` and ``docs/training.md``."""
+    """Command line of the example scripts; see `parse_args` and ``docs/training.md``.
+
+    Exits with status 2 (one ``error:`` line naming the cause) on a bad recipe, path or input
+    file, and 3 when the run diverged (`harma.training.trainer.NonFiniteError`); any other
+    failure raises (status 1).
+    """
     args = parse_args(argv, defaults, prog=prog, description=description)
     if args.print_config:
         print(json.dumps(args.config.to_dict(), indent=2))
@@ -221,3 +242,6 @@ def main(
         # A bad path or recipe is the user's to fix: one clear line, no traceback.
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(3) from None

@@ -16,11 +16,14 @@ from ..io import atomic_write_text
 
 METHODS = ("harma", "lora", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("stop", "skip")
 
 # Fields that may differ between a run and its resumption: they change where and how fast the
-# run goes, not what it computes.
+# run goes, not what it computes (the non-finite policy only acts on a step that diverged, so a
+# run stopped by one can be resumed with nonfinite=skip).
 RESUMABLE_CHANGES = frozenset(
-    {"output_dir", "num_workers", "threads", "progress", "eval_batch_size", "device"}
+    {"output_dir", "num_workers", "threads", "progress", "eval_batch_size", "device", "nonfinite",
+     "max_skipped_steps"}
 )
 
 
@@ -89,6 +92,10 @@ class TrainConfig:
     max_steps_per_epoch: int | None = field(default=None, metadata=_help(
         "cap on optimizer steps per epoch (demos, smoke tests)"))
     precision: str = field(default="fp32", metadata=_help("fp32 | bf16 | fp16 (autocast on CUDA)"))
+    nonfinite: str = field(default="stop", metadata=_help(
+        "a NaN/inf loss or gradient: stop the run (stop) or skip that optimizer step (skip)"))
+    max_skipped_steps: int = field(default=10, metadata=_help(
+        "with nonfinite=skip, stop once this many steps of the run were skipped"))
     seed: int = field(default=42, metadata=_help("seed of initialisation, data order and augmentation"))
     # Evaluation
     eval_every: int = field(default=1, metadata=_help("validate every N epochs (and after the last)"))
@@ -124,10 +131,12 @@ class TrainConfig:
             fail(f"method must be one of {METHODS}, got {self.method!r}")
         if self.precision not in PRECISIONS:
             fail(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            fail(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if self.device not in ("auto", "cuda", "cpu") and not self.device.startswith("cuda:"):
             fail(f"device must be auto, cuda or cpu, got {self.device!r}")
         positive_ints = ("image_size", "epochs", "batch_size", "grad_accum_steps", "eval_every",
-                         "eval_batch_size", "max_words", "lora_rank")
+                         "eval_batch_size", "max_words", "lora_rank", "max_skipped_steps")
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

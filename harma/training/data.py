@@ -35,6 +35,7 @@ from .config import TrainConfig
 __all__ = [
     "DEFAULT_CLIP_MEAN",
     "DEFAULT_CLIP_STD",
+    "ImageReadError",
     "RANDOM_OPS",
     "RandomOps",
     "RetrievalEvalDataset",
@@ -204,9 +205,28 @@ def check_image_files(
     raise FileNotFoundError("\n".join(lines))
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+class ImageReadError(ValueError):
+    """An image of a dataset could not be read; the message names the file and its annotation
+    entry."""
+
+    @classmethod
+    def without_worker_traceback(cls, error: ImageReadError) -> ImageReadError:
+        """The same error with only its own message: a DataLoader worker re-raises it in the main
+        process wrapped in the worker's traceback."""
+        text, marker = str(error), f"{cls.__name__}: "
+        if "Original Traceback" in text and marker in text:
+            text = text.rsplit(marker, 1)[1].strip()
+        return cls(text)
+
+
+def _open_rgb(path: Path, where: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:  # PIL raises many types for damaged files; each is the file's fault
+        raise ImageReadError(
+            f"image '{path}' ({where}) could not be read: {type(error).__name__}: {error}"
+        ) from None
 
 
 def _apply(transform: ImageTransform | None, image: Image.Image) -> Any:
@@ -252,6 +272,8 @@ class RetrievalTrainDataset(Dataset):
         self.max_words = max_words
 
         self.entries: list[dict] = []
+        # (annotation file, index in it) of every entry, for error messages
+        self.entry_origins: list[tuple[Path, int]] = []
         self.captions: list[str] = []
         self.image_indices: list[int] = []
         self.labels: list[int] = []
@@ -295,6 +317,7 @@ class RetrievalTrainDataset(Dataset):
             if check_files:
                 check_image_files(relative_paths, self.image_root, source=source)
             self.entries.extend(entries)
+            self.entry_origins.extend((source, index) for index in range(len(entries)))
 
     @property
     def num_images(self) -> int:
@@ -305,7 +328,8 @@ class RetrievalTrainDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, str, int, int]:
         image_index = self.image_indices[index]
-        image = _apply(self.transform, _open_rgb(self.image_paths[image_index]))
+        source, entry = self.entry_origins[index]
+        image = _apply(self.transform, _open_rgb(self.image_paths[image_index], f"entry {entry} of '{source}'"))
         return image, self.captions[index], image_index, self.labels[index]
 
     def __repr__(self) -> str:
@@ -381,7 +405,8 @@ class RetrievalEvalDataset(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        return _apply(self.transform, _open_rgb(self.image_paths[index])), index
+        where = f"entry {index} of '{self.annotation_file}'"
+        return _apply(self.transform, _open_rgb(self.image_paths[index], where)), index
 
     def __repr__(self) -> str:
         return (

@@ -4,6 +4,7 @@ resumed run equals an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -32,13 +33,14 @@ RUN_FILES = (
 
 
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a fresh run in a folder that holds files, unless ``overwrite``."""
+    """Refuse to start a fresh run in a folder that holds files, unless ``overwrite`` or the
+    files are those of a run that never saved a checkpoint."""
     if resume or not output_dir.exists():
         return
     if not output_dir.is_dir():
         raise FileExistsError(f"output_dir '{output_dir}' exists and is not a folder")
     contents = sorted(p.name for p in output_dir.iterdir())
-    if contents and not overwrite:
+    if contents and not overwrite and not holds_no_checkpoint(output_dir):
         raise FileExistsError(
             f"output_dir '{output_dir}' is not empty ({', '.join(contents[:5])}"
             f"{', ...' if len(contents) > 5 else ''}); pass --resume to continue that run, "
@@ -77,10 +79,12 @@ def read_state(path: Path, config: TrainConfig) -> dict[str, Any]:
 
 
 def differing_fields(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Recipe fields that differ, other than the `RESUMABLE_CHANGES`."""
+    """Recipe fields that differ, other than the `RESUMABLE_CHANGES`. A field the stored recipe
+    lacks (it was added to `TrainConfig` later) counts as its default."""
+    defaults = TrainConfig().to_dict()
     return sorted(
         key for key in set(stored) | set(current)
-        if key not in RESUMABLE_CHANGES and stored.get(key) != current.get(key)
+        if key not in RESUMABLE_CHANGES and stored.get(key, defaults.get(key)) != current.get(key)
     )
 
 
@@ -120,6 +124,39 @@ def save_state(path: Path, state: Mapping[str, Any]) -> None:
     atomic_write(path, lambda target: torch.save(dict(state), target))
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, so that it is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as indented, valid JSON (non-finite numbers as null), atomically."""
+    atomic_write_text(path, json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
+
+
 def write_metrics(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    """Rewrite ``metrics.jsonl``: one JSON line per entry of ``history``."""
-    atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in history))
+    """Rewrite ``metrics.jsonl``: one JSON line per entry of ``history`` (non-finite numbers as null)."""
+    atomic_write_text(path, "".join(json.dumps(json_safe(line), allow_nan=False) + "\n" for line in history))
+
+
+def leftover_temporary_files(output_dir: Path) -> list[Path]:
+    """Temporary files an interrupted `harma.io.atomic_write` of a run file left behind."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(
+        path for name in RUN_FILES for path in output_dir.glob(f".{name}.*.tmp") if path.is_file()
+    )
+
+
+def holds_no_checkpoint(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds only files of a run that never saved a checkpoint (its
+    ``config.json``, metrics, curves, temporary files), so that starting it again loses nothing."""
+    keep = {CONFIG_NAME, METRICS_NAME, CURVES_NAME}
+    leftovers = set(leftover_temporary_files(output_dir))
+    return all(path.name in keep or path in leftovers for path in output_dir.iterdir())

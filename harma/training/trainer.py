@@ -16,7 +16,6 @@ needed to resume) and ``results.json`` (test metrics of the best checkpoint).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -43,12 +42,12 @@ from ..distributed import (
     raise_on_any_rank,
 )
 from ..inject import count_parameters
-from ..io import atomic_write_text, copy_atomically
+from ..io import copy_atomically
 from ..losses import HarmaLoss
 from ..retrieval import RetrievalEvaluator
 from .config import TrainConfig
 from .curves import plot_training_curves
-from .data import TokenizingCollate, build_datasets
+from .data import ImageReadError, TokenizingCollate, build_datasets
 from .evaluation import short_metrics
 from .models import build_model, build_tokenizer, check_pretrained_source
 from .optim import LinearWarmupDecay, build_optimizer
@@ -64,21 +63,33 @@ from .state import (
     STATE_NAME,
     STATE_VERSION,
     check_output_dir,
+    holds_no_checkpoint,
+    leftover_temporary_files,
     read_state,
     rng_state,
     save_state,
     set_rng_state,
     state_path,
+    write_json,
     write_metrics,
 )
 from .weights import load_trainable_state, load_trained_weights, save_trained_weights, trainable_state
 
-__all__ = ["EpochStats", "Trainer", "train"]
+__all__ = ["EpochStats", "NonFiniteError", "Trainer", "train"]
 
 
 def _log(message: str) -> None:
     if is_main_process():
         print(message, flush=True)
+
+
+class NonFiniteError(RuntimeError):
+    """The run diverged: a loss, gradient or trained tensor became NaN or infinite."""
+
+
+def _first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    return next((name for name, tensor in tensors.items()
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
 
 
 def _seed_numpy_in_worker(worker_id: int) -> None:
@@ -163,6 +174,7 @@ class EpochStats:
     losses: dict[str, float]
     lr: float
     steps: int
+    skipped_steps: int = 0
 
 
 class Trainer:
@@ -187,6 +199,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype(config, device)
         self.epoch, self.global_step = 0, 0
         self.best_metric, self.best_epoch = -math.inf, None
+        self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []
         self.draw_curves = is_main_process()
         self.start_time = time.time()
@@ -195,6 +208,9 @@ class Trainer:
 
     def setup(self, *, fresh: bool = True) -> None:
         """Check the inputs, prepare the run folder (a fresh run only) and build everything."""
+        if is_main_process():
+            for leftover in leftover_temporary_files(self.output_dir):
+                leftover.unlink(missing_ok=True)  # an interrupted write of an earlier start
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = self.config.tf32
@@ -219,7 +235,7 @@ class Trainer:
     def _prepare_folder(self) -> None:
         if is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            if self.overwrite:
+            if self.overwrite or holds_no_checkpoint(self.output_dir):
                 for name in RUN_FILES:
                     (self.output_dir / name).unlink(missing_ok=True)
             self.config.save(self.output_dir / CONFIG_NAME)
@@ -302,12 +318,16 @@ class Trainer:
         self.best_epoch = state["best_epoch"]
         self.best_metric = state["best_metric"] if self.best_epoch is not None else -math.inf
         self.history = list(state["history"])
+        self.skipped_steps = state.get("skipped_steps", 0)
         if is_main_process():
             set_rng_state(state["rng"])
             write_metrics(self.output_dir / METRICS_NAME, self.history)
         finished = self.epoch >= self.config.epochs
         _log(f"[harma] resumed '{self.output_dir}' after epoch {self.epoch} (step {self.global_step})"
              + ("; the run had finished: evaluating its best checkpoint again" if finished else ""))
+        if state.get("pending_validation"):
+            _log(f"[harma] epoch {self.epoch} was saved but not validated: validating it now")
+            self.complete_epoch()
 
     # ------------------------------------------------------------------------------ train
 
@@ -341,47 +361,107 @@ class Trainer:
     def _optimizer_step(self) -> None:
         if self.config.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self._trainable(), self.config.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.loss.clamp_temperature_()
 
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _nonfinite_part(self, step_loss: torch.Tensor) -> str | None:
+        """What of this step is NaN or infinite (the loss, or a gradient), or None. One device
+        sync per optimizer step. Under fp16 the gradient scaler handles overflowing gradients
+        itself (it skips those steps and lowers the scale), so only the loss is checked there."""
+        checked = [step_loss]
+        grads = [p.grad for p in self._trainable() if p.grad is not None]
+        if grads and self.config.precision != "fp16":
+            checked.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).to(step_loss))
+        if bool(torch.isfinite(torch.stack(checked)).all()):
+            return None
+        if not bool(torch.isfinite(step_loss)):
+            return "the loss"
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        names.update({id(p): f"loss.{n}" for n, p in self.loss.named_parameters()})
+        bad = [names.get(id(p), "?") for p in self._trainable()
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        return f"the gradient of {len(bad)} tensor(s), e.g. {bad[:3]}"
+
+    def _diverged(self, part: str, step: int) -> None:
+        """Apply the non-finite policy to optimizer step ``step`` (1-based, of the run)."""
+        config = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        if config.nonfinite == "skip" and self.skipped_steps <= config.max_skipped_steps:
+            _log(f"[harma] warning: step {step} (epoch {self.epoch + 1}): {part} is not finite; step skipped "
+                 f"({self.skipped_steps} of at most {config.max_skipped_steps})")
+            self.scheduler.step()
+            return
+        limit = (f" after {config.max_skipped_steps} skipped step(s) (max_skipped_steps)"
+                 if config.nonfinite == "skip" else "")
+        raise NonFiniteError(
+            f"step {step} (epoch {self.epoch + 1}): {part} is not finite (NaN or inf){limit}. The run "
+            f"diverged: lower the learning rate (lr={config.lr:g}), clip gradients (max_grad_norm="
+            f"{config.max_grad_norm}), or train in fp32 (precision={config.precision}); nonfinite=skip "
+            f"skips such steps. The files in '{self.output_dir}' hold the last finished epoch "
+            f"({self.epoch}); --resume continues from there."
+        )
+
     def train_epoch(self) -> EpochStats:
-        """Train one epoch (``steps_per_epoch`` optimizer steps) and advance the counters."""
-        config, steps = self.config, self.steps_per_epoch
-        accum = config.grad_accum_steps
-        # Summed on the device: reading a loss back every step would stall a GPU.
+        """Train one epoch (``steps_per_epoch`` optimizer steps) and advance the counters.
+
+        Raises:
+            NonFiniteError: a step's loss or gradient is NaN or infinite and the policy
+                (``nonfinite``, ``max_skipped_steps``) says stop.
+        """
+        config, steps, accum = self.config, self.steps_per_epoch, self.config.grad_accum_steps
+        # Summed on the device: reading a loss back every micro-step would stall a GPU.
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
-        show_progress = config.progress and is_main_process()
+        step_totals = torch.zeros_like(totals)
         bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{config.epochs}", leave=False,
-                   disable=not show_progress, dynamic_ncols=True)
+                   disable=not (config.progress and is_main_process()), dynamic_ncols=True)
         self.step_module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        micro = 0
-        for batch in self._loader():
+        micro, skipped = 0, 0
+        for batch in self._batches():
             if micro >= steps * accum:
                 break
             final = (micro + 1) % accum == 0
-            totals += self._micro_step(batch, sync=final)
+            step_totals += self._micro_step(batch, sync=final)
             micro += 1
-            if final:
+            if not final:
+                continue
+            part = self._nonfinite_part(step_totals[0])
+            if part is None:
                 self._optimizer_step()
-                bar.update(1)
-                if show_progress and (bar.n % 10 == 0 or bar.n == steps):
-                    bar.set_postfix(loss=f"{float(totals[0]) / micro:.4f}",
-                                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                totals += step_totals
+            else:
+                self._diverged(part, self.global_step + micro // accum)
+                skipped += 1
+            step_totals.zero_()
+            bar.update(1)
+            if not bar.disable and (bar.n % 10 == 0 or bar.n == steps):
+                bar.set_postfix(loss=f"{float(totals[0]) / max(micro - skipped * accum, 1):.4f}",
+                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
         if micro < steps * accum:
             raise RuntimeError(f"the train loader gave {micro} micro-batches, expected {steps * accum}")
-        means = dict(zip(("loss", "contrastive", "triplet", "affiliation"), (totals / micro).tolist(), strict=True))
+        counted = max(micro - skipped * accum, 1)
+        means = dict(zip(("loss", "contrastive", "triplet", "affiliation"), (totals / counted).tolist(), strict=True))
         if config.affiliation_weight == 0:
             del means["affiliation"]
         self.epoch += 1
         self.global_step += steps
-        return EpochStats(losses=means, lr=self.optimizer.param_groups[0]["lr"], steps=steps)
+        return EpochStats(losses=means, lr=self.optimizer.param_groups[0]["lr"], steps=steps, skipped_steps=skipped)
+
+    def _batches(self):
+        """The epoch's batches; an unreadable image is reported without the worker's traceback."""
+        try:
+            yield from self._loader()
+        except ImageReadError as error:
+            raise ImageReadError.without_worker_traceback(error) from None
 
     # --------------------------------------------------------------------------- evaluate
 
@@ -393,7 +473,10 @@ class Trainer:
             dataset, self.tokenizer, batch_size=config.eval_batch_size, num_workers=config.num_workers,
             device=self.device, autocast_dtype=self.autocast_dtype, progress=config.progress,
         )
-        return evaluator.evaluate(self.model)
+        try:
+            return evaluator.evaluate(self.model)
+        except ImageReadError as error:
+            raise ImageReadError.without_worker_traceback(error) from None
 
     def evaluate_before_training(self) -> None:
         """Validate the untrained model and log it as epoch 0."""
@@ -421,27 +504,49 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- save
 
-    def _resume_state(self) -> dict[str, Any]:
+    def _resume_state(self, pending_validation: bool) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "config": self.config.to_dict(),
             "epoch": self.epoch, "global_step": self.global_step, "world_size": self.world_size,
             "best_metric": float(self.best_metric) if self.best_epoch is not None else 0.0,
-            "best_epoch": self.best_epoch, "history": self.history,
+            "best_epoch": self.best_epoch, "history": self.history, "skipped_steps": self.skipped_steps,
+            "pending_validation": pending_validation,
             "trainable": trainable_state(self.model), "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng_state(),
         }
 
-    def save_state(self, improved: bool) -> None:
-        """Write the epoch's weights (``last``, and ``best`` when ``improved``), the resume state,
-        ``metrics.jsonl`` and the curves (main process), then wait for every rank."""
+    def _check_finite_weights(self) -> None:
+        tensors = {**trainable_state(self.model), **{f"loss.{k}": v for k, v in self.loss.state_dict().items()}}
+        name = _first_nonfinite(tensors)
+        if name is not None:
+            raise NonFiniteError(
+                f"after epoch {self.epoch} (step {self.global_step}) the trained tensor {name!r} is not finite "
+                f"(NaN or inf); nothing of this epoch is saved. The run diverged: lower the learning rate "
+                f"(lr={self.config.lr:g}) or clip gradients (max_grad_norm)."
+            )
+
+    def save_state(self, improved: bool = False, *, weights: bool = True, pending_validation: bool = False) -> None:
+        """Write the run's files (main process), then wait for every rank.
+
+        Args:
+            improved: this epoch is the new best: copy ``last.safetensors`` to ``best.safetensors``.
+            weights: write ``last.safetensors`` (False when it is already on disk for this epoch).
+            pending_validation: the epoch's validation has not run yet; a resumed run runs it first.
+
+        Raises:
+            NonFiniteError: a trained tensor is NaN or infinite; nothing is written.
+        """
         if is_main_process():
-            temperature = float(self.loss.effective_temperature().detach())
-            extra = {"epoch": str(self.epoch), "step": str(self.global_step)}
-            save_trained_weights(self.model, self.output_dir / LAST_WEIGHTS_NAME, self.config, temperature, extra)
+            if weights:
+                self._check_finite_weights()
+                temperature = float(self.loss.effective_temperature().detach())
+                extra = {"epoch": str(self.epoch), "step": str(self.global_step)}
+                save_trained_weights(self.model, self.output_dir / LAST_WEIGHTS_NAME, self.config, temperature,
+                                     extra)
             if improved:
                 copy_atomically(self.output_dir / LAST_WEIGHTS_NAME, self.output_dir / BEST_WEIGHTS_NAME)
-            save_state(self.output_dir / STATE_NAME, self._resume_state())
+            save_state(self.output_dir / STATE_NAME, self._resume_state(pending_validation))
             write_metrics(self.output_dir / METRICS_NAME, self.history)
             if self.draw_curves:
                 self.draw_curves = _plot_curves(self.output_dir)
@@ -450,23 +555,36 @@ class Trainer:
     # ------------------------------------------------------------------------------- loop
 
     def run_epoch(self) -> None:
-        """`train_epoch`, then validation, `save_state` and a log line."""
+        """`train_epoch`, `save_state`, then the validation and its `save_state`, and a log line.
+
+        The epoch's checkpoint is written before validation, which reads new input (the
+        validation images) and can fail: a crash there loses no training.
+        """
         epoch_start = time.time()
         stats = self.train_epoch()
         line: dict[str, Any] = {
             "epoch": self.epoch, "step": self.global_step, "train": stats.losses, "lr": stats.lr,
             "temperature": float(self.loss.effective_temperature().detach()),
         }
-        improved = self._validate(line)
-        line["best_epoch"] = self.best_epoch
+        if stats.skipped_steps:
+            line["skipped_steps"] = stats.skipped_steps
         line["time_s"] = round(time.time() - epoch_start, 3)
         self.history.append(line)
-        self.save_state(improved)
+        self.save_state(pending_validation=True)
+        self.complete_epoch()
+
+    def complete_epoch(self) -> None:
+        """Validate the epoch just saved (when the schedule says so), mark the best one, save."""
+        line = self.history[-1]
+        improved = self._validate(line)
+        line["best_epoch"] = self.best_epoch
+        self.save_state(improved, weights=False)
         summary = (f"[harma] epoch {self.epoch}/{self.config.epochs} step {self.global_step} "
-                   f"loss {stats.losses['loss']:.4f} lr {stats.lr:.2e}")
+                   f"loss {line['train']['loss']:.4f} lr {line['lr']:.2e}")
         if "val" in line:
             summary += f" | val {short_metrics(line['val'])}" + (" (best)" if improved else "")
         _log(summary + f" | {line['time_s']:.1f}s")
+
 
     def _results(self) -> dict[str, Any]:
         config = self.config
@@ -483,6 +601,7 @@ class Trainer:
             "trainable_parameters": self.trainable_count,
             "total_parameters": self.total_count,
             "temperature": float(self.loss.effective_temperature().detach()),
+            "skipped_steps": self.skipped_steps,
             "output_dir": str(self.output_dir),
         }
 
@@ -503,7 +622,7 @@ class Trainer:
             _log(f"[harma] test (best epoch {self.best_epoch} by validation) {short_metrics(results['test'])}")
         results["time_s"] = round(time.time() - self.start_time, 3)
         if is_main_process():
-            atomic_write_text(self.output_dir / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
+            write_json(self.output_dir / RESULTS_NAME, results)
         barrier()
         return results
 
@@ -550,10 +669,17 @@ def train(
         best checkpoint), ``"best_val"``, ``"best_epoch"``, parameter counts and timings. For a
         stopped run, the state after the last epoch, with ``"finished"`` set to False.
 
+    A run folder that holds no checkpoint yet (the run failed before its first epoch ended)
+    can be started again with the same call, with or without ``resume``; temporary files that an
+    interrupted write left there are removed.
+
     Raises:
         FileExistsError: a fresh run in a non-empty ``output_dir``.
         FileNotFoundError: missing annotation files, images or weights (named).
-        ValueError: an invalid recipe, or resuming with a different one.
+        ValueError: an invalid recipe, resuming with a different one, or an unreadable image
+            (`harma.training.data.ImageReadError`, naming the file and its annotation entry).
+        NonFiniteError: the run diverged (see ``TrainConfig.nonfinite``); the files of the last
+            finished epoch stay as they were.
     """
     output_dir = Path(config.output_dir)
     state: dict[str, Any] | None = None
@@ -561,7 +687,12 @@ def train(
         path = state_path(resume, output_dir)
         output_dir = path.parent
         config = config.replace(output_dir=str(output_dir))
-        state = read_state(path, config)
+        if not path.is_file() and output_dir.is_dir() and holds_no_checkpoint(output_dir):
+            # The run stopped before its first checkpoint: there is nothing to lose by starting it.
+            _log(f"[harma] '{output_dir}' has no checkpoint yet: starting the run from the beginning")
+            resume = False
+        else:
+            state = read_state(path, config)
     check_output_dir(output_dir, resume=bool(resume), overwrite=overwrite)
     if config.threads:
         torch.set_num_threads(config.threads)
