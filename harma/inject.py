@@ -244,14 +244,29 @@ def _selected_layers(tower: Tower, layers: tuple[int, ...] | None) -> list[int]:
     return sorted(set(selected))
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside its wrappers: ``DistributedDataParallel``/``DataParallel`` (``.module``)
+    and ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``), in any nesting; ``model``
+    itself when it is not wrapped. Adapters live on, and are saved from, the unwrapped model,
+    so its parameter names carry no ``module.`` or ``_orig_mod.`` prefix."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(model._modules.get("_orig_mod"), nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = model._modules["_orig_mod"]
+        else:
+            return model
+
+
 def is_patched(model: nn.Module) -> bool:
-    """Whether ``model`` carries HarMA adapters."""
-    return getattr(model, _CONFIG_ATTRIBUTE, None) is not None
+    """Whether ``model`` (or the model inside its wrappers) carries HarMA adapters."""
+    return getattr(unwrap_model(model), _CONFIG_ATTRIBUTE, None) is not None
 
 
 def get_harma_config(model: nn.Module) -> HarmaConfig:
-    """The config ``model`` was patched with; a clear error if it carries no adapters."""
-    config = getattr(model, _CONFIG_ATTRIBUTE, None)
+    """The config ``model`` (or the model inside its wrappers) was patched with; a clear error
+    if it carries no adapters."""
+    config = getattr(unwrap_model(model), _CONFIG_ATTRIBUTE, None)
     if config is None:
         raise ValueError(
             f"{type(model).__name__} carries no HarMA adapters; call harma.inject_harma_adapters first"
@@ -305,17 +320,26 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
     Args:
         model: an open_clip CLIP, Hugging Face ``CLIPModel``/SigLIP-style model, timm
             ``VisionTransformer``, or any model whose blocks ``config.target_modules`` matches.
+            A ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel`` wrapper is
+            looked through (`unwrap_model`): the adapters go on the model inside. Patch before
+            wrapping with ``DistributedDataParallel``, which only synchronises the parameters
+            it saw when it was built.
         config: the layout; defaults to `HarmaConfig` (the reference layout).
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: the model is already patched, or no blocks match.
+        ValueError: the model is already patched, or no blocks match, or it has parameters on
+            the meta device (adapters created there hold garbage after ``to_empty``):
+            materialise the model first (``model.to_empty(device=...)`` and load its weights),
+            then inject.
     """
     config = config or HarmaConfig()
     if not isinstance(config, HarmaConfig):
         raise TypeError(f"config must be a HarmaConfig, got {type(config).__name__}")
+    wrapper, model = model, unwrap_model(model)
+    _check_not_meta(model)
     if is_patched(model) or any(
         isinstance(m, MultimodalGatedAdapter) for m in model.modules()
     ):
@@ -366,7 +390,21 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
             param.requires_grad_(True)
     setattr(model, _CONFIG_ATTRIBUTE, config)
     setattr(model, _TRAINABLE_BEFORE_ATTRIBUTE, trainable_before)
-    return model
+    return wrapper
+
+
+def _check_not_meta(model: nn.Module) -> None:
+    """Refuse a model with parameters on the meta device: the adapters would be created there
+    too, and ``to_empty`` would leave them uninitialised memory instead of their initial values."""
+    meta = [name for name, param in model.named_parameters() if param.is_meta]
+    if meta:
+        raise ValueError(
+            f"{type(model).__name__} has {len(meta)} parameter(s) on the meta device (e.g. {meta[0]!r}): "
+            f"adapters injected now would be created on meta too, and after model.to_empty(...) they "
+            f"would hold uninitialised memory (garbage), not their initial values. Materialise the "
+            f"model first: model.to_empty(device=...) and load its weights (e.g. "
+            f"model.load_state_dict(state, assign=True)), then call inject_harma_adapters"
+        )
 
 
 def is_adapter_parameter_name(name: str) -> bool:
@@ -387,6 +425,7 @@ def remove_harma_adapters(model: nn.Module) -> nn.Module:
 
     Returns ``model`` itself, computing and holding exactly what it did before patching.
     """
+    wrapper, model = model, unwrap_model(model)
     get_harma_config(model)
     for _, block in list(_patched_blocks(model)):
         for attribute in _POSITION_ATTRIBUTES.values():
@@ -402,7 +441,7 @@ def remove_harma_adapters(model: nn.Module) -> nn.Module:
         param.requires_grad_(name in trainable_before)
     delattr(model, _CONFIG_ATTRIBUTE)
     delattr(model, _TRAINABLE_BEFORE_ATTRIBUTE)
-    return model
+    return wrapper
 
 
 def adapters(model: nn.Module) -> Iterator[tuple[str, MultimodalGatedAdapter]]:

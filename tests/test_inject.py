@@ -370,3 +370,36 @@ def test_cuda_forward_matches_the_cpu_forward():
         got = encode(model, images().cuda(), tokens().cuda())  # the fused attention kernel path
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_meta_device_model_is_refused_with_what_to_do():
+    with torch.device("meta"):
+        model = tiny_open_clip()
+    with pytest.raises(ValueError, match=r"on the meta device.*to_empty.*garbage.*Materialise the model first: "
+                                         r"model\.to_empty\(device=\.\.\.\) and load its weights"):
+        harma.inject_harma_adapters(model)
+    assert not harma.is_patched(model) and not any(m._forward_hooks for m in model.modules())
+    model.to_empty(device="cpu")
+    model.load_state_dict(tiny_open_clip().state_dict())
+    reference = tiny_open_clip()
+    for patched in (model, reference):
+        torch.manual_seed(3)
+        harma.inject_harma_adapters(patched)
+    expected = dict(inject_module.adapter_named_parameters(reference))
+    for name, param in inject_module.adapter_named_parameters(model):  # their initial values, not garbage
+        assert param.device.type == "cpu" and torch.equal(param, expected[name])
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel, lambda m: nn.DataParallel(torch.compile(m))],
+                         ids=["compile", "data_parallel", "both"])
+def test_wrappers_are_looked_through(wrap):
+    model = tiny_open_clip()
+    wrapped = wrap(model)
+    assert inject_module.unwrap_model(wrapped) is model
+    assert harma.inject_harma_adapters(wrapped) is wrapped
+    assert harma.is_patched(model) and harma.is_patched(wrapped)
+    assert harma.get_harma_config(wrapped) is harma.get_harma_config(model)
+    assert all(not name.startswith(("module.", "_orig_mod.")) for name, _ in
+               inject_module.adapter_named_parameters(inject_module.unwrap_model(wrapped)))
+    harma.remove_harma_adapters(wrapped)
+    assert not harma.is_patched(model) and all(p.requires_grad for p in model.parameters())
