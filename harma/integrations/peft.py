@@ -33,6 +33,7 @@ in ``get_peft_model_state_dict``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import types
 from collections.abc import Mapping, Sequence
@@ -86,11 +87,14 @@ def _with_harma_fields(cls: type) -> type:
     """Give ``cls`` (before ``@dataclass``) every mirrored `HarmaConfig` field with its type and
     default, ahead of its own fields, so that the two configs cannot drift apart."""
     harma_fields = {f.name: f for f in dataclasses.fields(HarmaConfig)}
-    own = dict(cls.__dict__.get("__annotations__", {}))
-    cls.__annotations__ = {**{name: harma_fields[name].type for name in _MIRRORED_FIELDS}, **own}
+    own = inspect.get_annotations(cls)
+    # peft writes the config as JSON, where HarmaConfig's tuples are lists (__post_init__ converts).
+    mirrored = {name: str(harma_fields[name].type).replace("tuple[str, ...]", "list[str]")
+                .replace("tuple[int, ...]", "list[int]") for name in _MIRRORED_FIELDS}
+    cls.__annotations__ = {**mirrored, **own}
     for name in _MIRRORED_FIELDS:
         setattr(cls, name, field(default=harma_fields[name].default,
-                                 metadata={"help": f"harma.HarmaConfig.{name}"}))
+                                 metadata={"help": f"see harma.HarmaConfig.{name}"}))
     return cls
 
 

@@ -12,7 +12,7 @@ The core (`harma`) never imports this package. What is here:
 - `harma.training.optim`: AdamW groups and the learning-rate schedule;
 - `harma.training.models`: open_clip backbones and tokenizers;
 - `harma.training.data`: RSITMD/RSICD annotation files, datasets and transforms;
-- `harma.training.evaluation`: metrics as text and tables;
+- `harma.training.report`: retrieval metrics as text and tables;
 - `harma.training.gallery`, `harma.training.gallery_render`, `harma.training.curves`: pictures;
 - `harma.training.synthetic`: generated datasets for the demo and the benchmarks;
 - `harma.training.demo`: the CPU demo, run as ``python -m harma.training.demo``.
@@ -20,9 +20,9 @@ The core (`harma`) never imports this package. What is here:
 
 from .cli import main, parse_args
 from .config import METHODS, PRECISIONS, RESUMABLE_CHANGES, TrainConfig
-from .evaluation import format_metrics_table
 from .models import build_backbone, build_model, build_tokenizer, load_backbone_weights
 from .optim import LinearWarmupDecay, build_optimizer, parameter_groups
+from .report import format_metrics_table
 from .trainer import Trainer, train
 from .weights import load_trained_weights, save_trained_weights
 

@@ -193,7 +193,10 @@ def parse_args(
     ``--resume runs/x`` alone continues that run.
     """
     parser = _build_parser(prog, description)
-    namespace = parser.parse_args(list(argv) if argv is not None else None)
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    if "--demo" in arguments:
+        parser.error("--demo has its own entry point now: python examples/demo.py (or python -m harma.training.demo)")
+    namespace = parser.parse_args(arguments)
     base = _defaults_dict(defaults)
     if namespace.config:
         base.update(read_config_file(namespace.config))

@@ -23,8 +23,8 @@ from ..config import HarmaConfig
 from ..retrieval import RetrievalEvaluator
 from .config import TrainConfig
 from .data import RetrievalEvalDataset, test_transform
-from .evaluation import format_metrics_table
 from .models import build_backbone, build_tokenizer, tiny_clip_config
+from .report import format_metrics_table
 from .state import BEST_WEIGHTS_NAME
 from .synthetic import SyntheticDataset, make_synthetic_dataset
 from .trainer import train

@@ -209,6 +209,11 @@ def build_tokenizer(model_name: str, model_config: Mapping[str, Any] | None = No
     return open_clip.get_tokenizer(model_name)
 
 
+def is_lora_parameter(name: str) -> bool:
+    """Whether a parameter name belongs to a peft LoRA layer."""
+    return "lora_" in name
+
+
 def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     """peft LoRA on ``config.lora_targets`` of ``model``, the rest frozen. Returns the model."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -224,7 +229,7 @@ def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     except ValueError as error:
         raise ValueError(f"LoRA could not be applied with lora_targets={list(config.lora_targets)}: {error}") from None
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
+        param.requires_grad_(is_lora_parameter(name))
     return model
 
 

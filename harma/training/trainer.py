@@ -48,9 +48,9 @@ from ..retrieval import RetrievalEvaluator
 from .config import TrainConfig
 from .curves import plot_training_curves
 from .data import ImageReadError, TokenizingCollate, build_datasets
-from .evaluation import short_metrics
 from .models import build_model, build_tokenizer, check_pretrained_source
 from .optim import LinearWarmupDecay, build_optimizer
+from .report import short_metrics
 from .state import (
     BEST_WEIGHTS_NAME,
     CONFIG_NAME,
@@ -97,20 +97,20 @@ def _seed_numpy_in_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def derived_seed(*keys: int) -> int:
+def _derived_seed(*keys: int) -> int:
     """A 63-bit seed that depends on every key, well mixed (SeedSequence)."""
     state = np.random.SeedSequence([int(k) % 2**63 for k in keys]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def seed_everything(seed: int) -> None:
+def _seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
+def _resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
     """The device ``config.device`` names; ``auto`` is this process's GPU, or the CPU."""
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -121,7 +121,7 @@ def resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``config.precision`` (None for fp32)."""
     if config.precision == "fp32":
         return None
@@ -196,7 +196,7 @@ class Trainer:
         self.overwrite = overwrite
         self.output_dir = Path(config.output_dir)
         self.rank, self.world_size = get_rank(), get_world_size()
-        self.autocast_dtype = autocast_dtype(config, device)
+        self.autocast_dtype = _autocast_dtype(config, device)
         self.epoch, self.global_step = 0, 0
         self.best_metric, self.best_epoch = -math.inf, None
         self.skipped_steps = 0
@@ -207,7 +207,17 @@ class Trainer:
     # ------------------------------------------------------------------------------ setup
 
     def setup(self, *, fresh: bool = True) -> None:
-        """Check the inputs, prepare the run folder (a fresh run only) and build everything."""
+        """Check the inputs, prepare the run folder and build everything.
+
+        Args:
+            fresh: a new run: ``output_dir`` must be empty (or hold no checkpoint, or
+                ``overwrite`` was given) and gets ``config.json``. False when resuming: the
+                folder is used as it is, and `restore` follows.
+
+        Raises:
+            FileExistsError: a fresh run in a folder holding another run's checkpoints.
+        """
+        check_output_dir(self.output_dir, resume=not fresh, overwrite=self.overwrite)
         if is_main_process():
             for leftover in leftover_temporary_files(self.output_dir):
                 leftover.unlink(missing_ok=True)  # an interrupted write of an earlier start
@@ -244,7 +254,7 @@ class Trainer:
     def _build_model(self) -> None:
         config = self.config
         # Same seed on every rank: identical initial adapters (DDP also broadcasts rank 0's).
-        seed_everything(config.seed)
+        _seed_everything(config.seed)
         self.model = build_model(config).to(self.device)
         self.tokenizer = build_tokenizer(config.model, config.model_config)
         self.loss = HarmaLoss(
@@ -302,13 +312,17 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- restore
 
-    def restore(self, state: Mapping[str, Any]) -> None:
-        """Continue from a resume state written by `save_state` (see `harma.training.state`)."""
+    def check_resumable(self, state: Mapping[str, Any]) -> None:
+        """Refuse a resume state saved by another number of processes (before anything is built)."""
         if state.get("world_size") != self.world_size:
             raise ValueError(
                 f"the run was started with {state.get('world_size')} process(es) and is resumed with "
                 f"{self.world_size}: the data order and global batch would differ; resume with the same count"
             )
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from a resume state written by `save_state` (see `harma.training.state`)."""
+        self.check_resumable(state)
         load_trainable_state(self.model, state["trainable"], "the resume state")
         self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -335,7 +349,7 @@ class Trainer:
         config = self.config
         # The epoch's randomness depends on (seed, epoch, rank) only, so a resumed run
         # draws exactly what an uninterrupted one does, whatever happened in between.
-        seed_everything(derived_seed(config.seed, self.epoch, self.rank))
+        _seed_everything(_derived_seed(config.seed, self.epoch, self.rank))
         sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
                                      shuffle=True, seed=config.seed, drop_last=True)
         sampler.set_epoch(self.epoch)
@@ -343,7 +357,7 @@ class Trainer:
             self.train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
             collate_fn=TokenizingCollate(self.tokenizer), pin_memory=self.device.type == "cuda",
             drop_last=True, worker_init_fn=_seed_numpy_in_worker,
-            generator=torch.Generator().manual_seed(derived_seed(config.seed, self.epoch, self.rank, 1)),
+            generator=torch.Generator().manual_seed(_derived_seed(config.seed, self.epoch, self.rank, 1)),
         )
 
     def _micro_step(self, batch: tuple[torch.Tensor, ...], sync: bool) -> torch.Tensor:
@@ -628,6 +642,8 @@ class Trainer:
 
     def run(self, state: Mapping[str, Any] | None = None, stop_after_epoch: int | None = None) -> dict[str, Any]:
         """Every step of the run, from `setup` to `finish`; ``state`` resumes a run."""
+        if state is not None:
+            self.check_resumable(state)
         self.setup(fresh=state is None)
         if state is not None:
             self.restore(state)
@@ -693,13 +709,12 @@ def train(
             resume = False
         else:
             state = read_state(path, config)
-    check_output_dir(output_dir, resume=bool(resume), overwrite=overwrite)
     if config.threads:
         torch.set_num_threads(config.threads)
     initialised_here = not is_distributed()
     # torchrun's LOCAL_RANK picks the GPU; the backend follows the device, so a CPU run on a
     # machine with GPUs still uses gloo.
-    device = resolve_device(config, int(os.environ.get("LOCAL_RANK", 0)))
+    device = _resolve_device(config, int(os.environ.get("LOCAL_RANK", 0)))
     init_distributed_from_env("nccl" if device.type == "cuda" else "gloo")
     try:
         return Trainer(config, device, overwrite=overwrite).run(state, stop_after_epoch)

@@ -17,9 +17,9 @@ from torch import nn
 
 from ..checkpoint import FORMAT_NAME as HARMA_FORMAT
 from ..checkpoint import load_adapters, save_adapters
-from ..io import load_tensors, read_safetensors, write_safetensors
+from ..io import header_json, load_tensors, read_safetensors, write_safetensors
 from .config import TrainConfig
-from .models import apply_lora
+from .models import apply_lora, is_lora_parameter
 
 LORA_FORMAT = "harma.train.lora"
 FULL_FORMAT = "harma.train.full"
@@ -71,14 +71,16 @@ def save_trained_weights(
 
 def _load_lora(model: nn.Module, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor],
                source: str) -> nn.Module:
-    lora = json.loads(metadata["lora"])
-    if not any("lora_" in name for name, _ in model.named_parameters()):
+    lora = header_json(metadata, "lora", source)
+    if not isinstance(lora, dict) or not {"rank", "alpha", "dropout", "targets"} <= set(lora):
+        raise ValueError(f"{source} has a damaged header: 'lora' must give rank, alpha, dropout and targets")
+    if not any(is_lora_parameter(name) for name, _ in model.named_parameters()):
         stored = TrainConfig(
             method="lora", lora_rank=lora["rank"], lora_alpha=lora["alpha"],
             lora_dropout=lora["dropout"], lora_targets=tuple(lora["targets"]),
         )
         model = apply_lora(model, stored)
-    targets = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    targets = {name: p for name, p in model.named_parameters() if is_lora_parameter(name)}
     load_tensors(targets, tensors, source)
     return model
 
