@@ -1,7 +1,9 @@
 """The weights I/O layer: every file of weights harma reads or writes goes through here.
 
 - writing: `atomic_write` (through a temporary file and a rename), `write_safetensors`;
-- reading: `read_safetensors`, with errors that name the file;
+- reading: `read_safetensors`, `read_torch_file`, with errors that name the file and the cause
+  (`check_readable_file`);
+- checking: `check_finite` refuses NaN and infinite tensors, naming them;
 - matching: `match_tensors` checks a set of stored tensors against the tensors they are meant
   to fill (missing, unexpected and shape errors, each named) before anything is copied, and
   `load_tensors` then copies them, so a load either fully succeeds or changes nothing;
@@ -28,7 +30,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import HarmaConfig
-from .inject import adapter_named_parameters, find_towers, get_harma_config, is_adapter_parameter_name
+from .inject import (
+    adapter_named_parameters,
+    find_towers,
+    get_harma_config,
+    is_adapter_parameter_name,
+    unwrap_model,
+)
 
 # The config fields that decide which adapter tensors exist, their shapes and what they compute.
 LAYOUT_FIELDS = ("bottleneck", "heads", "mini_bottleneck", "mini_heads", "sharing", "towers", "layers",
@@ -36,6 +44,9 @@ LAYOUT_FIELDS = ("bottleneck", "heads", "mini_bottleneck", "mini_heads", "sharin
                  "attention_attribute", "causal_towers", "batch_first")
 # Wrapper prefixes that name the same parameter: peft's model wrapper.
 PEFT_KEY_PREFIX = "base_model.model."
+# Prefixes that DDP/DataParallel (``module.``) and torch.compile (``_orig_mod.``) add to the names
+# of the wrapped model's parameters; adapter files of older versions may carry them.
+WRAPPER_KEY_PREFIXES = ("module.", "_orig_mod.")
 
 # --------------------------------------------------------------------------------------------
 # Writing
@@ -86,16 +97,43 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
 # Reading
 
 
+def check_readable_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a `Path` once it is known to be a file this process can open for reading.
+
+    Raises:
+        FileNotFoundError: nothing at ``path`` (``what`` says what was expected there).
+        IsADirectoryError: ``path`` is a folder.
+        PermissionError: the file (or a folder above it) may not be read.
+        OSError: any other reason the file cannot be opened, with the system's cause.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} at '{path}'") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"'{path}' is a folder, not a {what}") from None
+    except PermissionError as error:
+        raise PermissionError(
+            f"'{path}' cannot be read: {error.strerror} (check the permissions of the file and its folders)"
+        ) from None
+    except OSError as error:
+        raise OSError(error.errno, f"'{path}' cannot be read: {error.strerror or error}") from None
+    if path.is_dir():  # some systems open folders for reading
+        raise IsADirectoryError(f"'{path}' is a folder, not a {what}")
+    return path
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """The header metadata and all tensors (on the CPU) of a safetensors file.
 
     Raises:
-        FileNotFoundError: nothing at ``path``.
+        FileNotFoundError, IsADirectoryError, PermissionError, OSError: the file cannot be
+            opened (`check_readable_file`: the file and the cause are named).
         ValueError: the file is not a readable safetensors file (the file is named).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at '{path}'")
+    path = check_readable_file(path, "weights file")
     try:
         with safe_open(str(path), framework="pt") as reader:
             return dict(reader.metadata() or {}), {key: reader.get_tensor(key) for key in reader.keys()}
@@ -108,12 +146,11 @@ def read_torch_file(path: str | os.PathLike) -> Any:
     CPU: tensors and plain containers only, never code.
 
     Raises:
-        FileNotFoundError: nothing at ``path``.
+        FileNotFoundError, IsADirectoryError, PermissionError, OSError: the file cannot be
+            opened (`check_readable_file`: the file and the cause are named).
         ValueError: the file is damaged or holds objects other than tensors and containers.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no file at '{path}'")
+    path = check_readable_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -129,8 +166,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     one under ``"state_dict"`` or ``"model"``), with DDP's ``module.`` prefixes removed.
 
     Raises:
-        FileNotFoundError: nothing at ``path``.
-        ValueError: unreadable, or not a mapping of names to tensors (the file is named).
+        FileNotFoundError, IsADirectoryError, PermissionError, OSError: the file cannot be
+            opened (the file and the cause are named).
+        ValueError: damaged, or not a mapping of names to tensors (the file is named).
     """
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
@@ -144,6 +182,46 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ValueError(f"'{path}' does not hold a state dict of tensors (found {type(loaded).__name__})")
     return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Checking
+
+
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point (or complex) ``tensors`` holding a NaN or an infinite value,
+    in the mapping's order. One device synchronisation per device, not one per tensor."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in tensors.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not tensor.is_meta:
+            by_device.setdefault(tensor.device, []).append((name, tensor))
+    bad: set[str] = set()
+    for entries in by_device.values():
+        finite = torch.stack([torch.isfinite(tensor.detach()).all() for _, tensor in entries]).tolist()
+        bad.update(name for (name, _), ok in zip(entries, finite, strict=True) if not ok)
+    return [name for name in tensors if name in bad]
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str, *, hint: str = "") -> None:
+    """Raise a `ValueError` when any of ``tensors`` (read from or meant for ``source``, e.g. a
+    quoted file name) holds a NaN or an infinite value, naming how many tensors do and the
+    first ones, with their NaN and infinite counts; ``hint`` is appended to the message.
+
+    Integer and boolean tensors are always finite. Costs one pass over the tensors.
+    """
+    bad = nonfinite_tensors(tensors)
+    if not bad:
+        return
+    described = []
+    for name in bad[:3]:
+        tensor = tensors[name].detach()
+        nans, total = int(torch.isnan(tensor).sum()), int((~torch.isfinite(tensor)).sum())
+        described.append(f"{name!r} ({nans} NaN, {total - nans} infinite of {tensor.numel()} values)")
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise ValueError(
+        f"{source} holds NaN or infinite values in {len(bad)} of {len(tensors)} tensor(s): "
+        f"{', '.join(described)}{more}" + (f"; {hint}" if hint else "")
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +282,9 @@ def check_state_dict_shapes(model: nn.Module, state: Mapping[str, torch.Tensor],
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors of a patched ``model`` by model-relative name; a shared MMS appears once."""
+    """Adapter tensors of a patched ``model`` by model-relative name; a shared MMS appears once.
+    Names are those of the model inside any torch.compile or DDP wrapper (`unwrap_model`)."""
+    model = unwrap_model(model)
     get_harma_config(model)
     return {name: param.detach() for name, param in adapter_named_parameters(model)}
 
@@ -225,29 +305,44 @@ def match_adapter_tensors(
     """Map stored adapter tensors onto ``model``'s adapter parameters, strictly.
 
     Stored names may carry peft's ``base_model.model.`` prefix or not, whatever the model's
-    own naming; a shared MMS may be stored under any of its names. Every adapter parameter must
-    be found once with its shape, and no other tensor may be stored (`match_tensors`' errors).
+    own naming, and the ``module.``/``_orig_mod.`` prefixes of DDP and torch.compile wrappers
+    (`WRAPPER_KEY_PREFIXES`, files of older versions); a shared MMS may be stored under any of
+    its names. Every adapter parameter must be found once with its shape, and no other tensor
+    may be stored (`match_tensors`' errors). A wrapped ``model`` is unwrapped (`unwrap_model`).
 
     Returns:
-        The stored tensor of each adapter parameter, keyed by the parameter's first name
-        (`load_adapter_tensors` matches and copies in one call).
+        The stored tensor of each adapter parameter, keyed by the parameter's first name in the
+        unwrapped model (`load_adapter_tensors` matches and copies in one call).
     """
+    model = unwrap_model(model)
     groups = _adapter_alias_groups(model)
     parameters = dict(model.named_parameters(remove_duplicate=False))
-    stored = {key.removeprefix(PEFT_KEY_PREFIX): value for key, value in tensors.items()}
     canonical: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     for group in groups:
         bare = [name.removeprefix(PEFT_KEY_PREFIX) for name in group]
         canonical[bare[0]] = parameters[group[0]]
         aliases.update({alias: bare[0] for alias in bare})
-    renamed = {aliases.get(key, key): value for key, value in stored.items()}
+    renamed = {_stored_name(key, aliases): value for key, value in tensors.items()}
     match_tensors(canonical, renamed, source, kind="adapter")
     return {name: renamed[bare] for name, bare in zip((g[0] for g in groups), canonical, strict=True)}
 
 
+def _stored_name(key: str, aliases: Mapping[str, str]) -> str:
+    """The adapter parameter a stored ``key`` names: the key itself, or the key with peft and
+    wrapper prefixes taken off one by one until it names one; else the key, unchanged."""
+    name = key
+    while name not in aliases:
+        prefix = next((p for p in (PEFT_KEY_PREFIX, *WRAPPER_KEY_PREFIXES) if name.startswith(p)), None)
+        if prefix is None:
+            return key
+        name = name[len(prefix):]
+    return aliases[name]
+
+
 def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
     """`match_adapter_tensors`, then copy; on a mismatch the adapters are left as they were."""
+    model = unwrap_model(model)
     matched = match_adapter_tensors(model, tensors, source)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
@@ -263,7 +358,7 @@ def architecture_fingerprint(model: nn.Module, config: HarmaConfig) -> list[dict
     """
     return [
         {"name": t.name, "path": t.path, "blocks": len(t.block_names), "width": t.width}
-        for t in find_towers(model, config)
+        for t in find_towers(unwrap_model(model), config)
     ]
 
 
