@@ -16,13 +16,15 @@ from torch import nn
 
 from ._version import __version__
 from .config import HarmaConfig
-from .inject import get_harma_config, inject_harma_adapters, is_patched, remove_harma_adapters
+from .inject import get_harma_config, inject_harma_adapters, is_patched, remove_harma_adapters, unwrap_model
 from .io import (
     adapter_state_dict,
     architecture_fingerprint,
     atomic_write_text,
     check_fingerprint,
+    check_finite,
     check_layout,
+    check_readable_file,
     header_json,
     load_adapter_tensors,
     match_adapter_tensors,
@@ -37,6 +39,8 @@ FORMAT_VERSION = 2
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 MODEL_CARD_NAME = "README.md"
+# Suffixes of other weight formats: a save path ending in one is a mistake, not a folder name.
+OTHER_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +48,18 @@ MODEL_CARD_NAME = "README.md"
 
 
 def _is_folder_target(path: Path) -> bool:
-    return path.suffix != ".safetensors"
+    """Whether a save ``path`` is a folder: anything not ending in ``.safetensors`` (any case).
+
+    Raises:
+        ValueError: ``path`` ends in the suffix of another weight format (``.pt``, ...).
+    """
+    suffix = path.suffix.lower()
+    if suffix in OTHER_WEIGHT_SUFFIXES:
+        raise ValueError(
+            f"cannot save adapters to '{path}': adapter files are safetensors, not {suffix} files; "
+            f"use a name ending in .safetensors for one file, or a folder name"
+        )
+    return suffix != ".safetensors"
 
 
 def save_adapters(
@@ -56,12 +71,14 @@ def save_adapters(
 ) -> Path:
     """Save only the adapter tensors of ``model``, with its config, in safetensors format.
 
-    ``path`` ending in ``.safetensors`` writes that one file. Any other path is a folder in the
-    peft layout: ``adapter_model.safetensors``, ``adapter_config.json`` and a model card
-    ``README.md`` (an existing card is kept). Every file is written atomically.
+    ``path`` ending in ``.safetensors`` (any case) writes that one file. Any other path is a
+    folder in the peft layout: ``adapter_model.safetensors``, ``adapter_config.json`` and a
+    model card ``README.md`` (an existing card is kept). Every file is written atomically.
+    Tensor names are those of the unwrapped model: the same for a plain, a ``torch.compile``d
+    and a ``DataParallel``/``DistributedDataParallel`` model.
 
     Args:
-        model: a model patched by `harma.inject_harma_adapters`.
+        model: a model patched by `harma.inject_harma_adapters`, or a wrapper of one.
         path: the file or folder to write.
         base_model: name of the base weights (e.g. ``"ViT-B-32/laion2b_s34b_b79k"``), recorded
             in the metadata and the model card.
@@ -69,9 +86,14 @@ def save_adapters(
 
     Returns:
         The path of the safetensors file written.
+
+    Raises:
+        ValueError: ``path`` ends in ``.pt``, ``.pth``, ``.bin`` or ``.ckpt`` (nothing is written).
     """
+    model = unwrap_model(model)
     config = get_harma_config(model)
     path = Path(path)
+    folder = _is_folder_target(path)
     tensors = adapter_state_dict(model)
     header = {
         "format": FORMAT_NAME,
@@ -82,9 +104,9 @@ def save_adapters(
         **({"base_model": base_model} if base_model else {}),
         **dict(metadata or {}),
     }
-    weights_path = path / ADAPTER_WEIGHTS_NAME if _is_folder_target(path) else path
+    weights_path = path / ADAPTER_WEIGHTS_NAME if folder else path
     write_safetensors(weights_path, tensors, header)
-    if _is_folder_target(path):
+    if folder:
         adapter_config = {
             # peft_type lets peft's PeftModel.from_pretrained read the folder too, once
             # harma.integrations.peft is imported.
@@ -141,13 +163,13 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
 
     Raises:
         FileNotFoundError: nothing at ``path``.
+        PermissionError, OSError: the file cannot be read (the file and the cause are named).
         ValueError: not a safetensors file, not a harma adapter file, or a newer format.
     """
     path = Path(path)
     if path.is_dir():
         path = path / ADAPTER_WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no harma adapter file at {path}")
+    check_readable_file(path, "harma adapter file")
     metadata, tensors = read_safetensors(path)
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(
@@ -182,7 +204,7 @@ def _resolve_adapter_source(source: str | os.PathLike, revision: str | None, tok
     if local.exists():
         return local
     repo_id = text.removeprefix("hf-hub:")
-    looks_like_file = local.suffix in (".safetensors", ".pt", ".pth", ".bin")
+    looks_like_file = local.suffix.lower() in (".safetensors", *OTHER_WEIGHT_SUFFIXES)
     if text.startswith("hf-hub:") or (re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) and not looks_like_file):
         from huggingface_hub import snapshot_download
 
@@ -203,29 +225,37 @@ def load_adapters(
     *,
     revision: str | None = None,
     token: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Load adapter weights saved by `save_adapters` into ``model``.
 
     An unpatched model is patched first with the stored config. The stored architecture must
     match the model's, and every stored tensor must find its parameter with the same shape;
-    shared MMS tensors are loaded once and stay shared.
+    shared MMS tensors are loaded once and stay shared. All or nothing: on any error the model
+    is left as it was. A ``torch.compile``d or ``DataParallel``/``DistributedDataParallel``
+    model is loaded through its wrapper, and stored names with the ``module.``/``_orig_mod.``
+    prefixes of such wrappers (files of older versions) are accepted.
 
     Args:
-        model: the base model (patched or not).
+        model: the base model (patched or not), or a wrapper of one.
         source: a ``.safetensors`` file, a folder saved by `save_adapters`, or a Hugging
             Face Hub repository id (``"org/name"`` or ``"hf-hub:org/name"``); local paths win.
         revision: for the Hub.
         token: for the Hub.
+        allow_nonfinite: load a file holding NaN or infinite values (e.g. to inspect a
+            diverged run); by default such a file is refused.
 
     Returns:
         ``model``, patched and loaded.
 
     Raises:
-        ValueError: a different architecture, config, key set or tensor shape (named).
+        ValueError: a different architecture, config, key set or tensor shape (named), or NaN or
+            infinite values (the file and the first tensors holding them are named) without
+            ``allow_nonfinite``.
     """
     adapter_file = read_adapter_file(_resolve_adapter_source(source, revision, token))
     load_adapter_file(model, adapter_file.config, adapter_file.fingerprint, adapter_file.tensors,
-                      str(adapter_file.path))
+                      str(adapter_file.path), allow_nonfinite=allow_nonfinite)
     return model
 
 
@@ -235,10 +265,17 @@ def load_adapter_file(
     fingerprint: list[dict[str, Any]] | None,
     tensors: Mapping[str, torch.Tensor],
     source: str,
+    *,
+    allow_nonfinite: bool = False,
 ) -> None:
-    """Check a stored layout, fingerprint and tensors against ``model`` and load them, patching an
-    unpatched model with ``config`` first. All or nothing: on any error the model is left as it
-    was (adapters injected here are removed again)."""
+    """Check a stored layout, fingerprint and tensors against ``model`` (unwrapped, `unwrap_model`)
+    and load them, patching an unpatched model with ``config`` first. All or nothing: on any
+    error the model is left as it was (adapters injected here are removed again). Tensors
+    holding NaN or infinite values are refused (`check_finite`) unless ``allow_nonfinite``."""
+    model = unwrap_model(model)
+    if not allow_nonfinite:
+        check_finite(tensors, source, hint="was the run that saved it diverging? Pass allow_nonfinite=True "
+                                            "to load it anyway")
     if is_patched(model):
         check_layout(get_harma_config(model), config, source)
     if fingerprint is not None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import encode, images, perturb_adapters, tiny_open_clip, tokens
@@ -17,6 +19,7 @@ from torch import nn
 
 import harma
 from harma import io as weights_io
+from harma.checkpoint import load_adapter_file
 
 
 def trained_model(config: harma.HarmaConfig | None = None, **model_kwargs) -> nn.Module:
@@ -205,3 +208,102 @@ def test_push_to_hub_uploads_the_peft_style_folder(monkeypatch):
     assert uploaded["repo"] == "someone/harma-tiny"
     assert uploaded["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert uploaded["config"]["base_model"] == "tiny"
+
+
+def nan_adapter_file(tmp_path: Path) -> tuple[nn.Module, Path, str]:
+    """A trained model, its adapter file with one tensor turned NaN, and that tensor's name."""
+    model = trained_model()
+    name, param = next(iter(weights_io.adapter_state_dict(model).items()))
+    with torch.no_grad():
+        param.view(-1)[0] = float("nan")
+    return model, harma.save_adapters(model, tmp_path / "diverged.safetensors"), name
+
+
+def test_an_adapter_file_with_nan_is_refused_unless_allowed(tmp_path):
+    _, path, name = nan_adapter_file(tmp_path)
+    model = tiny_open_clip()
+    with pytest.raises(ValueError, match=rf"diverged\.safetensors holds NaN or infinite values in 1 of \d+ "
+                                         rf"tensor\(s\): '{re.escape(name)}' \(1 NaN, 0 infinite.*allow_nonfinite=True"):
+        harma.load_adapters(model, path)
+    assert not harma.is_patched(model) and not any(m._forward_hooks for m in model.modules())
+    patched = trained_model()
+    before = {key: value.clone() for key, value in weights_io.adapter_state_dict(patched).items()}
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        harma.load_adapters(patched, path)
+    assert all(torch.equal(value, before[key]) for key, value in weights_io.adapter_state_dict(patched).items())
+    harma.load_adapters(model, path, allow_nonfinite=True)
+    assert torch.isnan(weights_io.adapter_state_dict(model)[name]).sum() == 1
+
+
+def test_load_adapter_file_keeps_its_positional_call_and_checks_finiteness(tmp_path):
+    _, path, name = nan_adapter_file(tmp_path)
+    adapter_file = harma.read_adapter_file(path)
+    arguments = (adapter_file.config, adapter_file.fingerprint, adapter_file.tensors, "peft folder")
+    with pytest.raises(ValueError, match=rf"peft folder holds NaN.*'{re.escape(name)}'"):
+        load_adapter_file(tiny_open_clip(), *arguments)
+    load_adapter_file(tiny_open_clip(), *arguments, allow_nonfinite=True)
+
+
+def single_process_ddp(model: nn.Module, tmp_path: Path) -> nn.Module:
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    return nn.parallel.DistributedDataParallel(model)
+
+
+WRAPPERS = {
+    "plain": lambda model, tmp_path: model,
+    "compile": lambda model, tmp_path: torch.compile(model),
+    "data_parallel": lambda model, tmp_path: nn.DataParallel(model),
+    "ddp": single_process_ddp,
+    "ddp_of_compiled": lambda model, tmp_path: single_process_ddp(torch.compile(model), tmp_path),
+}
+
+
+@pytest.fixture
+def wrap(request, tmp_path):
+    yield lambda model: WRAPPERS[request.param](model, tmp_path)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrap", sorted(WRAPPERS), indirect=True)
+def test_adapter_files_are_independent_of_compile_and_ddp_wrappers(tmp_path, wrap):
+    model = trained_model(harma.HarmaConfig.paper())
+    plain = harma.save_adapters(model, tmp_path / "plain.safetensors")
+    wrapped = harma.save_adapters(wrap(model), tmp_path / "wrapped.safetensors")
+    assert harma.read_adapter_file(wrapped).tensors.keys() == harma.read_adapter_file(plain).tensors.keys()
+    assert harma.read_adapter_file(wrapped).fingerprint == harma.read_adapter_file(plain).fingerprint
+    for target in (tiny_open_clip(), harma.inject_harma_adapters(tiny_open_clip(), harma.HarmaConfig.paper())):
+        assert harma.load_adapters(wrap(target), wrapped) is not None
+        assert_same_outputs(model, target)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod."])
+def test_adapter_files_of_older_versions_with_wrapper_prefixes_load(tmp_path, prefix):
+    model = trained_model(harma.HarmaConfig.paper())
+    adapter_file = harma.read_adapter_file(harma.save_adapters(model, tmp_path / "a.safetensors"))
+    save_file({f"{prefix}{key}": value for key, value in adapter_file.tensors.items()},
+              str(tmp_path / "old.safetensors"), metadata=adapter_file.metadata)
+    for target in (tiny_open_clip(), torch.compile(tiny_open_clip())):
+        harma.load_adapters(target, tmp_path / "old.safetensors")
+        assert_same_outputs(model, harma.inject.unwrap_model(target))
+
+
+def test_the_safetensors_suffix_in_any_case_writes_a_file(tmp_path):
+    path = harma.save_adapters(trained_model(), tmp_path / "Adapters.SAFETENSORS")
+    assert path == tmp_path / "Adapters.SAFETENSORS" and path.is_file()
+    assert_same_outputs(trained_model(), harma.load_adapters(tiny_open_clip(), path))
+
+
+@pytest.mark.parametrize("name", ["adapters.pt", "adapters.pth", "adapters.BIN", "last.ckpt"])
+def test_a_path_with_another_weight_suffix_is_refused_and_nothing_written(tmp_path, name):
+    with pytest.raises(ValueError, match=rf"cannot save adapters to '.*{re.escape(name)}': adapter files are "
+                                         r"safetensors.*use a name ending in \.safetensors for one file, or a folder"):
+        harma.save_adapters(trained_model(), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_without_adapter_file_is_named(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no harma adapter file at '.*run/adapter_model\.safetensors'"):
+        harma.load_adapters(tiny_open_clip(), tmp_path / "run")
