@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import HarmaConfig
-from .inject import ADAPTER_ATTRIBUTE, inject_harma_adapters, is_patched, remove_harma_adapters
+from .inject import ADAPTER_ATTRIBUTE, inject_harma_adapters, is_patched, remove_harma_adapters, unwrap_model
 from .io import check_state_dict_shapes, read_torch_file
 
 _REFERENCE_BLOCK = re.compile(r"^(?P<block>(?:visual\.)?transformer\.resblocks\.\d+)\.(?P<rest>.+)$")
@@ -27,6 +27,9 @@ _REFERENCE_TO_OURS = (
     ("mmadapter.BiShareAdapterxx.multihead_attention1.", "mini_adapter.attn."),
     ("mmadapter.BiShareAdapterxx.gate1", "mini_adapter.gate"),
 )
+# Dropped from the front of stored keys, in any order: DDP's and torch.compile's wrapper
+# prefixes and the reference's ``model.``.
+_KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 def reference_key_to_harma(key: str) -> str:
@@ -62,15 +65,15 @@ class OfficialCheckpoint:
 def _translate(
     state: Mapping[str, torch.Tensor], temperature: Any
 ) -> tuple[dict[str, torch.Tensor], Any]:
-    """Reference keys translated to ours (``module.``/``model.`` prefixes dropped), and the
-    temperature taken out of the state when it is stored there as ``temp``."""
+    """Reference keys translated to ours (``module.``/``_orig_mod.``/``model.`` prefixes dropped),
+    and the temperature taken out of the state when it is stored there as ``temp``."""
     translated: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key == "temp":
             temperature = value
             continue
-        for prefix in ("module.", "model."):
-            key = key.removeprefix(prefix)
+        while key.startswith(_KEY_PREFIXES):
+            key = key.split(".", 1)[1]
         translated[reference_key_to_harma(key)] = value
     return translated, temperature
 
@@ -104,13 +107,21 @@ def load_official_checkpoint(
 
     Args:
         model: an open_clip CLIP of the checkpoint's architecture (``ViT-B-32-quickgelu`` for
-            the released GeoRSCLIP-based checkpoints).
+            the released GeoRSCLIP-based checkpoints), or a ``torch.compile``/``DataParallel``/
+            ``DistributedDataParallel`` wrapper of one (loaded into the model inside).
         checkpoint: a path (read with ``torch.load(weights_only=True)``) or a loaded mapping.
         strict: raise on any missing or unexpected key (named); otherwise return them.
 
     Returns:
         An `OfficialCheckpoint` with the temperature and the key report.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, PermissionError, OSError: the file cannot be
+            opened (the file and the cause are named).
+        ValueError: a damaged file, one holding code, no dict or no tensors, a shape that
+            differs, or (with ``strict``) missing or unexpected keys; nothing is loaded then.
     """
+    model = unwrap_model(model)
     source = "the checkpoint"
     if not isinstance(checkpoint, Mapping):
         source = os.fspath(checkpoint)

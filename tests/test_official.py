@@ -171,3 +171,35 @@ def test_a_file_that_is_no_dict_is_named(tmp_path, content):
     torch.save(content, path)
     with pytest.raises(ValueError, match=r"odd\.pth holds a (list|Tensor)"):
         harma.load_official_checkpoint(tiny_open_clip(), path)
+
+
+@pytest.mark.parametrize("cut", [0, 0.5, -1], ids=["empty", "half", "last_byte"])
+def test_a_truncated_checkpoint_is_named_and_nothing_changes(tmp_path, cut):
+    whole = tmp_path / "whole.pth"
+    torch.save(reference_checkpoint(reference_model()), whole)
+    data = whole.read_bytes()
+    path = tmp_path / "checkpoint_best.pth"
+    path.write_bytes(data[: int(len(data) * cut) if isinstance(cut, float) else cut])
+    model = tiny_open_clip()
+    with pytest.raises(ValueError, match=r"'.*checkpoint_best\.pth' could not be read with torch\.load"):
+        harma.load_official_checkpoint(model, path)
+    assert not harma.is_patched(model)
+
+
+def test_a_folder_given_as_the_checkpoint_is_named(tmp_path):
+    folder = tmp_path / "checkpoint_best.pth"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=r"'.*checkpoint_best\.pth' is a folder, not a file"):
+        harma.load_official_checkpoint(tiny_open_clip(), folder)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module.model._orig_mod."])
+def test_checkpoints_of_wrapped_models_load_into_wrapped_models(prefix):
+    reference = reference_model().eval()
+    state = {f"{prefix}{key}": value for key, value in reference.state_dict().items()}
+    model = tiny_open_clip(seed=5)
+    harma.load_official_checkpoint(nn.DataParallel(torch.compile(model)), state)
+    assert harma.get_harma_config(model).sharing == "reference"
+    with torch.no_grad():
+        for a, b in zip(encode(model, images(), tokens()), encode(reference, images(), tokens()), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
