@@ -107,24 +107,32 @@ def save_adapters(
     weights_path = path / ADAPTER_WEIGHTS_NAME if folder else path
     write_safetensors(weights_path, tensors, header)
     if folder:
-        adapter_config = {
-            # peft_type lets peft's PeftModel.from_pretrained read the folder too, once
-            # harma.integrations.peft is imported.
-            "peft_type": "HARMA",
-            "library": "harma",
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "harma_version": __version__,
-            "base_model": base_model,
-            "config": config.to_dict(),
-            "fingerprint": json.loads(header["fingerprint"]),
-            "trainable_parameters": sum(t.numel() for t in tensors.values()),
-        }
-        atomic_write_text(path / ADAPTER_CONFIG_NAME, json.dumps(adapter_config, indent=2) + "\n")
-        card = path / MODEL_CARD_NAME
-        if not card.exists():
-            atomic_write_text(card, _model_card(config, base_model, adapter_config["trainable_parameters"]))
+        _write_folder_files(path, config, json.loads(header["fingerprint"]), base_model,
+                            sum(t.numel() for t in tensors.values()))
     return weights_path
+
+
+def _write_folder_files(
+    path: Path, config: HarmaConfig, fingerprint: list[dict[str, Any]], base_model: str | None, parameters: int
+) -> None:
+    """``adapter_config.json`` and (unless one exists) the model card of a peft-style folder."""
+    adapter_config = {
+        # peft_type lets peft's PeftModel.from_pretrained read the folder too, once
+        # harma.integrations.peft is imported.
+        "peft_type": "HARMA",
+        "library": "harma",
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "harma_version": __version__,
+        "base_model": base_model,
+        "config": config.to_dict(),
+        "fingerprint": fingerprint,
+        "trainable_parameters": parameters,
+    }
+    atomic_write_text(path / ADAPTER_CONFIG_NAME, json.dumps(adapter_config, indent=2) + "\n")
+    card = path / MODEL_CARD_NAME
+    if not card.exists():
+        atomic_write_text(card, _model_card(config, base_model, parameters))
 
 
 def _model_card(config: HarmaConfig, base_model: str | None, parameters: int) -> str:

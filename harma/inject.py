@@ -339,14 +339,7 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
     if not isinstance(config, HarmaConfig):
         raise TypeError(f"config must be a HarmaConfig, got {type(config).__name__}")
     wrapper, model = model, unwrap_model(model)
-    _check_not_meta(model)
-    if is_patched(model) or any(
-        isinstance(m, MultimodalGatedAdapter) for m in model.modules()
-    ):
-        raise ValueError(
-            f"{type(model).__name__} already carries HarMA adapters; call "
-            f"harma.remove_harma_adapters(model) before patching it again"
-        )
+    _check_patchable(model)
     towers = find_towers(model, config)
     if config.sharing == "paper" and len({t.batch_first for t in towers}) > 1:
         raise ValueError(
@@ -354,15 +347,7 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
             f"{[(t.name, t.batch_first) for t in towers]} differ"
         )
     trainable_before = tuple(n for n, p in model.named_parameters() if p.requires_grad)
-    # Every module and width is resolved before anything is attached, so a block that cannot
-    # be adapted leaves the model untouched.
-    targets = []
-    for tower in towers:
-        for layer in _selected_layers(tower, config.layers):
-            for position in _registration_order(config):
-                module = _adapted_module(model, tower, layer, position, config)
-                width = _output_width(module, f"{tower.block_names[layer]}.{position}")
-                targets.append((tower, layer, position, module, width))
+    targets = _adapter_targets(model, towers, config)
     mini_adapters: dict[int, MiniAdapter] = {}
     for tower, layer, position, module, width in targets:
         reference_param = next(module.parameters())
@@ -393,9 +378,31 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
     return wrapper
 
 
-def _check_not_meta(model: nn.Module) -> None:
-    """Refuse a model with parameters on the meta device: the adapters would be created there
-    too, and ``to_empty`` would leave them uninitialised memory instead of their initial values."""
+def _adapter_targets(
+    model: nn.Module, towers: list[Tower], config: HarmaConfig
+) -> list[tuple[Tower, int, str, nn.Module, int]]:
+    """``(tower, layer, position, adapted module, width)`` of every adapter to attach. Every
+    module and width is resolved before anything is attached, so a block that cannot be
+    adapted leaves the model untouched."""
+    targets = []
+    for tower in towers:
+        for layer in _selected_layers(tower, config.layers):
+            for position in _registration_order(config):
+                module = _adapted_module(model, tower, layer, position, config)
+                width = _output_width(module, f"{tower.block_names[layer]}.{position}")
+                targets.append((tower, layer, position, module, width))
+    return targets
+
+
+def _check_patchable(model: nn.Module) -> None:
+    """Refuse a model that already carries adapters, or has parameters on the meta device: the
+    adapters would be created there too, and ``to_empty`` would leave them uninitialised memory
+    instead of their initial values."""
+    if is_patched(model) or any(isinstance(m, MultimodalGatedAdapter) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} already carries HarMA adapters; call "
+            f"harma.remove_harma_adapters(model) before patching it again"
+        )
     meta = [name for name, param in model.named_parameters() if param.is_meta]
     if meta:
         raise ValueError(
