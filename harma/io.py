@@ -11,7 +11,9 @@
   `architecture_fingerprint` / `check_fingerprint` and `check_layout`, the checks an adapter
   file makes of the model it is loaded into.
 
-Which public function reads which kind of file is listed in ``docs/checkpoints.md``.
+The adapter helpers build on `harma.inject` (which parameters are adapters, which towers a
+model has); nothing here imports the training application. Which public function reads which
+kind of file is listed on the "Files and loaders" page of the documentation (``docs/files.md``).
 """
 
 from __future__ import annotations
@@ -38,15 +40,18 @@ from .inject import (
     unwrap_model,
 )
 
-# The config fields that decide which adapter tensors exist, their shapes and what they compute.
 LAYOUT_FIELDS = ("bottleneck", "heads", "mini_bottleneck", "mini_heads", "sharing", "towers", "layers",
                  "target_modules", "mlp_attribute", "placement", "adapter_mask", "attention_passes",
                  "attention_attribute", "causal_towers", "batch_first")
-# Wrapper prefixes that name the same parameter: peft's model wrapper.
+"""The `harma.HarmaConfig` fields that decide which adapter tensors exist, their shapes and what
+they compute: a file and a patched model must agree on all of them."""
+
 PEFT_KEY_PREFIX = "base_model.model."
-# Prefixes that DDP/DataParallel (``module.``) and torch.compile (``_orig_mod.``) add to the names
-# of the wrapped model's parameters; adapter files of older versions may carry them.
+"""The prefix peft's model wrapper adds to parameter names; stored adapter keys may carry it."""
+
 WRAPPER_KEY_PREFIXES = ("module.", "_orig_mod.")
+"""Prefixes that DDP/DataParallel (``module.``) and torch.compile (``_orig_mod.``) add to the
+names of a wrapped model's parameters; adapter files of older versions may carry them."""
 
 # --------------------------------------------------------------------------------------------
 # Writing
@@ -272,7 +277,7 @@ def check_state_dict_shapes(model: nn.Module, state: Mapping[str, torch.Tensor],
     for key, value in state.items():
         if key in expected and expected[key].shape != value.shape:
             raise ValueError(
-                f"{source}: {key!r} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{source}: {key!r} has shape {tuple(value.shape)} in the file but "
                 f"{tuple(expected[key].shape)} in the model (is it the right architecture?)"
             )
 
@@ -383,7 +388,7 @@ def check_fingerprint(
     stored, current = towers(expected, "stored"), towers(actual, "model")
     if stored != current:
         raise ValueError(
-            f"{source} holds adapters for a model with towers {describe(stored)}, "
+            f"{source}: the adapters were made for a model with towers {describe(stored)}, "
             f"but this model has {describe(current)}"
         )
 

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from .config import HarmaConfig
-from .inject import ADAPTER_ATTRIBUTE, inject_harma_adapters, is_patched, remove_harma_adapters, unwrap_model
+from .inject import (
+    ADAPTER_ATTRIBUTE,
+    inject_harma_adapters,
+    is_adapter_parameter_name,
+    is_patched,
+    remove_harma_adapters,
+    unwrap_model,
+)
 from .io import check_state_dict_shapes, read_torch_file
 
 _REFERENCE_BLOCK = re.compile(r"^(?P<block>(?:visual\.)?transformer\.resblocks\.\d+)\.(?P<rest>.+)$")
@@ -86,7 +93,7 @@ def _key_report(
     missing = [key for key in expected if key not in translated]
     if not has_adapters:
         # A plain backbone checkpoint (e.g. GeoRSCLIP) leaves the adapters as they are.
-        missing = [key for key in missing if f".{ADAPTER_ATTRIBUTE}." not in key]
+        missing = [key for key in missing if not is_adapter_parameter_name(key)]
     known = set(expected)
     return missing, [key for key in translated if key not in known]
 
@@ -136,7 +143,7 @@ def load_official_checkpoint(
 
     temperature = checkpoint.get("temp") if state is not checkpoint else None
     translated, temperature = _translate(state, temperature)
-    has_adapters = any(f".{ADAPTER_ATTRIBUTE}." in key for key in translated)
+    has_adapters = any(is_adapter_parameter_name(key) for key in translated)
     # Everything is checked before the first tensor is copied: a strict load that fails leaves
     # the model exactly as it was (adapters patched in here are removed again).
     patched_here = has_adapters and not is_patched(model)

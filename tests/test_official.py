@@ -128,7 +128,7 @@ def test_reference_checkpoint_key_problems_are_named(tmp_path):
 
     wrong = reference_checkpoint(reference_model())
     with pytest.raises(ValueError, match=r"'visual.class_embedding' has shape \(64,\) "
-                                         r"in the checkpoint but \(96,\) in the model"):
+                                         r"in the file but \(96,\) in the model"):
         harma.load_official_checkpoint(tiny_open_clip(vision_width=96), wrong)
 
 
@@ -203,3 +203,12 @@ def test_checkpoints_of_wrapped_models_load_into_wrapped_models(prefix):
     with torch.no_grad():
         for a, b in zip(encode(model, images(), tokens()), encode(reference, images(), tokens()), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_plain_backbone_loads_strictly_into_a_model_patched_with_any_placement(tmp_path):
+    source = tiny_open_clip(seed=3)
+    path = tmp_path / "backbone.pt"
+    torch.save(source.state_dict(), path)
+    model = harma.inject_harma_adapters(tiny_open_clip(seed=4), harma.HarmaConfig.plus())
+    report = harma.load_official_checkpoint(model, path)  # strict: the adapters are not "missing"
+    assert report.missing_keys == [] and harma.is_patched(model)

@@ -489,6 +489,7 @@ def load_peft_adapters(
     *,
     revision: str | None = None,
     token: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Load HarMA adapters saved by ``PeftModel.save_pretrained`` into a plain model, without
     a ``PeftModel`` wrapper.
@@ -504,6 +505,8 @@ def load_peft_adapters(
             (``HF_HUB_OFFLINE=1`` reads the local cache only).
         revision: the Hub revision (branch, tag or commit) to read.
         token: a Hub access token, for private repositories.
+        allow_nonfinite: load tensors holding NaN or infinite values too (refused by default,
+            as by ``harma.load_adapters``).
 
     Returns:
         ``model``, patched and loaded.
@@ -521,7 +524,8 @@ def load_peft_adapters(
         kind = getattr(config.peft_type, "value", config.peft_type)
         raise ValueError(f"{name} holds {kind} adapters, not HarMA adapters")
     tensors = load_peft_weights(name, device="cpu", **hub_kwargs)
-    load_adapter_file(model, config.to_harma_config(), config.fingerprint, tensors, name)
+    load_adapter_file(model, config.to_harma_config(), config.fingerprint, tensors, name,
+                      allow_nonfinite=allow_nonfinite)
     return model
 
 register_with_peft()

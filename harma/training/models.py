@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..inject import inject_harma_adapters
-from ..io import check_state_dict_shapes, read_state_dict
+from ..io import match_tensors, read_state_dict
 from .config import TrainConfig
 
 __all__ = [
@@ -114,12 +114,10 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file not found: '{path}'")
     state = read_state_dict(path)
-    check_state_dict_shapes(model, state, str(path))
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state and key not in ("logit_scale", "logit_bias")]
-    unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    # The loss has its own temperature, so the model's logit scale/bias may be absent.
+    targets = {key: value for key, value in model.state_dict().items()
+               if key in state or key not in ("logit_scale", "logit_bias")}
+    match_tensors(targets, state, f"'{path}'")
     model.load_state_dict(state, strict=False)
 
 

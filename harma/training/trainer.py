@@ -42,7 +42,7 @@ from ..distributed import (
     raise_on_any_rank,
 )
 from ..inject import count_parameters
-from ..io import copy_atomically
+from ..io import copy_atomically, nonfinite_tensors
 from ..losses import HarmaLoss
 from ..retrieval import RetrievalEvaluator
 from .config import TrainConfig
@@ -85,11 +85,6 @@ def _log(message: str) -> None:
 
 class NonFiniteError(RuntimeError):
     """The run diverged: a loss, gradient or trained tensor became NaN or infinite."""
-
-
-def _first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
-    return next((name for name, tensor in tensors.items()
-                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
 
 
 def _seed_numpy_in_worker(worker_id: int) -> None:
@@ -532,12 +527,12 @@ class Trainer:
 
     def _check_finite_weights(self) -> None:
         tensors = {**trainable_state(self.model), **{f"loss.{k}": v for k, v in self.loss.state_dict().items()}}
-        name = _first_nonfinite(tensors)
-        if name is not None:
+        names = nonfinite_tensors(tensors)
+        if names:
             raise NonFiniteError(
-                f"after epoch {self.epoch} (step {self.global_step}) the trained tensor {name!r} is not finite "
-                f"(NaN or inf); nothing of this epoch is saved. The run diverged: lower the learning rate "
-                f"(lr={self.config.lr:g}) or clip gradients (max_grad_norm)."
+                f"after epoch {self.epoch} (step {self.global_step}) {len(names)} trained tensor(s) are not "
+                f"finite (NaN or inf), e.g. {names[:3]}; nothing of this epoch is saved. The run diverged: "
+                f"lower the learning rate (lr={self.config.lr:g}) or clip gradients (max_grad_norm)."
             )
 
     def save_state(self, improved: bool = False, *, weights: bool = True, pending_validation: bool = False) -> None:

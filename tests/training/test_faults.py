@@ -108,7 +108,7 @@ def test_non_finite_weights_are_never_saved(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
     config = make_config(data, tmp_path / "run", max_steps_per_epoch=1, epochs=1, nonfinite="skip")
-    with pytest.raises(NonFiniteError, match=r"after epoch 1 .* is not finite.*nothing of this epoch is saved"):
+    with pytest.raises(NonFiniteError, match=r"after epoch 1 .* are not finite.*nothing of this epoch is saved"):
         train(config)
     assert not (tmp_path / "run" / "last.safetensors").exists()
     assert not (tmp_path / "run" / "best.safetensors").exists()

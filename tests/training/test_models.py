@@ -1,0 +1,47 @@
+"""Backbones of a run (harma.training.models): plain open_clip weight files, checked before loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harma.training.models import build_backbone, load_backbone_weights, tiny_clip_config
+
+
+def tiny(seed: int):
+    torch.manual_seed(seed)
+    return build_backbone("tiny-clip", None, tiny_clip_config(image_size=32, width=64, layers=2), 32)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_backbone_weights_round_trip_without_the_logit_scale(tmp_path, suffix):
+    source = tiny(0)
+    state = {k: v for k, v in source.state_dict().items() if k not in ("logit_scale", "logit_bias")}
+    path = tmp_path / f"backbone{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    model = tiny(1)
+    load_backbone_weights(model, path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_backbone_file_that_does_not_fit_is_named_and_nothing_is_loaded(tmp_path):
+    state = dict(tiny(0).state_dict())
+    state["visual.class_embedding"] = torch.zeros(65)
+    del state["positional_embedding"]
+    path = tmp_path / "wrong.pt"
+    torch.save(state, path)
+    model = tiny(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"wrong\.pt' does not fit this model: 1 tensor\(s\) missing.*positional_embedding"):
+        load_backbone_weights(model, path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    state["positional_embedding"] = before["positional_embedding"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"'visual.class_embedding' has shape \(65,\) in the file but \(64,\)"):
+        load_backbone_weights(model, path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
