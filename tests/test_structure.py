@@ -4,6 +4,7 @@ short functions, imports at the top, one version string."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,13 @@ def test_one_version_string():
     ]
     assert assignments == ["harma._version"]
     assert 'dynamic = ["version"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_faults_page_names_only_tests_that_exist():
+    defined = {
+        node.name for path in (ROOT / "tests").rglob("test_*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+    }
+    named = set(re.findall(r"::(test_\w+)", (ROOT / "docs" / "faults.md").read_text(encoding="utf-8")))
+    assert named and not named - defined, f"docs/faults.md names missing tests: {sorted(named - defined)}"
