@@ -57,17 +57,24 @@ def test_trained_adapters_change_the_output_and_disabling_restores_it(family):
         assert max_difference(encode(model, images(), tokens()), reference) > 1e-3
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_adapters_attend_over_tokens_never_across_the_batch(family):
-    # Identity at init cannot tell the token axis from the batch axis (the adapters add zero);
-    # trained adapters attending across the batch would make a sample depend on its neighbours.
-    model = harma.inject_harma_adapters(FAMILIES[family](), harma.HarmaConfig.paper())
+def assert_trained_adapters_keep_samples_apart(model: nn.Module) -> None:
+    """Patch ``model`` (paper layout), move its adapters off identity, and check that each sample
+    of a batch gets the output it gets alone."""
+    harma.inject_harma_adapters(model, harma.HarmaConfig.paper())
     perturb_adapters(model, scale=0.2)
     with torch.no_grad():
         batched = encode(model, images(3), tokens(3))
         alone = [encode(model, images(3)[i : i + 1], tokens(3)[i : i + 1]) for i in range(3)]
     for output, *single in zip(batched, *alone, strict=True):
         assert (output - torch.cat(single)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapters_attend_over_tokens_never_across_the_batch(family):
+    # Identity at init cannot tell the token axis from the batch axis (the adapters add zero);
+    # trained adapters attending across the batch would make a sample depend on its neighbours.
+    model = FAMILIES[family]()
+    assert_trained_adapters_keep_samples_apart(model)
     # and the perturbed adapters do mix tokens: changing one token changes another's output.
     block = next(m for m in model.modules() if isinstance(m, MultimodalGatedAdapter))
     features = torch.randn(1, 5, block.width, generator=torch.Generator().manual_seed(4))
@@ -101,13 +108,7 @@ def test_open_clip_without_a_batch_first_attribute_is_batch_first(monkeypatch):
     with torch.no_grad():
         assert max_difference(encode(model, images(3), tokens(3)), reference) == 0  # same model
     assert [tower.batch_first for tower in harma.find_towers(model)] == [True, True]
-    harma.inject_harma_adapters(model, harma.HarmaConfig.paper())
-    perturb_adapters(model, scale=0.2)
-    with torch.no_grad():
-        batched = encode(model, images(3), tokens(3))
-        alone = [encode(model, images(3)[i : i + 1], tokens(3)[i : i + 1]) for i in range(3)]
-    for output, *single in zip(batched, *alone, strict=True):
-        assert (output - torch.cat(single)).abs().max().item() < 1e-4
+    assert_trained_adapters_keep_samples_apart(model)
 
 
 def test_open_clip_before_the_attribute_existed_is_sequence_first(monkeypatch):
