@@ -262,12 +262,12 @@ def load_adapters(
             ``allow_nonfinite``.
     """
     adapter_file = read_adapter_file(_resolve_adapter_source(source, revision, token))
-    load_adapter_file(model, adapter_file.config, adapter_file.fingerprint, adapter_file.tensors,
+    load_adapter_state(model, adapter_file.config, adapter_file.fingerprint, adapter_file.tensors,
                       str(adapter_file.path), allow_nonfinite=allow_nonfinite)
     return model
 
 
-def load_adapter_file(
+def load_adapter_state(
     model: nn.Module,
     config: HarmaConfig,
     fingerprint: list[dict[str, Any]] | None,

@@ -19,7 +19,7 @@ from torch import nn
 
 import harma
 from harma import io as weights_io
-from harma.checkpoint import load_adapter_file
+from harma.checkpoint import load_adapter_state
 
 
 def trained_model(config: harma.HarmaConfig | None = None, **model_kwargs) -> nn.Module:
@@ -235,13 +235,13 @@ def test_an_adapter_file_with_nan_is_refused_unless_allowed(tmp_path):
     assert torch.isnan(weights_io.adapter_state_dict(model)[name]).sum() == 1
 
 
-def test_load_adapter_file_keeps_its_positional_call_and_checks_finiteness(tmp_path):
+def test_load_adapter_state_keeps_its_positional_call_and_checks_finiteness(tmp_path):
     _, path, name = nan_adapter_file(tmp_path)
     adapter_file = harma.read_adapter_file(path)
     arguments = (adapter_file.config, adapter_file.fingerprint, adapter_file.tensors, "peft folder")
     with pytest.raises(ValueError, match=rf"peft folder holds NaN.*'{re.escape(name)}'"):
-        load_adapter_file(tiny_open_clip(), *arguments)
-    load_adapter_file(tiny_open_clip(), *arguments, allow_nonfinite=True)
+        load_adapter_state(tiny_open_clip(), *arguments)
+    load_adapter_state(tiny_open_clip(), *arguments, allow_nonfinite=True)
 
 
 def single_process_ddp(model: nn.Module, tmp_path: Path) -> nn.Module:

@@ -45,7 +45,7 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, load_adapter_file
+from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, load_adapter_state
 from ..config import HarmaConfig
 from ..inject import (
     adapter_named_parameters,
@@ -524,7 +524,7 @@ def load_peft_adapters(
         kind = getattr(config.peft_type, "value", config.peft_type)
         raise ValueError(f"{name} holds {kind} adapters, not HarMA adapters")
     tensors = load_peft_weights(name, device="cpu", **hub_kwargs)
-    load_adapter_file(model, config.to_harma_config(), config.fingerprint, tensors, name,
+    load_adapter_state(model, config.to_harma_config(), config.fingerprint, tensors, name,
                       allow_nonfinite=allow_nonfinite)
     return model
 
