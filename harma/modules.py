@@ -50,24 +50,40 @@ class SelfAttention(nn.Module):
             x = x.transpose(0, 1)
         batch, tokens, _ = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        qkv = qkv.view(batch, tokens, 3, self.heads, self.dim // self.heads).permute(2, 0, 3, 1, 4)
-        query, key, value = qkv.unbind(0)
-        if query.is_cuda:
-            attended = F.scaled_dot_product_attention(query, key, value, is_causal=causal)
+        if qkv.is_cuda:
+            query, key, value = qkv.view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            attended = F.scaled_dot_product_attention(query, key, value, is_causal=causal).transpose(1, 2)
         else:
-            # PyTorch's CPU flash kernel is slower than plain matmuls at these head widths (8-16)
-            # and sequence lengths (50-77): 2.9 vs 3.6 ms forward+backward at (8, 8, 77, 16).
-            scores = (query * query.shape[-1] ** -0.5) @ key.transpose(-2, -1)
-            if causal:
-                future = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).triu(1)
-                scores = scores.masked_fill(future, float("-inf"))
-            attended = scores.softmax(dim=-1) @ value
-        attended = attended.transpose(1, 2).reshape(batch, tokens, self.dim)
-        out = self.out_proj(attended)
+            attended = _matmul_attention(qkv, self.heads, causal)
+        out = self.out_proj(attended.reshape(batch, tokens, self.dim))
         return out if self.batch_first else out.transpose(0, 1)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, batch_first={self.batch_first}"
+
+
+def _matmul_attention(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """Softmax attention from packed projections ``qkv`` ``(batch, tokens, 3 * dim)`` (query, key,
+    value, each ``heads`` heads wide); returns ``(batch, tokens, heads, dim // heads)``.
+
+    PyTorch's CPU flash kernel is slower than plain matrix products at these head widths (8-16)
+    and sequence lengths (50-77): 10.6 against 6.7 ms forward and backward at (8, 8, 77, 16). The
+    three operands are laid out head-major in one copy (one kernel, not one per product), and the
+    scale (and the causal mask) enter the score product itself rather than as passes of their own.
+    """
+    batch, tokens, _ = qkv.shape
+    head_dim = qkv.shape[-1] // (3 * heads)
+    query, key, value = (
+        qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).reshape(3, batch * heads, tokens, head_dim)
+    ).unbind(0)
+    if causal:
+        # -inf above the diagonal: beta=1 adds it to the scaled products, as masked_fill would set it.
+        bias = torch.full((tokens, tokens), float("-inf"), dtype=qkv.dtype, device=qkv.device).triu(1)
+    else:
+        bias = qkv.new_zeros(()).expand(batch * heads, tokens, tokens)  # ignored with beta=0
+    scores = torch.baddbmm(bias, query, key.transpose(1, 2), beta=1 if causal else 0, alpha=head_dim**-0.5)
+    attended = torch.bmm(scores.softmax(dim=-1), value)
+    return attended.view(batch, heads, tokens, head_dim).transpose(1, 2)
 
 
 class MiniAdapter(nn.Module):
@@ -91,8 +107,8 @@ class MiniAdapter(nn.Module):
     def forward(self, y: torch.Tensor, causal: bool = False) -> torch.Tensor:
         u = self.down(y)
         v = self.attn(u, causal)
-        g = torch.sigmoid(self.gate)
-        return y + self.up(g * v + (1 - g) * u)
+        # lerp(u, v, g) = g * v + (1 - g) * u in one kernel (and one autograd node).
+        return y + self.up(torch.lerp(u, v, torch.sigmoid(self.gate)))
 
 
 class MultimodalGatedAdapter(nn.Module):
@@ -157,15 +173,30 @@ class MultimodalGatedAdapter(nn.Module):
             a = self.mini_adapter(a, self.causal)
         if self.attention_passes == 2:
             a = self.attn(a, self.causal)
-        g = torch.sigmoid(self.gate)
-        z = g * h + (1 - g) * a
-        return m + torch.sigmoid(self.block_gate) * self.up(z)
+        z = torch.lerp(a, h, torch.sigmoid(self.gate))  # g * h + (1 - g) * a
+        return _gated_residual(m, z, torch.sigmoid(self.block_gate), self.up)
 
     def extra_repr(self) -> str:
         return (
             f"width={self.width}, shared_mini_adapter={self.mini_adapter is not None}, "
             f"attention_passes={self.attention_passes}, causal={self.causal}"
         )
+
+
+def _gated_residual(m: torch.Tensor, z: torch.Tensor, gate: torch.Tensor, up: nn.Linear) -> torch.Tensor:
+    """``m + gate * up(z)`` for ``m`` ``(..., width)``, ``z`` ``(..., bottleneck)`` and a scalar ``gate``.
+
+    The gate scales the small up-projection weight and bias instead of the ``(..., width)``
+    product, and ``m`` enters the matrix product as its accumulator: one full-width pass instead
+    of three, forward and backward, and still exactly ``m`` while ``up`` is zero. Under autocast
+    (weights and activations of different dtypes) the plain form keeps the result in the dtype
+    type promotion gives ``m + gate * up(z)``.
+    """
+    if not m.dtype == z.dtype == up.weight.dtype:
+        return m + gate * up(z)
+    width = m.shape[-1]
+    out = torch.addmm(m.reshape(-1, width), z.reshape(-1, z.shape[-1]), (gate * up.weight).t())
+    return out.add_(gate * up.bias).view(m.shape)
 
 
 def apply_adapter_hook(
@@ -191,3 +222,25 @@ def apply_attention_adapter_hook(
     if isinstance(output, tuple):
         return (adapter(output[0]), *output[1:])
     return adapter(output)
+
+
+def compile_adapters(model: nn.Module, **compile_options: Any) -> nn.Module:
+    """Compile the forward pass of every HarMA adapter in ``model`` with `torch.compile`, in place.
+
+    Optional: the adapters compute the same function compiled or not. On the CPU the compiled
+    adapters fuse their elementwise work (softmax, gates, GELU, bias adds) and reuse buffers,
+    which in a training step of ViT-B-32 brings HarMA's time closer to its matrix-multiply limit
+    (docs/performance.md). Each adapter shape compiles once, at its first forward and backward
+    (on a 2-core CPU about two minutes for ViT-B-32's two shapes); adapters of the same shape share
+    the compiled code. ``compile_options`` go to `torch.compile` (default ``dynamic=False``:
+    the token count and width of a tower do not change between steps). `disable_adapters` keeps
+    working (a guard recompiles once for the disabled state).
+
+    Returns:
+        ``model`` itself.
+    """
+    options = {"dynamic": False, **compile_options}
+    for module in model.modules():
+        if isinstance(module, MultimodalGatedAdapter):
+            module.compile(**options)
+    return model
