@@ -1,4 +1,5 @@
-"""Training throughput and peak GPU memory of HarMA, LoRA and full fine-tuning.
+"""Training throughput and peak GPU memory of HarMA, LoRA and full fine-tuning, and their step
+time against the strict floor.
 
 One training step is what ``harma.training.train`` does: both towers of an open_clip CLIP on a batch of
 images and captions, the HarMA loss (contrastive + adaptive triplet, learnable temperature),
@@ -12,6 +13,17 @@ the weight values.
 Prints a markdown table: images per second (timed steps only, warm-up excluded) and, on CUDA,
 the peak memory allocated by tensors during the timed steps (weights, gradients, optimizer
 state and activations; ``torch.cuda.max_memory_allocated``).
+
+The method ``floor`` (in the default list) is the strict floor of ``adapter_overhead.py``: the
+frozen backbone with gradients through every block down to the patch and token embeddings'
+outputs, nothing trained. Each method's step time is also given as a ratio to the floor's at the
+same precision, next to the ratio of their matrix-multiply FLOPs (counted on one step) and how
+far the time ratio is above that limit. Configurations are timed one after the other, which on
+a dedicated GPU is stable; on a shared CPU use ``adapter_overhead.py``, which interleaves them.
+
+    python benchmarks/train_throughput.py --precisions fp32,bf16,fp16 --json throughput.json
+    python benchmarks/train_throughput.py --device cpu --model tiny \
+        --model-config '{"embed_dim": 32, "vision_cfg": {...}, "text_cfg": {...}}' --image-size 32
 """
 
 from __future__ import annotations
@@ -20,13 +32,21 @@ import argparse
 import contextlib
 import gc
 import json
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from harma import HarmaConfig
 from harma.losses import HarmaLoss
 from harma.training import METHODS, TrainConfig, build_model, build_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adapter_overhead import make_strict_floor, matmul_flops  # noqa: E402  (the sibling benchmark's floor)
+
+THROUGHPUT_METHODS = ("floor", *METHODS)
 
 
 def synthetic_batch(batch_size: int, image_size: int, context_length: int, device: torch.device,
@@ -44,17 +64,26 @@ def synthetic_batch(batch_size: int, image_size: int, context_length: int, devic
     return images.to(device), tokens.to(device), image_ids.to(device)
 
 
-def measure(method: str, precision: str, args: argparse.Namespace, device: torch.device) -> dict:
-    """Time ``args.steps`` training steps after ``args.warmup`` untimed ones."""
-    config = TrainConfig(model=args.model, pretrained=None, method=method, image_size=args.image_size,
+def build_step(method: str, precision: str, args: argparse.Namespace,
+               device: torch.device) -> tuple[Callable[[], None], int]:
+    """One training step of ``method`` at ``precision`` on a fixed synthetic batch, and the number
+    of parameters it trains (the loss temperature included). ``floor``: forward, loss and
+    backward through the frozen backbone down to the embeddings' outputs, no optimizer."""
+    config = TrainConfig(model=args.model, pretrained=None, method="full" if method == "floor" else method,
+                         model_config=args.model_config, image_size=args.image_size,
                          harma=HarmaConfig(sharing=args.sharing), lr=1e-5)
     torch.manual_seed(0)
     model = build_model(config, load_weights=False).to(device).train()
     loss = HarmaLoss().to(device)
-    optimizer = build_optimizer(model, loss, config)
+    optimizer = None
+    if method == "floor":
+        make_strict_floor(model)
+        loss.requires_grad_(False)
+    else:
+        optimizer = build_optimizer(model, loss, config)
     context_length = model.context_length if hasattr(model, "context_length") else 77
     images, tokens, image_ids = synthetic_batch(args.batch_size, args.image_size, context_length, device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + 1
+    trainable = sum(p.numel() for p in [*model.parameters(), *loss.parameters()] if p.requires_grad)
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -67,12 +96,22 @@ def measure(method: str, precision: str, args: argparse.Namespace, device: torch
             image_embeds, text_embeds, _ = model(images, tokens)
             total = loss(image_embeds, text_embeds, image_ids).loss
         scaler.scale(total).backward()
+        if optimizer is None:
+            return
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+    return step, trainable
+
+
+def measure(method: str, precision: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Time ``args.steps`` training steps after ``args.warmup`` untimed ones; count the
+    matrix-multiply FLOPs of one more (untimed) step."""
+    step, trainable = build_step(method, precision, args, device)
     for _ in range(args.warmup):
         step()
+    flops = matmul_flops(step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -86,8 +125,19 @@ def measure(method: str, precision: str, args: argparse.Namespace, device: torch
     return {
         "method": method, "precision": precision, "batch_size": args.batch_size, "steps": args.steps,
         "images_per_s": args.batch_size * args.steps / elapsed, "step_ms": 1000 * elapsed / args.steps,
-        "peak_memory_gib": peak, "trainable_parameters": trainable,
+        "peak_memory_gib": peak, "trainable_parameters": trainable, "matmul_flops": flops,
     }
+
+
+def add_floor_ratios(rows: list[dict]) -> None:
+    """Give every row its step time and FLOPs as ratios to the floor's at the same precision, and
+    ``above_limit`` = time ratio / FLOP ratio - 1 (None where no floor was measured)."""
+    floors = {row["precision"]: row for row in rows if row["method"] == "floor"}
+    for row in rows:
+        floor = floors.get(row["precision"])
+        row["time_vs_floor"] = row["step_ms"] / floor["step_ms"] if floor else None
+        row["flops_vs_floor"] = row["matmul_flops"] / floor["matmul_flops"] if floor else None
+        row["above_limit"] = row["time_vs_floor"] / row["flops_vs_floor"] - 1 if floor else None
 
 
 def markdown(rows: list[dict], device_name: str, args: argparse.Namespace) -> str:
@@ -95,14 +145,19 @@ def markdown(rows: list[dict], device_name: str, args: argparse.Namespace) -> st
         f"{args.model}, batch {args.batch_size}, image {args.image_size}px, {args.steps} timed steps after "
         f"{args.warmup} warm-up steps, on {device_name}",
         "",
-        "| method | precision | trainable params (with temperature) | images/s | ms/step | peak memory (GiB) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| method | precision | trainable params (with temperature) | images/s | ms/step | peak memory (GiB) "
+        "| time vs floor | matmul FLOPs vs floor | above the FLOP limit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         memory = f"{row['peak_memory_gib']:.2f}" if row["peak_memory_gib"] is not None else "n/a"
+        ratios = (
+            f"{row['time_vs_floor']:.3f}x | {row['flops_vs_floor']:.3f}x | {100 * row['above_limit']:+.1f}%"
+            if row.get("time_vs_floor") is not None else "n/a | n/a | n/a"
+        )
         lines.append(
             f"| {row['method']} | {row['precision']} | {row['trainable_parameters']:,} | "
-            f"{row['images_per_s']:.1f} | {row['step_ms']:.1f} | {memory} |"
+            f"{row['images_per_s']:.1f} | {row['step_ms']:.1f} | {memory} | {ratios} |"
         )
     return "\n".join(lines)
 
@@ -110,12 +165,15 @@ def markdown(rows: list[dict], device_name: str, args: argparse.Namespace) -> st
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights)")
+    parser.add_argument("--model-config", type=json.loads, default=None,
+                        help="open_clip.CLIP keyword arguments as JSON (then --model is only a label)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=214, help="per step (the reference's per-GPU batch)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps first (allocator, kernel selection); default 3 on CUDA, 1 on the CPU")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: harma,lora,full")
+    parser.add_argument("--methods", default=",".join(THROUGHPUT_METHODS),
+                        help="comma-separated: floor,harma,lora,full")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated fp32,bf16,fp16 (default: fp32,bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--sharing", default="reference", help="HarMA layout: reference | paper | none")
@@ -133,7 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.warmup = 3 if device.type == "cuda" else 1
     precisions = (args.precisions or ("fp32,bf16" if device.type == "cuda" else "fp32")).split(",")
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS] + [p for p in precisions if p not in ("fp32", "bf16", "fp16")]
+    unknown = [m for m in methods if m not in THROUGHPUT_METHODS] + [p for p in precisions if p not in ("fp32", "bf16", "fp16")]
     if unknown:
         parser.error(f"unknown method or precision: {unknown}")
     if device.type == "cuda":
@@ -154,6 +212,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 torch.cuda.empty_cache()
             rows.append(row)
             print(f"{method:>5} {precision}: {row['images_per_s']:.1f} images/s", flush=True)
+            if args.json:  # after every configuration: a run cut short keeps what it measured
+                add_floor_ratios(rows)
+                with open(args.json, "w", encoding="utf-8") as handle:
+                    json.dump({"device": device_name, "rows": rows, "args": vars(args)}, handle, indent=2)
+    add_floor_ratios(rows)
     print()
     print(markdown(rows, device_name, args))
     if args.json:
