@@ -39,6 +39,7 @@ import sys
 import time
 import xml.etree.ElementTree as ElementTree
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ class Deadline:
         return max(1.0, min(cap, self.end - time.monotonic()))
 
 
-def run_logged(command: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_logged(command: list[str], log: Path, timeout: float) -> dict[str, Any]:
     """Run ``command`` from the repository root with stdout and stderr in ``log``; its exit
     status (None if it ran past ``timeout`` seconds), wall seconds and the log's last lines."""
     start = time.monotonic()
@@ -107,7 +108,7 @@ def run_logged(command: list[str], log: Path, timeout: float, env: dict[str, str
     with log.open("w", encoding="utf-8") as stream:
         try:
             status = subprocess.run(command, cwd=REPOSITORY, stdout=stream, stderr=subprocess.STDOUT,
-                                    timeout=timeout, env=env).returncode
+                                    timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             status = None
     tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
@@ -128,8 +129,8 @@ def run_tests(plan: Plan, out: Path, deadline: Deadline) -> dict[str, Any]:
                 counts[key] += int(suite.get(key, 0))
         counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
         result["counts"] = counts
-    # pytest exits 5 when the marker selects nothing, which is a finding, not a crash.
-    result["ok"] = result["returncode"] == 0
+    result["ok"] = result["returncode"] == 0  # 5 would mean that the marker selected no test
+
     return result
 
 
@@ -262,8 +263,12 @@ def run_rehearsal(plan: Plan, data: Path, out: Path, deadline: Deadline) -> dict
                                  deadline.limit(plan.limits_s["resume"]))
     if steps["resume"]["returncode"] != 0:
         return result
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    written = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    try:
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        written = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        result["error"] = f"the finished run's files: {type(error).__name__}: {error}"
+        return result
     result.update(epochs_logged=len(history), history=history, results=written)
     evaluate = [sys.executable, str(REPOSITORY / "examples" / "evaluate.py"), "--run", str(run_dir), "--json",
                 "--device", plan.device, "--batch_size", str(plan.eval_batch_size),
@@ -297,7 +302,8 @@ def markdown_report(report: dict[str, Any]) -> str:
                      f"{_verdict(target['met'])} |")
     tests = report["sections"]["tests"]
     lines += ["", "## CUDA-only tests", "", f"`{' '.join(tests['command'][2:])}`: exit status "
-              f"{tests['returncode']}, {json.dumps(tests.get('counts', 'no JUnit file'))}"]
+              f"{tests['returncode']}, {json.dumps(tests.get('counts', 'no JUnit file'))}"
+              + (f"; error: {tests['error']}" if tests.get("error") else "")]
     throughput = report["sections"]["throughput"]
     lines += ["", "## Throughput", ""]
     if throughput.get("rows"):
@@ -310,15 +316,16 @@ def markdown_report(report: dict[str, Any]) -> str:
                 f"{_number(row['peak_memory_gib'], 2)} | {_number(row.get('time_vs_floor'))}x | "
                 f"{_number(row.get('flops_vs_floor'))}x | {'n/a' if above is None else f'{100 * above:+.1f}%'} |")
     else:
-        lines.append(f"failed (exit status {throughput['returncode']}); see {throughput['log']}")
+        lines.append(f"no rows (exit status {throughput['returncode']}, {throughput.get('error', 'see')} "
+                     f"{throughput['log']})")
     lines += ["", "## Rehearsal of examples/train_rsitmd.py", "", *rehearsal_lines(report["sections"]["rehearsal"])]
     return "\n".join(lines) + "\n"
 
 
 def rehearsal_lines(rehearsal: dict[str, Any]) -> list[str]:
     """Markdown lines on the rehearsal: data, each subprocess, the epochs logged, the metrics."""
-    if "error" in rehearsal:
-        return [f"not run: {rehearsal['error']}"]
+    if "data" not in rehearsal:
+        return [f"not run: {rehearsal.get('error')}"]
     data = rehearsal["data"]
     lines = [f"{data['entries']} annotation entries (train, val, test), {data['images']} placeholder images.", ""]
     for name, step in rehearsal["steps"].items():
@@ -330,7 +337,19 @@ def rehearsal_lines(rehearsal: dict[str, Any]) -> list[str]:
                   f"{json.dumps(rehearsal['results'].get('test'))}; `evaluate.py --run` reproduces them: "
                   f"{rehearsal.get('evaluation_matches_run')}. Random weights on placeholder images: "
                   "the metrics are near chance by design."]
+    if rehearsal.get("error"):
+        lines += ["", f"Error: {rehearsal['error']}"]
     return lines
+
+
+def guarded(section: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A section's record; an exception in the check itself becomes part of the report, so that
+    the other sections and both reports still come out."""
+    try:
+        return section()
+    except Exception as error:  # the report must still be written
+        return {"ok": False, "error": f"{type(error).__name__}: {error}", "command": ["", "", "(failed)"],
+                "returncode": None, "log": "", "steps": {}}
 
 
 def default_data() -> Path:
@@ -366,12 +385,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start, deadline = time.monotonic(), Deadline(plan.deadline_s)
     chosen = args.sections.split(",")
     skipped = {"ok": None, "skipped": True, "command": ["", "", "(not run)"], "returncode": None, "log": ""}
-    sections = {
-        "tests": run_tests(plan, out, deadline) if "tests" in chosen else dict(skipped),
-        "throughput": run_throughput(plan, out, deadline) if "throughput" in chosen else dict(skipped),
-        "rehearsal": (run_rehearsal(plan, Path(args.data or default_data()), out, deadline) if "rehearsal" in chosen
-                      else {**skipped, "error": "not selected", "steps": {}}),
-    }
+    runners = {"tests": lambda: run_tests(plan, out, deadline),
+               "throughput": lambda: run_throughput(plan, out, deadline),
+               "rehearsal": lambda: run_rehearsal(plan, Path(args.data or default_data()), out, deadline)}
+    sections = {name: guarded(runner) if name in chosen else {**skipped, "error": "not selected", "steps": {}}
+                for name, runner in runners.items()}
     report = {"plan": plan.name, "environment": env, "sections": sections,
               "targets": judge_targets(sections["throughput"].get("rows", [])),
               "wall_s": time.monotonic() - start}
