@@ -23,10 +23,10 @@ from .inject import (
     inject_harma_adapters,
     is_patched,
     print_trainable_parameters,
-    remove_harma_adapters,
 )
 from .losses import HarmaLoss, HarmaLossOutput
 from .modules import MiniAdapter, MultimodalGatedAdapter
+from .named_adapters import active_adapter, delete_adapter, list_adapters, remove_harma_adapters, set_adapter
 from .official import OfficialCheckpoint, load_official_checkpoint
 from .retrieval import (
     RetrievalEvaluator,
@@ -45,13 +45,16 @@ __all__ = [
     "ParameterCount",
     "RetrievalEvaluator",
     "RetrievalRanks",
+    "active_adapter",
     "adapter_parameters",
     "count_parameters",
+    "delete_adapter",
     "disable_adapters",
     "find_towers",
     "get_harma_config",
     "inject_harma_adapters",
     "is_patched",
+    "list_adapters",
     "load_adapters",
     "load_official_checkpoint",
     "print_trainable_parameters",
@@ -61,4 +64,5 @@ __all__ = [
     "retrieval_metrics",
     "retrieval_metrics_from_embeddings",
     "save_adapters",
+    "set_adapter",
 ]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ._version import __version__
 from .config import HarmaConfig
-from .inject import get_harma_config, inject_harma_adapters, is_patched, remove_harma_adapters, unwrap_model
+from .inject import get_harma_config, inject_harma_adapters
 from .io import (
     adapter_state_dict,
     architecture_fingerprint,
@@ -30,6 +30,13 @@ from .io import (
     match_adapter_tensors,
     read_safetensors,
     write_safetensors,
+)
+from .named_adapters import (
+    DEFAULT_ADAPTER_NAME,
+    adapter_registry,
+    check_adapter_name,
+    delete_adapter,
+    unwrap_model,
 )
 
 FORMAT_NAME = "harma.adapters"
@@ -66,6 +73,7 @@ def save_adapters(
     model: nn.Module,
     path: str | os.PathLike,
     *,
+    adapter_name: str | None = None,
     base_model: str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
@@ -75,11 +83,13 @@ def save_adapters(
     folder in the peft layout: ``adapter_model.safetensors``, ``adapter_config.json`` and a
     model card ``README.md`` (an existing card is kept). Every file is written atomically.
     Tensor names are those of the unwrapped model: the same for a plain, a ``torch.compile``d
-    and a ``DataParallel``/``DistributedDataParallel`` model.
+    and a ``DataParallel``/``DistributedDataParallel`` model, and the same for every adapter
+    set (the reference names, whatever the set's name): one set is saved per file.
 
     Args:
         model: a model patched by `harma.inject_harma_adapters`, or a wrapper of one.
         path: the file or folder to write.
+        adapter_name: the adapter set to save; the active set when None.
         base_model: name of the base weights (e.g. ``"ViT-B-32/laion2b_s34b_b79k"``), recorded
             in the metadata and the model card.
         metadata: extra string pairs for the safetensors header.
@@ -88,13 +98,14 @@ def save_adapters(
         The path of the safetensors file written.
 
     Raises:
-        ValueError: ``path`` ends in ``.pt``, ``.pth``, ``.bin`` or ``.ckpt`` (nothing is written).
+        ValueError: ``path`` ends in ``.pt``, ``.pth``, ``.bin`` or ``.ckpt``, or the model has
+            no adapter set ``adapter_name`` (nothing is written).
     """
     model = unwrap_model(model)
-    config = get_harma_config(model)
+    config = get_harma_config(model, adapter_name)
     path = Path(path)
     folder = _is_folder_target(path)
-    tensors = adapter_state_dict(model)
+    tensors = adapter_state_dict(model, adapter_name)
     header = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -233,11 +244,15 @@ def load_adapters(
     *,
     revision: str | None = None,
     token: str | None = None,
+    adapter_name: str | None = None,
     allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Load adapter weights saved by `save_adapters` into ``model``.
 
-    An unpatched model is patched first with the stored config. The stored architecture must
+    The weights go into adapter set ``adapter_name``: by default the active set, or
+    ``"default"`` on a model without adapters. A set of that name that the model lacks is added
+    first with the stored config (as peft's ``load_adapter``, it is active only if it is the
+    model's first set; `harma.set_adapter` switches to it). The stored architecture must
     match the model's, and every stored tensor must find its parameter with the same shape;
     shared MMS tensors are loaded once and stay shared. All or nothing: on any error the model
     is left as it was. A ``torch.compile``d or ``DataParallel``/``DistributedDataParallel``
@@ -250,6 +265,7 @@ def load_adapters(
             Face Hub repository id (``"org/name"`` or ``"hf-hub:org/name"``); local paths win.
         revision: for the Hub.
         token: for the Hub.
+        adapter_name: the adapter set to load into (see above).
         allow_nonfinite: load a file holding NaN or infinite values (e.g. to inspect a
             diverged run); by default such a file is refused.
 
@@ -263,7 +279,7 @@ def load_adapters(
     """
     adapter_file = read_adapter_file(_resolve_adapter_source(source, revision, token))
     load_adapter_state(model, adapter_file.config, adapter_file.fingerprint, adapter_file.tensors,
-                      str(adapter_file.path), allow_nonfinite=allow_nonfinite)
+                       str(adapter_file.path), adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
     return model
 
 
@@ -274,30 +290,40 @@ def load_adapter_state(
     tensors: Mapping[str, torch.Tensor],
     source: str,
     *,
+    adapter_name: str | None = None,
     allow_nonfinite: bool = False,
 ) -> None:
-    """Check a stored layout, fingerprint and tensors against ``model`` (unwrapped, `unwrap_model`)
-    and load them, patching an unpatched model with ``config`` first. All or nothing: on any
-    error the model is left as it was (adapters injected here are removed again). Tensors
-    holding NaN or infinite values are refused (`check_finite`) unless ``allow_nonfinite``."""
+    """Check a stored layout, fingerprint and tensors against adapter set ``adapter_name`` of
+    ``model`` (unwrapped, `unwrap_model`; the active set when None, ``"default"`` on a model
+    without adapters) and load them, adding the set with ``config`` first where the model lacks
+    it. All or nothing: on any error the model is left as it was (a set added here is deleted
+    again, and every ``requires_grad`` restored). Tensors holding NaN or infinite values are
+    refused (`check_finite`) unless ``allow_nonfinite``."""
     model = unwrap_model(model)
     if not allow_nonfinite:
         check_finite(tensors, source, hint="was the run that saved it diverging? Pass allow_nonfinite=True "
                                             "to load it anyway")
-    if is_patched(model):
-        check_layout(get_harma_config(model), config, source)
+    registry = adapter_registry(model)
+    if adapter_name is None:
+        adapter_name = registry.active if registry else DEFAULT_ADAPTER_NAME
+    name = check_adapter_name(adapter_name)
+    added_here = registry is None or name not in registry.configs
+    if not added_here:
+        check_layout(registry.configs[name], config, source)
     if fingerprint is not None:
         check_fingerprint(fingerprint, architecture_fingerprint(model, config), source)
-    patched_here = not is_patched(model)
-    if patched_here:
-        inject_harma_adapters(model, config)
+    requires_grad = {param: param.requires_grad for param in model.parameters()}
+    if added_here:
+        inject_harma_adapters(model, config, name)
     try:
-        match_adapter_tensors(model, tensors, source)
+        match_adapter_tensors(model, tensors, source, name)
     except ValueError:
-        if patched_here:
-            remove_harma_adapters(model)
+        if added_here:
+            delete_adapter(model, name)
+            for param, flag in requires_grad.items():
+                param.requires_grad_(flag)
         raise
-    load_adapter_tensors(model, tensors, source)
+    load_adapter_tensors(model, tensors, source, name)
 
 
 # --------------------------------------------------------------------------------------------

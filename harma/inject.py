@@ -8,26 +8,34 @@ import dataclasses
 import functools
 import importlib.metadata
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from .config import HarmaConfig
 from .modules import MiniAdapter, MultimodalGatedAdapter, apply_adapter_hook, apply_attention_adapter_hook
+from .named_adapters import (
+    DEFAULT_ADAPTER_NAME,
+    HOOK_HANDLE_ATTRIBUTE,
+    AdapterRegistry,
+    adapter_name_of_key,
+    adapter_registry,
+    apply_active,
+    attach_adapter,
+    check_adapter_name,
+    is_adapter_parameter_name,
+    list_adapters,
+    require_registry,
+    resolve_adapter_name,
+    set_registry,
+    unwrap_model,
+)
 
-ADAPTER_ATTRIBUTE = "harma_adapter"
-"""Block attribute of the MGA after the MLP (the reference position): ``<block>.harma_adapter.*``."""
-ATTENTION_ADAPTER_ATTRIBUTE = "harma_attention_adapter"
-"""Block attribute of the MGA after the attention sublayer (``placement`` with ``"attention"``)."""
-_POSITION_ATTRIBUTES = {"mlp": ADAPTER_ATTRIBUTE, "attention": ATTENTION_ADAPTER_ATTRIBUTE}
 _POSITION_HOOKS = {"mlp": apply_adapter_hook, "attention": apply_attention_adapter_hook}
 # Tried in order when HarmaConfig.attention_attribute is None: open_clip and timm blocks call
 # theirs "attn", Hugging Face encoder layers "self_attn".
 _ATTENTION_ATTRIBUTE_CANDIDATES = ("attn", "self_attn", "attention")
-_CONFIG_ATTRIBUTE = "harma_config"
-_TRAINABLE_BEFORE_ATTRIBUTE = "_harma_trainable_before"
-_HOOK_HANDLE_ATTRIBUTE = "_harma_hook_handle"
 
 
 @dataclass(frozen=True)
@@ -244,34 +252,20 @@ def _selected_layers(tower: Tower, layers: tuple[int, ...] | None) -> list[int]:
     return sorted(set(selected))
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside its wrappers: ``DistributedDataParallel``/``DataParallel`` (``.module``)
-    and ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``), in any nesting; ``model``
-    itself when it is not wrapped. Adapters live on, and are saved from, the unwrapped model,
-    so its parameter names carry no ``module.`` or ``_orig_mod.`` prefix."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif isinstance(model._modules.get("_orig_mod"), nn.Module) and type(model).__name__ == "OptimizedModule":
-            model = model._modules["_orig_mod"]
-        else:
-            return model
-
-
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` (or the model inside its wrappers) carries HarMA adapters."""
-    return getattr(unwrap_model(model), _CONFIG_ATTRIBUTE, None) is not None
+    return adapter_registry(model) is not None
 
 
-def get_harma_config(model: nn.Module) -> HarmaConfig:
-    """The config ``model`` (or the model inside its wrappers) was patched with; a clear error
-    if it carries no adapters."""
-    config = getattr(unwrap_model(model), _CONFIG_ATTRIBUTE, None)
-    if config is None:
-        raise ValueError(
-            f"{type(model).__name__} carries no HarMA adapters; call harma.inject_harma_adapters first"
-        )
-    return config
+def get_harma_config(model: nn.Module, adapter_name: str | None = None) -> HarmaConfig:
+    """The config adapter set ``adapter_name`` of ``model`` (or of the model inside its
+    wrappers) was added with; the active set's when None.
+
+    Raises:
+        ValueError: ``model`` carries no adapters, or none of that name.
+    """
+    registry = require_registry(model)
+    return registry.configs[resolve_adapter_name(registry, adapter_name)]
 
 
 def _registration_order(config: HarmaConfig) -> list[str]:
@@ -306,7 +300,9 @@ def _mini_adapter(
     return cache[layer]
 
 
-def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -> nn.Module:
+def inject_harma_adapters(
+    model: nn.Module, config: HarmaConfig | None = None, adapter_name: str = DEFAULT_ADAPTER_NAME
+) -> nn.Module:
     """Patch every selected transformer block of ``model`` in place with a HarMA adapter.
 
     Each block's MLP output ``m`` becomes ``m + sigmoid(g_block) * W_up z`` (see
@@ -317,6 +313,11 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
     ``<block>.harma_attention_adapter.*``. With ``config.freeze_backbone`` only adapter parameters require
     grad afterwards. Until the adapters are trained the model computes exactly what it did before.
 
+    A second call with another ``adapter_name`` adds another adapter set, possibly with
+    another config, to the same blocks (`harma.named_adapters`). As with peft's
+    ``add_adapter``, the new set is not made active: it is bypassed and frozen until
+    `harma.set_adapter` selects it. The first set added is active.
+
     Args:
         model: an open_clip CLIP, Hugging Face ``CLIPModel``/SigLIP-style model, timm
             ``VisionTransformer``, or any model whose blocks ``config.target_modules`` matches.
@@ -325,30 +326,52 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
             wrapping with ``DistributedDataParallel``, which only synchronises the parameters
             it saw when it was built.
         config: the layout; defaults to `HarmaConfig` (the reference layout).
+        adapter_name: the name of the set; ``"default"`` keeps the reference parameter names,
+            any other name ``N`` puts the set under ``<block>.harma_adapters.N.*``.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: the model is already patched, or no blocks match, or it has parameters on
-            the meta device (adapters created there hold garbage after ``to_empty``):
-            materialise the model first (``model.to_empty(device=...)`` and load its weights),
-            then inject.
+        ValueError: the model already has a set of that name, or no blocks match, or it has
+            parameters on the meta device (adapters created there hold garbage after
+            ``to_empty``): materialise the model first (``model.to_empty(device=...)`` and load
+            its weights), then inject.
     """
     config = config or HarmaConfig()
     if not isinstance(config, HarmaConfig):
         raise TypeError(f"config must be a HarmaConfig, got {type(config).__name__}")
+    check_adapter_name(adapter_name)
     wrapper, model = model, unwrap_model(model)
-    _check_patchable(model)
+    _check_patchable(model, adapter_name)
     towers = find_towers(model, config)
     if config.sharing == "paper" and len({t.batch_first for t in towers}) > 1:
         raise ValueError(
             "sharing='paper' needs every tower to use the same sequence layout, but the towers "
             f"{[(t.name, t.batch_first) for t in towers]} differ"
         )
-    trainable_before = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    registry = adapter_registry(model) or AdapterRegistry(
+        active=adapter_name, trainable_before=tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    )
     targets = _adapter_targets(model, towers, config)
+    registry.modules[adapter_name] = _attach_adapters(model, targets, config, adapter_name)
+    registry.configs[adapter_name] = config
+    set_registry(model, registry)
+    if config.freeze_backbone:
+        for name, param in model.named_parameters():
+            if not is_adapter_parameter_name(name):
+                param.requires_grad_(False)
+    apply_active(registry)
+    return wrapper
+
+
+def _attach_adapters(
+    model: nn.Module, targets: list[tuple[Tower, int, str, nn.Module, int]], config: HarmaConfig, adapter_name: str
+) -> list[MultimodalGatedAdapter]:
+    """Create an MGA for every target, register it where set ``adapter_name`` lives, and hook it
+    to the adapted module's output."""
     mini_adapters: dict[int, MiniAdapter] = {}
+    created = []
     for tower, layer, position, module, width in targets:
         reference_param = next(module.parameters())
         adapter = MultimodalGatedAdapter(
@@ -362,20 +385,12 @@ def inject_harma_adapters(model: nn.Module, config: HarmaConfig | None = None) -
             attention_passes=config.attention_passes,
             causal=config.adapter_mask == "tower" and tower.causal,
         ).to(device=reference_param.device, dtype=reference_param.dtype)
-        model.get_submodule(tower.block_names[layer]).add_module(_POSITION_ATTRIBUTES[position], adapter)
+        attach_adapter(model.get_submodule(tower.block_names[layer]), position, adapter_name, adapter)
         handle = module.register_forward_hook(functools.partial(_POSITION_HOOKS[position], adapter))
         # Kept on the adapter: deepcopy and pickle carry the handle with the copied hook dict.
-        setattr(adapter, _HOOK_HANDLE_ATTRIBUTE, handle)
-
-    if config.freeze_backbone:
-        for name, param in model.named_parameters():
-            param.requires_grad_(is_adapter_parameter_name(name))
-    else:
-        for param in adapter_parameters(model):
-            param.requires_grad_(True)
-    setattr(model, _CONFIG_ATTRIBUTE, config)
-    setattr(model, _TRAINABLE_BEFORE_ATTRIBUTE, trainable_before)
-    return wrapper
+        setattr(adapter, HOOK_HANDLE_ATTRIBUTE, handle)
+        created.append(adapter)
+    return created
 
 
 def _adapter_targets(
@@ -394,14 +409,22 @@ def _adapter_targets(
     return targets
 
 
-def _check_patchable(model: nn.Module) -> None:
-    """Refuse a model that already carries adapters, or has parameters on the meta device: the
-    adapters would be created there too, and ``to_empty`` would leave them uninitialised memory
-    instead of their initial values."""
-    if is_patched(model) or any(isinstance(m, MultimodalGatedAdapter) for m in model.modules()):
+def _check_patchable(model: nn.Module, adapter_name: str) -> None:
+    """Refuse a second set of the same name, adapters the registry does not know (a model
+    patched by hand or by an older harma), and parameters on the meta device: the adapters would
+    be created there too, and ``to_empty`` would leave them uninitialised memory instead of
+    their initial values."""
+    registry = adapter_registry(model)
+    if registry is not None and adapter_name in registry.configs:
         raise ValueError(
-            f"{type(model).__name__} already carries HarMA adapters; call "
-            f"harma.remove_harma_adapters(model) before patching it again"
+            f"{type(model).__name__} already carries HarMA adapters named {adapter_name!r} (its adapters: "
+            f"{list(registry.configs)}); pass another adapter_name to add a set, or call "
+            f"harma.delete_adapter(model, {adapter_name!r}) (or harma.remove_harma_adapters(model)) first"
+        )
+    if registry is None and any(isinstance(m, MultimodalGatedAdapter) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} already carries HarMA adapters that harma did not record "
+            f"(patched by hand?); remove them before patching it"
         )
     meta = [name for name, param in model.named_parameters() if param.is_meta]
     if meta:
@@ -414,68 +437,47 @@ def _check_patchable(model: nn.Module) -> None:
         )
 
 
-def is_adapter_parameter_name(name: str) -> bool:
-    """Whether a parameter or state-dict key (model-relative, any prefix) belongs to a HarMA adapter."""
-    dotted = f".{name}"
-    return any(f".{attribute}." in dotted for attribute in _POSITION_ATTRIBUTES.values())
+def _selected_set(model: nn.Module, adapter_name: str | None) -> str | None:
+    """The set ``adapter_name`` names (the active one for None); None means every set, for a
+    model whose registry is out of reach (e.g. inside a wrapper harma does not know)."""
+    registry = adapter_registry(model)
+    if registry is None:
+        return adapter_name
+    return resolve_adapter_name(registry, adapter_name)
 
 
-def _patched_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def adapters(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, MultimodalGatedAdapter]]:
+    """``(module name, adapter)`` of every MGA of set ``adapter_name`` (the active set when None),
+    e.g. ``"transformer.resblocks.0.harma_adapter"``, in module order."""
+    selected = _selected_set(model, adapter_name)
     for name, module in model.named_modules():
-        if any(isinstance(getattr(module, attribute, None), MultimodalGatedAdapter)
-               for attribute in _POSITION_ATTRIBUTES.values()):
+        if isinstance(module, MultimodalGatedAdapter) and selected in (None, adapter_name_of_key(name + ".")):
             yield name, module
 
 
-def remove_harma_adapters(model: nn.Module) -> nn.Module:
-    """Undo `inject_harma_adapters`: drop hooks and adapters and restore ``requires_grad``.
-
-    Returns ``model`` itself, computing and holding exactly what it did before patching.
-    """
-    wrapper, model = model, unwrap_model(model)
-    get_harma_config(model)
-    for _, block in list(_patched_blocks(model)):
-        for attribute in _POSITION_ATTRIBUTES.values():
-            adapter = getattr(block, attribute, None)
-            if adapter is None:
-                continue
-            handle = getattr(adapter, _HOOK_HANDLE_ATTRIBUTE, None)
-            if handle is not None:
-                handle.remove()
-            delattr(block, attribute)
-    trainable_before = set(getattr(model, _TRAINABLE_BEFORE_ATTRIBUTE, ()))
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable_before)
-    delattr(model, _CONFIG_ATTRIBUTE)
-    delattr(model, _TRAINABLE_BEFORE_ATTRIBUTE)
-    return wrapper
-
-
-def adapters(model: nn.Module) -> Iterator[tuple[str, MultimodalGatedAdapter]]:
-    """``(module name, adapter)`` of every MGA (e.g. ``"transformer.resblocks.0.harma_adapter"``),
-    in module order."""
-    for name, module in model.named_modules():
-        if isinstance(module, MultimodalGatedAdapter):
-            yield name, module
-
-
-def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Adapter parameters with their model-relative names; a shared MMS appears once, under
-    the first block that uses it."""
-    for name, param in model.named_parameters():
-        if is_adapter_parameter_name(name):
+def adapter_named_parameters(
+    model: nn.Module, adapter_name: str | None = None, *, remove_duplicate: bool = True
+) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters of adapter set ``adapter_name`` (the active set when None) with their
+    model-relative names; a shared MMS appears once, under the first block that uses it (every
+    time, under each of its names, with ``remove_duplicate=False``)."""
+    selected = _selected_set(model, adapter_name)
+    for name, param in model.named_parameters(remove_duplicate=remove_duplicate):
+        owner = adapter_name_of_key(name)
+        if owner is not None and selected in (None, owner):
             yield name, param
 
 
-def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Adapter parameters, each once (for an optimizer)."""
-    for _, param in adapter_named_parameters(model):
+def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.Parameter]:
+    """Parameters of adapter set ``adapter_name`` (the active set when None), each once (for an
+    optimizer)."""
+    for _, param in adapter_named_parameters(model, adapter_name):
         yield param
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Context in which ``model`` computes as the plain backbone, adapters bypassed.
+    """Context in which ``model`` computes as the plain backbone, every adapter set bypassed.
 
     Example:
 
@@ -483,7 +485,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             frozen_embeddings = model.encode_image(images)
     """
     get_harma_config(model)
-    touched = [adapter for _, adapter in adapters(model) if adapter.enabled]
+    touched = [m for m in model.modules() if isinstance(m, MultimodalGatedAdapter) and m.enabled]
     for adapter in touched:
         adapter.enabled = False
     try:
@@ -495,32 +497,47 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass(frozen=True)
 class ParameterCount:
-    """Parameter numbers of a model; ``all`` counts shared tensors once."""
+    """Parameter numbers of a model; ``all`` counts shared tensors once.
+
+    Attributes:
+        trainable: parameters that require grad.
+        all: every parameter.
+        adapter: parameters of every adapter set.
+        per_adapter: parameters of each adapter set, by name, in the order the sets were added.
+    """
 
     trainable: int
     all: int
     adapter: int
+    per_adapter: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable / self.all if self.all else 0.0
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"trainable params: {self.trainable:,} || all params: {self.all:,} || "
             f"trainable%: {self.trainable_percent:.4f}"
         )
+        if len(self.per_adapter) > 1:
+            text += " || adapters: " + ", ".join(f"{name} {count:,}" for name, count in self.per_adapter.items())
+        return text
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
-    """Trainable, total and adapter parameter counts of ``model`` (shared tensors once)."""
+    """Trainable, total and adapter parameter counts of ``model`` (shared tensors once), with
+    each adapter set's count."""
     trainable = total = 0
     for param in model.parameters():
         total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
-    adapter = sum(p.numel() for p in adapter_parameters(model))
-    return ParameterCount(trainable=trainable, all=total, adapter=adapter)
+    per_adapter = {name: sum(p.numel() for p in adapter_parameters(model, name)) for name in list_adapters(model)}
+    adapter = sum(per_adapter.values()) if per_adapter else sum(
+        p.numel() for _, p in adapter_named_parameters(model)
+    )
+    return ParameterCount(trainable=trainable, all=total, adapter=adapter, per_adapter=per_adapter)
 
 
 def print_trainable_parameters(model: nn.Module) -> ParameterCount:

@@ -32,13 +32,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import HarmaConfig
-from .inject import (
-    adapter_named_parameters,
-    find_towers,
-    get_harma_config,
-    is_adapter_parameter_name,
-    unwrap_model,
-)
+from .inject import adapter_named_parameters, find_towers, get_harma_config
+from .named_adapters import reference_adapter_key, unwrap_model
 
 LAYOUT_FIELDS = ("bottleneck", "heads", "mini_bottleneck", "mini_heads", "sharing", "towers", "layers",
                  "target_modules", "mlp_attribute", "placement", "adapter_mask", "attention_passes",
@@ -286,33 +281,36 @@ def check_state_dict_shapes(model: nn.Module, state: Mapping[str, torch.Tensor],
 # Adapters
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors of a patched ``model`` by model-relative name; a shared MMS appears once.
-    Names are those of the model inside any torch.compile or DDP wrapper (`unwrap_model`)."""
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of adapter set ``adapter_name`` of a patched ``model`` (the active set when
+    None) under their reference names (`reference_adapter_key`: the names the set would have
+    alone, as ``"default"``); a shared MMS appears once. Names are those of the model inside any
+    torch.compile or DDP wrapper (`unwrap_model`)."""
     model = unwrap_model(model)
-    get_harma_config(model)
-    return {name: param.detach() for name, param in adapter_named_parameters(model)}
+    get_harma_config(model, adapter_name)
+    return {reference_adapter_key(name): param.detach() for name, param in adapter_named_parameters(model, adapter_name)}
 
 
-def _adapter_alias_groups(model: nn.Module) -> list[list[str]]:
-    """Names of each adapter parameter: first the one ``named_parameters()`` reports, then the
-    names under which a shared MMS is registered again (the paper layout)."""
+def _adapter_alias_groups(model: nn.Module, adapter_name: str | None) -> list[list[str]]:
+    """Names of each parameter of set ``adapter_name``: first the one ``named_parameters()``
+    reports, then the names under which a shared MMS is registered again (the paper layout)."""
     groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if is_adapter_parameter_name(name):
-            groups.setdefault(id(param), []).append(name)
+    for name, param in adapter_named_parameters(model, adapter_name, remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
     return list(groups.values())
 
 
 def match_adapter_tensors(
-    model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str, adapter_name: str | None = None
 ) -> dict[str, nn.Parameter | torch.Tensor]:
-    """Map stored adapter tensors onto ``model``'s adapter parameters, strictly.
+    """Map stored adapter tensors onto the parameters of ``model``'s adapter set
+    ``adapter_name`` (the active set when None), strictly.
 
-    Stored names may carry peft's ``base_model.model.`` prefix or not, whatever the model's
-    own naming, and the ``module.``/``_orig_mod.`` prefixes of DDP and torch.compile wrappers
+    Stored names are reference names (`reference_adapter_key`), whatever the set's name. They
+    may carry peft's ``base_model.model.`` prefix or not, whatever the model's own naming, and
+    the ``module.``/``_orig_mod.`` prefixes of DDP and torch.compile wrappers
     (`WRAPPER_KEY_PREFIXES`, files of older versions); a shared MMS may be stored under any of
-    its names. Every adapter parameter must be found once with its shape, and no other tensor
+    its names. Every parameter of the set must be found once with its shape, and no other tensor
     may be stored (`match_tensors`' errors). A wrapped ``model`` is unwrapped (`unwrap_model`).
 
     Returns:
@@ -320,12 +318,12 @@ def match_adapter_tensors(
         unwrapped model (`load_adapter_tensors` matches and copies in one call).
     """
     model = unwrap_model(model)
-    groups = _adapter_alias_groups(model)
+    groups = _adapter_alias_groups(model, adapter_name)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     canonical: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     for group in groups:
-        bare = [name.removeprefix(PEFT_KEY_PREFIX) for name in group]
+        bare = [reference_adapter_key(name.removeprefix(PEFT_KEY_PREFIX)) for name in group]
         canonical[bare[0]] = parameters[group[0]]
         aliases.update({alias: bare[0] for alias in bare})
     renamed = {_stored_name(key, aliases): value for key, value in tensors.items()}
@@ -345,10 +343,13 @@ def _stored_name(key: str, aliases: Mapping[str, str]) -> str:
     return aliases[name]
 
 
-def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """`match_adapter_tensors`, then copy; on a mismatch the adapters are left as they were."""
+def load_adapter_tensors(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str, adapter_name: str | None = None
+) -> None:
+    """`match_adapter_tensors`, then copy into set ``adapter_name`` (the active set when None);
+    on a mismatch the adapters are left as they were."""
     model = unwrap_model(model)
-    matched = match_adapter_tensors(model, tensors, source)
+    matched = match_adapter_tensors(model, tensors, source, adapter_name)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, value in matched.items():

@@ -159,13 +159,15 @@ class MultimodalGatedAdapter(nn.Module):
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
         self.block_gate = nn.Parameter(torch.tensor(float(block_gate_init)))
         self.mini_adapter = mini_adapter
-        # Switched by harma.disable_adapters(); a plain attribute so torch.compile guards on it.
+        # Plain attributes so that torch.compile guards on them: ``enabled`` is switched by
+        # harma.disable_adapters(), ``active`` by harma.set_adapter() (one set runs at a time).
         self.enabled = True
+        self.active = True
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if not (self.enabled and self.active):
             return m
         h = F.gelu(self.down(m))
         a = self.attn(h, self.causal)

@@ -12,15 +12,9 @@ import torch
 from torch import nn
 
 from .config import HarmaConfig
-from .inject import (
-    ADAPTER_ATTRIBUTE,
-    inject_harma_adapters,
-    is_adapter_parameter_name,
-    is_patched,
-    remove_harma_adapters,
-    unwrap_model,
-)
+from .inject import inject_harma_adapters, is_patched
 from .io import check_state_dict_shapes, read_torch_file
+from .named_adapters import ADAPTER_ATTRIBUTE, is_adapter_parameter_name, remove_harma_adapters, unwrap_model
 
 _REFERENCE_BLOCK = re.compile(r"^(?P<block>(?:visual\.)?transformer\.resblocks\.\d+)\.(?P<rest>.+)$")
 _REFERENCE_TO_OURS = (

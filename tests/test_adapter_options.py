@@ -24,7 +24,8 @@ from tiny_models import FAMILIES, encode, images, perturb_adapters, tiny_hf_clip
 from torch import nn
 
 import harma
-from harma.inject import adapters, is_adapter_parameter_name
+from harma.inject import adapters
+from harma.named_adapters import is_adapter_parameter_name
 from harma.modules import MiniAdapter, MultimodalGatedAdapter
 
 NEW_FIELDS = ("placement", "adapter_mask", "attention_passes", "attention_attribute", "causal_towers")

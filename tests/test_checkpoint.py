@@ -286,7 +286,7 @@ def test_adapter_files_of_older_versions_with_wrapper_prefixes_load(tmp_path, pr
               str(tmp_path / "old.safetensors"), metadata=adapter_file.metadata)
     for target in (tiny_open_clip(), torch.compile(tiny_open_clip())):
         harma.load_adapters(target, tmp_path / "old.safetensors")
-        assert_same_outputs(model, harma.inject.unwrap_model(target))
+        assert_same_outputs(model, harma.named_adapters.unwrap_model(target))
 
 
 def test_the_safetensors_suffix_in_any_case_writes_a_file(tmp_path):

@@ -47,16 +47,11 @@ from torch import nn
 
 from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, load_adapter_state
 from ..config import HarmaConfig
-from ..inject import (
-    adapter_named_parameters,
-    inject_harma_adapters,
-    is_adapter_parameter_name,
-    is_patched,
-    remove_harma_adapters,
-)
+from ..inject import adapter_named_parameters, inject_harma_adapters, is_patched
 from ..inject import adapters as adapter_modules
 from ..io import architecture_fingerprint, check_fingerprint, match_adapter_tensors
 from ..modules import MultimodalGatedAdapter
+from ..named_adapters import is_adapter_parameter_name, remove_harma_adapters
 
 __all__ = [
     "PEFT_PREFIX",

@@ -1,0 +1,283 @@
+"""Several named adapter sets on one model: where each set lives, which one is active, switching,
+deleting and removing them.
+
+One backbone can carry any number of HarMA adapter sets, each under a name and each with its own
+`HarmaConfig` (and its own shared MMS: an MMS is never shared across names). Exactly one set is
+active in a forward pass; the others are bypassed and frozen.
+
+Where a set lives in the model: the set named ``"default"`` (`DEFAULT_ADAPTER_NAME`) keeps the
+reference parameter names ``<block>.harma_adapter.*`` (and ``<block>.harma_attention_adapter.*``);
+a set named ``N`` lives under ``<block>.harma_adapters.N.*`` (and
+``<block>.harma_attention_adapters.N.*``). Adapter files always hold the reference names, whatever
+the set's name (`reference_adapter_key`), so a file saved from any set loads into any other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import HarmaConfig
+from .modules import MultimodalGatedAdapter
+
+DEFAULT_ADAPTER_NAME = "default"
+"""The name of an adapter set when none is given; its parameters keep the reference names."""
+ADAPTER_ATTRIBUTE = "harma_adapter"
+"""Block attribute of the default set's MGA after the MLP (the reference position)."""
+ATTENTION_ADAPTER_ATTRIBUTE = "harma_attention_adapter"
+"""Block attribute of the default set's MGA after the attention sublayer."""
+POSITION_ATTRIBUTES = {"mlp": ADAPTER_ATTRIBUTE, "attention": ATTENTION_ADAPTER_ATTRIBUTE}
+# A block's other sets sit in a ModuleDict per position, keyed by name: "harma_adapters" holds
+# the MLP-position MGAs, "harma_attention_adapters" the attention-position ones.
+POSITION_CONTAINERS = {position: attribute + "s" for position, attribute in POSITION_ATTRIBUTES.items()}
+HOOK_HANDLE_ATTRIBUTE = "_harma_hook_handle"
+_REGISTRY_ATTRIBUTE = "harma_adapter_registry"
+_NAMED_KEY = re.compile(r"(^|\.)(harma_adapters|harma_attention_adapters)\.([^.]+)\.")
+_DEFAULT_KEY = re.compile(r"(^|\.)(harma_adapter|harma_attention_adapter)\.")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
+
+@dataclass
+class AdapterRegistry:
+    """What a patched model records about its adapter sets (kept on the unwrapped model).
+
+    Attributes:
+        configs: each set's config, by name, in the order the sets were added.
+        modules: each set's MGAs, by name.
+        active: the name of the set that runs in the forward pass.
+        trainable_before: names of the parameters that required grad before the first set was
+            added (restored when the last set is removed).
+    """
+
+    configs: dict[str, HarmaConfig] = field(default_factory=dict)
+    modules: dict[str, list[MultimodalGatedAdapter]] = field(default_factory=dict)
+    active: str = DEFAULT_ADAPTER_NAME
+    trainable_before: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# Models and their wrappers
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside its wrappers: ``DistributedDataParallel``/``DataParallel`` (``.module``)
+    and ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``), in any nesting; ``model``
+    itself when it is not wrapped. Adapters live on, and are saved from, the unwrapped model,
+    so its parameter names carry no ``module.`` or ``_orig_mod.`` prefix."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(model._modules.get("_orig_mod"), nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = model._modules["_orig_mod"]
+        else:
+            return model
+
+
+def adapter_registry(model: nn.Module) -> AdapterRegistry | None:
+    """The registry of ``model`` (or of the model inside its wrappers); None if it carries no adapters."""
+    return getattr(unwrap_model(model), _REGISTRY_ATTRIBUTE, None)
+
+
+def require_registry(model: nn.Module) -> AdapterRegistry:
+    """`adapter_registry`, with a clear error for a model that carries no adapters."""
+    registry = adapter_registry(model)
+    if registry is None:
+        raise ValueError(
+            f"{type(model).__name__} carries no HarMA adapters; call harma.inject_harma_adapters first"
+        )
+    return registry
+
+
+def set_registry(model: nn.Module, registry: AdapterRegistry | None) -> None:
+    """Record ``registry`` on the unwrapped ``model`` (None: forget it)."""
+    model = unwrap_model(model)
+    if registry is None:
+        model.__dict__.pop(_REGISTRY_ATTRIBUTE, None)
+    else:
+        setattr(model, _REGISTRY_ATTRIBUTE, registry)
+
+
+def resolve_adapter_name(registry: AdapterRegistry, adapter_name: str | None) -> str:
+    """``adapter_name``, or the active set's name when None; a `ValueError` naming the sets
+    there are when the model has no set of that name."""
+    name = registry.active if adapter_name is None else adapter_name
+    if name not in registry.configs:
+        raise ValueError(f"this model has no adapter named {name!r}; its adapters are {list(registry.configs)}")
+    return name
+
+
+def check_adapter_name(adapter_name: object) -> str:
+    """``adapter_name`` if it can name an adapter set: letters, digits, ``_`` and ``-``, not
+    starting with ``-``, and not an attribute of ``nn.ModuleDict`` (such as ``"keys"``)."""
+    if not isinstance(adapter_name, str) or not _NAME.fullmatch(adapter_name) or (
+        adapter_name != DEFAULT_ADAPTER_NAME and hasattr(nn.ModuleDict(), adapter_name)
+    ):
+        raise ValueError(
+            f"adapter_name must be a string of letters, digits, '_' and '-' (not starting with '-') "
+            f"that is no attribute of nn.ModuleDict, got {adapter_name!r}"
+        )
+    return adapter_name
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter names
+
+
+def adapter_name_of_key(key: str) -> str | None:
+    """The name of the adapter set a parameter or state-dict key (model-relative, any prefix)
+    belongs to; None for a key of the backbone."""
+    named = _NAMED_KEY.search(key)
+    if named:
+        return named.group(3)
+    return DEFAULT_ADAPTER_NAME if _DEFAULT_KEY.search(key) else None
+
+
+def is_adapter_parameter_name(name: str) -> bool:
+    """Whether a parameter or state-dict key (model-relative, any prefix) belongs to a HarMA
+    adapter, of any set."""
+    return adapter_name_of_key(name) is not None
+
+
+def reference_adapter_key(key: str) -> str:
+    """``key`` with its set's name taken out: ``<block>.harma_adapters.N.rest`` becomes
+    ``<block>.harma_adapter.rest`` (and likewise at the attention position); a key of the
+    default set, or of the backbone, is returned unchanged. Adapter files hold these names."""
+    return _NAMED_KEY.sub(lambda match: f"{match.group(1)}{match.group(2)[:-1]}.", key, count=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Attaching and detaching one set's MGAs
+
+
+def attach_adapter(block: nn.Module, position: str, adapter_name: str, adapter: MultimodalGatedAdapter) -> None:
+    """Register ``adapter`` on ``block`` where set ``adapter_name`` lives at ``position``."""
+    if adapter_name == DEFAULT_ADAPTER_NAME:
+        block.add_module(POSITION_ATTRIBUTES[position], adapter)
+        return
+    if POSITION_CONTAINERS["mlp"] not in block._modules:
+        # Both containers, MLP first, whatever the position: a shared MMS then appears first
+        # under the MLP-position MGA, as in a model holding that set alone.
+        for container in POSITION_CONTAINERS.values():
+            block.add_module(container, nn.ModuleDict())
+    block._modules[POSITION_CONTAINERS[position]][adapter_name] = adapter
+
+
+def _blocks_holding(model: nn.Module, adapter_name: str) -> Iterator[tuple[nn.Module, str]]:
+    """``(block, position)`` of every MGA of set ``adapter_name`` in ``model``."""
+    for block in model.modules():
+        for position, attribute in POSITION_ATTRIBUTES.items():
+            if adapter_name == DEFAULT_ADAPTER_NAME:
+                if isinstance(block._modules.get(attribute), MultimodalGatedAdapter):
+                    yield block, position
+            else:
+                container = block._modules.get(POSITION_CONTAINERS[position])
+                if isinstance(container, nn.ModuleDict) and adapter_name in container:
+                    yield block, position
+
+
+def detach_adapter(model: nn.Module, adapter_name: str, adapters: list[MultimodalGatedAdapter]) -> None:
+    """Remove the hooks of ``adapters`` and unregister set ``adapter_name``'s MGAs from ``model``."""
+    for adapter in adapters:
+        handle = getattr(adapter, HOOK_HANDLE_ATTRIBUTE, None)
+        if handle is not None:
+            handle.remove()
+    for block, position in list(_blocks_holding(model, adapter_name)):
+        if adapter_name == DEFAULT_ADAPTER_NAME:
+            delattr(block, POSITION_ATTRIBUTES[position])
+            continue
+        del block._modules[POSITION_CONTAINERS[position]][adapter_name]
+        if not any(len(block._modules[container]) for container in POSITION_CONTAINERS.values()):
+            for container in POSITION_CONTAINERS.values():
+                delattr(block, container)
+
+
+# --------------------------------------------------------------------------------------------
+# The public API: listing, switching, deleting, removing
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """The names of the adapter sets ``model`` carries, in the order they were added (empty
+    for a model without adapters)."""
+    registry = adapter_registry(model)
+    return list(registry.configs) if registry else []
+
+
+def active_adapter(model: nn.Module) -> str:
+    """The name of the adapter set that runs in ``model``'s forward pass.
+
+    Raises:
+        ValueError: ``model`` carries no adapters.
+    """
+    return require_registry(model).active
+
+
+def apply_active(registry: AdapterRegistry) -> None:
+    """Make only the active set run and require grad; every other set is bypassed and frozen."""
+    for name, adapters in registry.modules.items():
+        active = name == registry.active
+        for adapter in adapters:
+            adapter.active = active
+            for param in adapter.parameters():
+                param.requires_grad_(active)
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Make set ``adapter_name`` the one that runs in ``model``'s forward pass (as peft's
+    ``set_adapter``): its parameters require grad, every other set's do not, and the backbone's
+    are left as they are. Costs a few attribute writes per block; nothing is copied.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: ``model`` has no set of that name (the names it has are listed).
+    """
+    registry = require_registry(model)
+    registry.active = resolve_adapter_name(registry, adapter_name)
+    apply_active(registry)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove set ``adapter_name`` (its MGAs, hooks and config) from ``model``.
+
+    When it was the active set, the first remaining set (in the order they were added) becomes
+    active. Deleting the last set is `remove_harma_adapters`.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: ``model`` has no set of that name.
+    """
+    registry = require_registry(model)
+    name = resolve_adapter_name(registry, adapter_name)
+    if len(registry.configs) == 1:
+        return remove_harma_adapters(model)
+    detach_adapter(unwrap_model(model), name, registry.modules.pop(name))
+    del registry.configs[name]
+    if registry.active == name:
+        registry.active = next(iter(registry.configs))
+    apply_active(registry)
+    return model
+
+
+def remove_harma_adapters(model: nn.Module) -> nn.Module:
+    """Undo `harma.inject_harma_adapters` for every adapter set: drop hooks and adapters and
+    restore ``requires_grad``.
+
+    Returns:
+        ``model`` itself, computing and holding exactly what it did before patching.
+    """
+    registry = require_registry(model)
+    inner = unwrap_model(model)
+    for name, adapters in registry.modules.items():
+        detach_adapter(inner, name, adapters)
+    trainable_before = set(registry.trainable_before)
+    for name, param in inner.named_parameters():
+        param.requires_grad_(name in trainable_before)
+    set_registry(inner, None)
+    return model
