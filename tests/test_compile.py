@@ -107,3 +107,16 @@ def test_cuda_compiled_adapters_train_in_bf16_like_the_eager_ones():
     compile_adapters(model)  # the default backend: Triton kernels around the fused attention
     # Fused and separate kernels round differently in bf16.
     assert_same_step(step(model, "cuda", torch.bfloat16), step(eager, "cuda", torch.bfloat16), rtol=5e-2, atol=5e-2)
+
+
+def test_a_compiled_model_follows_set_adapter():
+    model = patched(harma.HarmaConfig())
+    harma.inject_harma_adapters(model, harma.HarmaConfig(), adapter_name="other")
+    harma.set_adapter(model, "other")
+    perturb_adapters(model, seed=8)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    for name in ("default", "other", "default"):
+        harma.set_adapter(model, name)
+        harma.set_adapter(eager, name)
+        assert_same_step(step(compiled), step(eager))  # a guard on the flag recompiles, no stale code
