@@ -334,12 +334,14 @@ def push_adapters_to_hub(
     model: nn.Module,
     repo_id: str,
     *,
+    adapter_name: str | None = None,
     base_model: str | None = None,
     private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload HarMA adapters",
 ) -> str:
-    """Save the adapters as a peft-style folder and upload it to a Hub model repository.
+    """Save the adapters (set ``adapter_name``, the active set when None) as a peft-style folder
+    and upload it to a Hub model repository.
 
     Returns:
         The URL of the commit.
@@ -349,7 +351,7 @@ def push_adapters_to_hub(
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as folder:
-        save_adapters(model, folder, base_model=base_model)
+        save_adapters(model, folder, adapter_name=adapter_name, base_model=base_model)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     return str(getattr(commit, "commit_url", commit))
 
