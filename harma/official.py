@@ -12,9 +12,17 @@ import torch
 from torch import nn
 
 from .config import HarmaConfig
-from .inject import inject_harma_adapters, is_patched
+from .inject import inject_harma_adapters
 from .io import check_state_dict_shapes, read_torch_file
-from .named_adapters import ADAPTER_ATTRIBUTE, is_adapter_parameter_name, remove_harma_adapters, unwrap_model
+from .named_adapters import (
+    ADAPTER_ATTRIBUTE,
+    DEFAULT_ADAPTER_NAME,
+    adapter_name_of_key,
+    delete_adapter,
+    is_adapter_parameter_name,
+    list_adapters,
+    unwrap_model,
+)
 
 _REFERENCE_BLOCK = re.compile(r"^(?P<block>(?:visual\.)?transformer\.resblocks\.\d+)\.(?P<rest>.+)$")
 _REFERENCE_TO_OURS = (
@@ -83,7 +91,8 @@ def _key_report(
     model: nn.Module, translated: Mapping[str, torch.Tensor], has_adapters: bool
 ) -> tuple[list[str], list[str]]:
     """The model keys the checkpoint lacks and the checkpoint keys the model lacks."""
-    expected = list(model.state_dict())
+    # The checkpoint fills the "default" set; the model's other sets are not its business.
+    expected = [key for key in model.state_dict() if adapter_name_of_key(key) in (None, DEFAULT_ADAPTER_NAME)]
     missing = [key for key in expected if key not in translated]
     if not has_adapters:
         # A plain backbone checkpoint (e.g. GeoRSCLIP) leaves the adapters as they are.
@@ -103,8 +112,9 @@ def load_official_checkpoint(
     Accepts the reference ``checkpoint_best.pth`` layout (``{"model": state_dict, "config": ...}``
     with the CLIP under ``model.`` and the temperature as ``temp``), or a bare state dict in that
     or in plain open_clip naming. When the checkpoint holds adapter weights and ``model`` is
-    not patched yet, it is patched with the reference layout (`HarmaConfig.reference`).
-    Base and adapter weights are then loaded.
+    has no adapter set named ``"default"`` yet, that set is added with the reference layout
+    (`HarmaConfig.reference`). Base and adapter weights are then loaded; the adapter weights go
+    into the ``"default"`` set, and the model's other named sets are left as they are.
 
     Args:
         model: an open_clip CLIP of the checkpoint's architecture (``ViT-B-32-quickgelu`` for
@@ -140,9 +150,9 @@ def load_official_checkpoint(
     has_adapters = any(is_adapter_parameter_name(key) for key in translated)
     # Everything is checked before the first tensor is copied: a strict load that fails leaves
     # the model exactly as it was (adapters patched in here are removed again).
-    patched_here = has_adapters and not is_patched(model)
+    patched_here = has_adapters and DEFAULT_ADAPTER_NAME not in list_adapters(model)
     if patched_here:
-        inject_harma_adapters(model, HarmaConfig.reference())
+        inject_harma_adapters(model, HarmaConfig.reference(), adapter_name=DEFAULT_ADAPTER_NAME)
     try:
         check_state_dict_shapes(model, translated, source)
         missing, unexpected = _key_report(model, translated, has_adapters)
@@ -154,7 +164,7 @@ def load_official_checkpoint(
             )
     except ValueError:
         if patched_here:
-            remove_harma_adapters(model)
+            delete_adapter(model, DEFAULT_ADAPTER_NAME)
         raise
     model.load_state_dict(translated, strict=False)
     if isinstance(temperature, torch.Tensor):

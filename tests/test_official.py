@@ -212,3 +212,17 @@ def test_a_plain_backbone_loads_strictly_into_a_model_patched_with_any_placement
     model = harma.inject_harma_adapters(tiny_open_clip(seed=4), harma.HarmaConfig.plus())
     report = harma.load_official_checkpoint(model, path)  # strict: the adapters are not "missing"
     assert report.missing_keys == [] and harma.is_patched(model)
+
+
+def test_the_checkpoint_fills_the_default_set_of_a_model_serving_other_sets(tmp_path):
+    reference = reference_model().eval()
+    model = harma.inject_harma_adapters(tiny_open_clip(seed=5), harma.HarmaConfig.plus(), adapter_name="mine")
+    mine = {name: p.detach().clone() for name, p in harma.inject.adapter_named_parameters(model, "mine")}
+    report = harma.load_official_checkpoint(model, reference_checkpoint(reference))
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    assert harma.list_adapters(model) == ["mine", "default"] and harma.active_adapter(model) == "mine"
+    assert all(torch.equal(p, mine[name]) for name, p in harma.inject.adapter_named_parameters(model, "mine"))
+    harma.set_adapter(model, "default")
+    with torch.no_grad():
+        for a, b in zip(encode(model, images(), tokens()), encode(reference, images(), tokens()), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
