@@ -48,6 +48,7 @@ class AdapterRegistry:
         configs: each set's config, by name, in the order the sets were added.
         modules: each set's MGAs, by name.
         active: the name of the set that runs in the forward pass.
+        inference_mode: whether the active set is frozen too (`set_adapter`'s ``inference_mode``).
         trainable_before: names of the parameters that required grad before the first set was
             added (restored when the last set is removed).
     """
@@ -55,6 +56,7 @@ class AdapterRegistry:
     configs: dict[str, HarmaConfig] = field(default_factory=dict)
     modules: dict[str, list[MultimodalGatedAdapter]] = field(default_factory=dict)
     active: str = DEFAULT_ADAPTER_NAME
+    inference_mode: bool = False
     trainable_before: tuple[str, ...] = ()
 
 
@@ -214,20 +216,51 @@ def active_adapter(model: nn.Module) -> str:
     return require_registry(model).active
 
 
-def apply_active(registry: AdapterRegistry) -> None:
-    """Make only the active set run and require grad; every other set is bypassed and frozen."""
-    for name, adapters in registry.modules.items():
-        active = name == registry.active
-        for adapter in adapters:
-            adapter.active = active
-            for param in adapter.parameters():
-                param.requires_grad_(active)
+def apply_active(registry: AdapterRegistry, previous: tuple[str, bool] | None = None) -> None:
+    """Make only the active set run, and only it require grad (none in inference mode); every
+    other set is bypassed and frozen. ``previous`` is the ``(active, inference_mode)`` before a
+    switch: then only the sets whose state changes are touched, so a switch in inference mode
+    between frozen sets writes one flag per adapter and no ``requires_grad``. None: every set."""
+    trainable = None if registry.inference_mode else registry.active
+    if previous is None:
+        flagged = changed = list(registry.modules)
+    else:
+        was_trainable = None if previous[1] else previous[0]
+        flagged = list(dict.fromkeys((previous[0], registry.active)))
+        changed = [name for name in dict.fromkeys((was_trainable, trainable)) if name is not None]
+        changed = changed if was_trainable != trainable else []
+    for name in flagged:
+        for adapter in registry.modules[name]:
+            # Straight into the instance dict: the attribute nn.Module.__setattr__ would write,
+            # without its checks, which are most of a switch's cost.
+            adapter.__dict__["active"] = name == registry.active
+    for name in changed:
+        for adapter in registry.modules[name]:
+            _set_requires_grad(adapter, name == trainable)
 
 
-def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+def _set_requires_grad(module: nn.Module, requires_grad: bool) -> None:
+    """``requires_grad`` of every parameter of ``module`` and its submodules. Reads the module
+    tree on every call (Parameter objects can be replaced, e.g. by ``load_state_dict(assign=True)``),
+    but without ``parameters()``' generators and duplicate tracking, which cost ten times more."""
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        for param in current._parameters.values():
+            if param is not None:
+                param.requires_grad_(requires_grad)
+        stack.extend(child for child in current._modules.values() if child is not None)
+
+
+def set_adapter(model: nn.Module, adapter_name: str, *, inference_mode: bool = False) -> nn.Module:
     """Make set ``adapter_name`` the one that runs in ``model``'s forward pass (as peft's
-    ``set_adapter``): its parameters require grad, every other set's do not, and the backbone's
-    are left as they are. Costs a few attribute writes per block; nothing is copied.
+    ``set_adapter``). Its parameters require grad (none do with ``inference_mode``), every other
+    set's do not, and the backbone's are left as they are. Nothing is copied.
+
+    A switch writes one flag per adapter of the previous and the new set, and flips
+    ``requires_grad`` of the two sets' parameters when training; with ``inference_mode`` (every
+    set frozen), switching between sets flips no ``requires_grad`` at all, which makes it
+    several times cheaper (docs/serving.md).
 
     Returns:
         ``model`` itself.
@@ -236,8 +269,10 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         ValueError: ``model`` has no set of that name (the names it has are listed).
     """
     registry = require_registry(model)
+    previous = (registry.active, registry.inference_mode)
     registry.active = resolve_adapter_name(registry, adapter_name)
-    apply_active(registry)
+    registry.inference_mode = bool(inference_mode)
+    apply_active(registry, previous)
     return model
 
 

@@ -214,3 +214,16 @@ def test_the_state_dict_of_a_model_with_several_sets_round_trips():
         harma.set_adapter(model, name)
         harma.set_adapter(twin, name)
         assert_same_outputs(outputs(model), outputs(twin))
+
+
+def test_inference_mode_freezes_every_set_and_switches_without_touching_gradients():
+    model = two_set_model()
+    harma.set_adapter(model, "b", inference_mode=True)
+    assert not any(p.requires_grad for p in model.parameters())
+    first = outputs(model)
+    harma.set_adapter(model, "a", inference_mode=True)
+    harma.set_adapter(model, "b", inference_mode=True)
+    assert_same_outputs(outputs(model), first)
+    assert not any(p.requires_grad for p in model.parameters())
+    harma.set_adapter(model, "a")
+    assert {adapter_name_of_key(n) for n, p in model.named_parameters() if p.requires_grad} == {"a"}
