@@ -9,7 +9,8 @@ weights are random (so that the sets compute different things), saved to a safet
 
 Measured, in one process:
 
-- ``harma.set_adapter``: microseconds per call (median and p90 over ``--switches`` calls, every
+- ``harma.set_adapter``, training (the default) and with ``inference_mode=True`` (every set
+  frozen, no ``requires_grad`` flips): microseconds per call (median and p90 over ``--switches`` calls, every
   call switching to another set, cycling through the sets held), once the model holds 2, 3, ...
   K sets; next to the median time of one forward pass (``model(images, texts)``, no grad) of a
   batch of ``--batch`` images and captions, and the time of re-loading a set from its file into
@@ -87,9 +88,11 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
-def switch_times_us(model: nn.Module, names: list[str], switches: int, warmup: int = 50) -> list[float]:
-    """Microseconds of each of ``switches`` calls of ``harma.set_adapter``, each to the next of
-    ``names`` (cyclically, so every call changes the active set), garbage collection paused."""
+def switch_times_us(model: nn.Module, names: list[str], switches: int, warmup: int = 50,
+                    inference_mode: bool = False) -> list[float]:
+    """Microseconds of each of ``switches`` calls of ``harma.set_adapter`` (with
+    ``inference_mode``), each to the next of ``names`` (cyclically, so every call changes the
+    active set), garbage collection paused."""
     import harma
 
     times = []
@@ -99,7 +102,7 @@ def switch_times_us(model: nn.Module, names: list[str], switches: int, warmup: i
         for index in range(warmup + switches):
             name = names[index % len(names)]
             start = time.perf_counter_ns()
-            harma.set_adapter(model, name)
+            harma.set_adapter(model, name, inference_mode=inference_mode)
             elapsed = time.perf_counter_ns() - start
             if index >= warmup:
                 times.append(elapsed / 1e3)
@@ -253,6 +256,8 @@ def run(names: list[str], model_name: str = "ViT-B-32", model_config: dict | Non
                 times = switch_times_us(model, names[: index + 1], switches)
                 row.update(set_adapter_median_us=statistics.median(times), set_adapter_p90_us=percentile(times, 0.9),
                            set_adapter_min_us=min(times))
+                frozen = switch_times_us(model, names[: index + 1], switches, inference_mode=True)
+                row.update(inference_median_us=statistics.median(frozen), inference_p90_us=percentile(frozen, 0.9))
             sets.append(row)
             log(f"added {name}: {len(sets)} sets held")
         held = names[:]
@@ -293,6 +298,8 @@ def run(names: list[str], model_name: str = "ViT-B-32", model_config: dict | Non
         "sets": sets,
         "set_adapter_median_us": last["set_adapter_median_us"],
         "set_adapter_p90_us": last["set_adapter_p90_us"],
+        "inference_median_us": last["inference_median_us"],
+        "inference_vs_forward": last["inference_median_us"] / 1e6 / forward_s,
         "forward_s": forward_s,
         "set_adapter_vs_forward": last["set_adapter_median_us"] / 1e6 / forward_s,
         "reload_from_file_s": reload_s,
@@ -314,12 +321,13 @@ def table(results: dict[str, Any]) -> str:
     """The markdown tables of `run`'s results: one row per set added, then the summary."""
     lines = [
         "| sets held | set added | its parameters | parameter bytes | file size (header) | RSS growth | "
-        "add from file | set_adapter median | p90 |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "add from file | set_adapter median | p90 | inference_mode median | p90 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["sets"]:
-        switch = (f"{row['set_adapter_median_us']:.1f} µs | {row['set_adapter_p90_us']:.1f} µs"
-                  if "set_adapter_median_us" in row else "n/a | n/a")
+        switch = (f"{row['set_adapter_median_us']:.1f} µs | {row['set_adapter_p90_us']:.1f} µs | "
+                  f"{row['inference_median_us']:.1f} µs | {row['inference_p90_us']:.1f} µs"
+                  if "set_adapter_median_us" in row else "n/a | n/a | n/a | n/a")
         lines.append(
             f"| {row['sets_held']} | {row['name']} | {row['parameters']:,} | {_mib(row['parameter_bytes'])} | "
             f"{_mib(row['file_bytes'])} ({row['file_header_bytes']:,} B) | {_mib(row['rss_growth_bytes'])} | "
@@ -337,6 +345,8 @@ def table(results: dict[str, Any]) -> str:
         f"| set_adapter, {k} sets held (median) | {results['set_adapter_median_us']:.1f} µs |",
         f"| one forward pass of the batch (median) | {results['forward_s'] * 1e3:.1f} ms |",
         f"| set_adapter / forward pass | {results['set_adapter_vs_forward']:.2e} |",
+        f"| set_adapter(..., inference_mode=True), {k} sets held (median) | {results['inference_median_us']:.1f} µs |",
+        f"| the same / forward pass | {results['inference_vs_forward']:.2e} |",
         f"| re-loading a set from its file (median) | {results['reload_from_file_s'] * 1e3:.1f} ms |",
         f"| re-loading / set_adapter | {results['reload_vs_set_adapter']:,.0f}x |",
         f"| backbone parameters | {_mib(backbone['parameter_bytes'])} |",

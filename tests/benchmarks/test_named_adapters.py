@@ -46,6 +46,7 @@ def test_named_adapters_benchmark_in_its_cpu_smoke_size(tmp_path, capsys):
     assert "set_adapter_median_us" not in sets[0]  # nothing to switch to with one set
     for row in sets[1:]:
         assert 0 < row["set_adapter_min_us"] <= row["set_adapter_median_us"] <= row["set_adapter_p90_us"]
+        assert 0 < row["inference_median_us"] <= row["inference_p90_us"]
     assert results["set_adapter_median_us"] == sets[-1]["set_adapter_median_us"]
     assert results["forward_s"] > 0 and results["reload_from_file_s"] > 0
     assert results["set_adapter_vs_forward"] == results["set_adapter_median_us"] / 1e6 / results["forward_s"]
