@@ -11,6 +11,12 @@ A backbone plus an adapter file (any file harma.training wrote: HarMA, LoRA or f
         --adapters runs/rsitmd_geo/best.safetensors \
         --annotation data/rsitmd/rsitmd_test.json --image_root data/rsitmd/images
 
+Several HarMA adapter files on one backbone, each under a name (the backbone is built and the
+split read once; each named set is evaluated in turn, one table row per name):
+
+    python examples/evaluate.py --run runs/rsicd_geo \
+        --adapters rsitmd=runs/rsitmd_geo/best.safetensors --adapters rsicd=runs/rsicd_geo/best.safetensors
+
 A checkpoint released by the HarMA authors (it holds the backbone too):
 
     python examples/evaluate.py --model ViT-B-32-quickgelu \
@@ -18,7 +24,8 @@ A checkpoint released by the HarMA authors (it holds the backbone too):
         --annotation data/rsitmd/rsitmd_test.json --image_root data/rsitmd/images
 
 Without --adapters or --official-checkpoint the plain backbone is evaluated (zero-shot).
---json prints the metrics as one JSON object instead of a table.
+--json prints the metrics as one JSON object instead of a table ({name: metrics} for named
+adapters).
 
 --gallery FILE also writes what the model retrieved for a few sample queries, with the correct
 results marked: a self-contained HTML page (FILE.html) or a PNG contact sheet (FILE.png); give it
@@ -32,12 +39,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from torch import nn
 
 import harma
+from harma.checkpoint import ADAPTER_WEIGHTS_NAME
+from harma.checkpoint import FORMAT_NAME as HARMA_FORMAT
+from harma.named_adapters import check_adapter_name
 from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
 from harma.training import TrainConfig, format_metrics_table, load_trained_weights
 from harma.training.data import RetrievalEvalDataset, test_transform
@@ -45,8 +58,11 @@ from harma.training.gallery import GALLERY_SUFFIXES, build_gallery_from_embeddin
 from harma.training.gallery_render import write_gallery
 from harma.training.models import build_backbone, build_tokenizer
 
+BAD_INPUT = (FileNotFoundError, ValueError, KeyError, TypeError)
+"""Errors that are the user's to fix: one ``error:`` line and exit status 2, no traceback."""
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate retrieval R@1/5/10 and mean recall of a CLIP with HarMA adapters.",
         allow_abbrev=False,
@@ -59,7 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrained", help="open_clip tag or local weights file of the backbone")
     parser.add_argument("--model_config", help="open_clip.CLIP arguments as JSON (or a JSON file)")
     parser.add_argument("--image_size", type=int, help="input side in pixels (default: the model's)")
-    parser.add_argument("--adapters", help="a .safetensors file written by harma (adapters, LoRA or full)")
+    parser.add_argument("--adapters", action="append", default=[], metavar="[NAME=]PATH",
+                        help="a .safetensors file written by harma (adapters, LoRA or full); or NAME=PATH, "
+                        "repeatable: HarMA adapter files loaded as named sets of one backbone, each "
+                        "evaluated in turn")
     parser.add_argument("--official-checkpoint", dest="official_checkpoint",
                         help="a checkpoint of the authors' implementation (checkpoint_best.pth)")
     parser.add_argument("--annotation", help="val/test annotation file (entries with 'image' and 'caption' list)")
@@ -80,9 +99,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="results shown per query (default 5)")
     gallery.add_argument("--gallery-seed", dest="gallery_seed", type=int, default=0,
                          help="seed of the sample of queries (default 0)")
+    return parser
+
+
+def split_adapter_argument(text: str) -> tuple[str | None, str]:
+    """``(NAME, PATH)`` of an ``--adapters NAME=PATH`` value, ``(None, PATH)`` of a bare path.
+
+    The text before the first ``=`` is a name only when it holds no path separator, so
+    ``runs/lr=1e-4/best.safetensors`` stays a path.
+    """
+    name, equals, path = text.partition("=")
+    if not equals or "/" in name or os.sep in name:
+        return None, text
+    return name, path
+
+
+def parse_adapters(parser: argparse.ArgumentParser, values: list[str]) -> str | dict[str, str] | None:
+    """The ``--adapters`` values: None (none given), one bare path (a str, evaluated as before),
+    or ``{name: path}`` (several, or any named: HarMA adapter sets on one backbone)."""
+    if not values:
+        return None
+    pairs = [split_adapter_argument(value) for value in values]
+    if len(pairs) == 1 and pairs[0][0] is None:
+        return pairs[0][1]
+    named: dict[str, str] = {}
+    for value, (name, path) in zip(values, pairs, strict=True):
+        if name is None:
+            parser.error(f"--adapters {value}: give each of several adapter files as NAME=PATH")
+        try:
+            check_adapter_name(name)
+        except ValueError as error:
+            parser.error(f"--adapters {value}: {name!r} cannot name an adapter set: {error}")
+        if not path:
+            parser.error(f"--adapters {value}: no file after '{name}='")
+        if name in named:
+            parser.error(f"--adapters: the name {name!r} is given twice ({named[name]} and {path})")
+        named[name] = path
+    return named
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.adapters = parse_adapters(parser, args.adapters)
     if args.adapters and args.official_checkpoint:
         parser.error("give --adapters or --official-checkpoint, not both")
+    if isinstance(args.adapters, dict) and len(args.adapters) > 1 and args.gallery:
+        parser.error("--gallery shows one model: give it with one --adapters file, not several")
     for path in args.gallery:
         if Path(path).suffix.lower() not in GALLERY_SUFFIXES:
             parser.error(f"--gallery {path}: the file name must end in one of {', '.join(GALLERY_SUFFIXES)}")
@@ -96,7 +159,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace) -> dict:
-    """Backbone, weights and split to evaluate, from --run and/or the explicit options."""
+    """Backbone, weights and split to evaluate, from --run and/or the explicit options.
+
+    ``weights`` is None, one file path (any file harma.training wrote) or ``{name: path}`` of
+    HarMA adapter files.
+    """
     setup = {
         "model": args.model, "pretrained": args.pretrained, "model_config": None,
         "image_size": args.image_size, "annotation": args.annotation, "image_root": args.image_root,
@@ -122,66 +189,135 @@ def resolve(args: argparse.Namespace) -> dict:
     return setup
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_args(argv)
+def build_split_and_backbone(args: argparse.Namespace, setup: dict) -> tuple[RetrievalEvalDataset, nn.Module]:
+    """The evaluation split, then the backbone (the split first: a wrong image root fails before
+    the model is built)."""
+    image_size = setup["image_size"]
+    if image_size is None:
+        if setup["model_config"] is not None:
+            image_size = setup["model_config"]["vision_cfg"]["image_size"]
+        else:
+            import open_clip
+
+            image_size = open_clip.get_model_config(setup["model"])["vision_cfg"]["image_size"]
+    dataset = RetrievalEvalDataset(setup["annotation"], setup["image_root"], transform=test_transform(image_size))
+    if args.run and setup["pretrained"] is None:
+        # A run from random initialisation built its backbone right after seeding.
+        torch.manual_seed(TrainConfig.from_json_file(Path(args.run) / "config.json").seed)
+    model = build_backbone(setup["model"], setup["pretrained"], setup["model_config"], image_size)
+    return dataset, model
+
+
+def check_adapter_file(name: str, path: str) -> None:
+    """Refuse, with an error naming the file, what is not a local harma adapter file or folder
+    (only the header is read)."""
+    location = Path(path)
+    file = location / ADAPTER_WEIGHTS_NAME if location.is_dir() else location
+    if not file.is_file():
+        raise FileNotFoundError(f"--adapters {name}={path}: no harma adapter file or folder at '{path}'")
     try:
-        setup = resolve(args)
-        # The split first: a wrong image root fails before the model is built.
-        image_size = setup["image_size"]
-        if image_size is None:
-            if setup["model_config"] is not None:
-                image_size = setup["model_config"]["vision_cfg"]["image_size"]
-            else:
-                import open_clip
+        with safe_open(str(file), framework="pt") as reader:
+            file_format = (reader.metadata() or {}).get("format")
+    except Exception as error:  # safetensors has its own error types for damaged headers
+        raise ValueError(f"--adapters {name}={path}: '{file}' is not a readable safetensors file: {error}") from None
+    if file_format != HARMA_FORMAT:
+        raise ValueError(
+            f"--adapters {name}={path}: '{file}' is not a harma adapter file (format {file_format!r}, expected "
+            f"{HARMA_FORMAT!r}); named adapters must be HarMA adapter files (a LoRA or full fine-tuning "
+            f"file is evaluated alone, as a bare --adapters PATH)"
+        )
 
-                image_size = open_clip.get_model_config(setup["model"])["vision_cfg"]["image_size"]
-        dataset = RetrievalEvalDataset(setup["annotation"], setup["image_root"], transform=test_transform(image_size))
-        if args.run and setup["pretrained"] is None:
-            # A run from random initialisation built its backbone right after seeding.
-            torch.manual_seed(TrainConfig.from_json_file(Path(args.run) / "config.json").seed)
-        model = build_backbone(setup["model"], setup["pretrained"], setup["model_config"], image_size)
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
 
-    source = "backbone only (zero-shot)"
+def load_named_adapters(model: nn.Module, named: dict[str, str]) -> None:
+    """Load each HarMA adapter file into ``model`` as the set of its name."""
+    for name, path in named.items():
+        check_adapter_file(name, path)
+        try:
+            harma.load_adapters(model, path, adapter_name=name)
+        except ValueError as error:
+            raise ValueError(f"--adapters {name}={path}: {error}") from None
+
+
+def load_weights(args: argparse.Namespace, setup: dict, model: nn.Module) -> tuple[nn.Module, str]:
+    """``model`` with what was asked loaded into it, and a description of that source."""
+    weights = setup["weights"]
     if args.official_checkpoint:
         report = harma.load_official_checkpoint(model, args.official_checkpoint)
-        source = f"official checkpoint {args.official_checkpoint} (temperature {report.temperature})"
-    elif setup["weights"]:
-        model = load_trained_weights(model, setup["weights"])
-        source = f"weights {setup['weights']}"
+        return model, f"official checkpoint {args.official_checkpoint} (temperature {report.temperature})"
+    if isinstance(weights, dict):
+        load_named_adapters(model, weights)
+        return model, "adapters " + ", ".join(f"{name}={path}" for name, path in weights.items())
+    if weights:
+        return load_trained_weights(model, weights), f"weights {weights}"
+    return model, "backbone only (zero-shot)"
 
+
+def build_evaluator(args: argparse.Namespace, setup: dict, dataset: RetrievalEvalDataset,
+                    model: nn.Module) -> tuple[RetrievalEvaluator, nn.Module]:
+    """The evaluator of the split, and ``model`` moved to the device in eval mode."""
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    model = model.to(device).eval()
     evaluator = RetrievalEvaluator.from_dataset(
         dataset, build_tokenizer(setup["model"], setup["model_config"]), batch_size=args.batch_size,
         num_workers=args.num_workers, device=device, autocast_dtype=autocast, progress=not args.json,
     )
-    # Encoded once: the metrics and the gallery both come from these embeddings.
-    image_embeds, text_embeds = evaluator.encode(model)
-    metrics = retrieval_metrics_from_embeddings(image_embeds, text_embeds, evaluator.txt2img.to(image_embeds.device))
+    return evaluator, model.to(device).eval()
+
+
+def write_galleries(args: argparse.Namespace, setup: dict, dataset: RetrievalEvalDataset, source: str,
+                    embeddings: tuple[torch.Tensor, torch.Tensor], metrics: dict[str, float]) -> None:
+    image_embeds, text_embeds = embeddings
+    gallery = build_gallery_from_embeddings(
+        image_embeds, text_embeds, dataset.txt2img, num_queries=args.gallery_queries, k=args.gallery_top_k,
+        seed=args.gallery_seed,
+    )
+    title = f"{setup['model']} + {source}: {Path(setup['annotation']).name}"
+    for path in args.gallery:
+        write_gallery(path, gallery, dataset.image_paths, dataset.captions, title=title, metrics=metrics)
+        # With --json, stdout holds only the metrics.
+        print(f"gallery written to {path}", file=sys.stderr if args.json else sys.stdout)
+
+
+def report(args: argparse.Namespace, setup: dict, dataset: RetrievalEvalDataset, source: str,
+           rows: dict[str, dict[str, float]], named: bool) -> None:
+    """Print the metrics: one JSON object (``{name: metrics}`` for named adapters) or a table."""
     if args.json:
-        print(json.dumps(metrics))
-    else:
-        print(f"{setup['model']} + {source}")
-        print(f"{dataset.num_images} images, {len(dataset.captions)} captions from {setup['annotation']}")
-        print(format_metrics_table({Path(setup["annotation"]).stem: metrics}))
-    if args.gallery:
-        gallery = build_gallery_from_embeddings(
-            image_embeds, text_embeds, dataset.txt2img, num_queries=args.gallery_queries, k=args.gallery_top_k,
-            seed=args.gallery_seed,
+        print(json.dumps(rows if named else next(iter(rows.values()))))
+        return
+    print(f"{setup['model']} + {source}")
+    print(f"{dataset.num_images} images, {len(dataset.captions)} captions from {setup['annotation']}")
+    print(format_metrics_table(rows))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Evaluate; returns the metrics, or ``{name: metrics}`` for named adapters."""
+    args = parse_args(argv)
+    try:
+        setup = resolve(args)
+        dataset, model = build_split_and_backbone(args, setup)
+        model, source = load_weights(args, setup, model)
+    except BAD_INPUT as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    evaluator, model = build_evaluator(args, setup, dataset, model)
+    named = isinstance(setup["weights"], dict) and not args.official_checkpoint
+    names = list(setup["weights"]) if named else [Path(setup["annotation"]).stem]
+    rows: dict[str, dict[str, float]] = {}
+    for name in names:
+        if named:
+            harma.set_adapter(model, name)
+        # Encoded once: the metrics and the gallery both come from these embeddings.
+        image_embeds, text_embeds = evaluator.encode(model)
+        rows[name] = retrieval_metrics_from_embeddings(
+            image_embeds, text_embeds, evaluator.txt2img.to(image_embeds.device)
         )
-        title = f"{setup['model']} + {source}: {Path(setup['annotation']).name}"
-        for path in args.gallery:
-            write_gallery(path, gallery, dataset.image_paths, dataset.captions, title=title, metrics=metrics)
-            # With --json, stdout holds only the metrics.
-            print(f"gallery written to {path}", file=sys.stderr if args.json else sys.stdout)
-    return metrics
+    report(args, setup, dataset, source, rows, named)
+    if args.gallery:
+        write_galleries(args, setup, dataset, source, (image_embeds, text_embeds), rows[names[-1]])
+    return rows if named else rows[names[0]]
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ class TrainConfig:
     # Method
     method: str = field(default="harma", metadata=_help("harma | lora | full"))
     harma: HarmaConfig = field(default=HarmaConfig(), metadata=_help("adapter layout (method harma)"))
+    init_adapters: str | None = field(default=None, metadata=_help(
+        "a harma adapter file or folder whose weights the trained HarMA adapters start from; its "
+        "layout must equal `harma` (method harma)"))
     lora_rank: int = field(default=8, metadata=_help("LoRA rank (method lora)"))
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling numerator (method lora)"))
     lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA path (method lora)"))
@@ -159,6 +162,13 @@ class TrainConfig:
             fail(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if self.model_config is not None and not isinstance(self.model_config, Mapping):
             fail(f"model_config must be a JSON object (dict) or None, got {type(self.model_config).__name__}")
+        if self.init_adapters is not None:
+            if not isinstance(self.init_adapters, str) or not self.init_adapters:
+                fail(f"init_adapters must be the path of a harma adapter file or folder, or None, "
+                     f"got {self.init_adapters!r}")
+            if self.method != "harma":
+                fail(f"init_adapters starts HarMA adapters from a file: it needs method 'harma', "
+                     f"not {self.method!r}")
         if not self.lora_targets:
             fail("lora_targets must name at least one module")
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import load_adapters
 from ..inject import inject_harma_adapters
 from ..io import match_tensors, read_state_dict
 from .config import TrainConfig
@@ -238,9 +239,22 @@ def build_model(config: TrainConfig, *, load_weights: bool = True) -> nn.Module:
     backbone frozen. ``full``: everything trainable except ``logit_scale``/``logit_bias``
     (the loss has its own temperature, and an unused trainable tensor breaks DDP).
 
+    With ``init_adapters`` (method ``harma``), the injected adapters start from that file's
+    values instead of their initialisation (`harma.load_adapters`: its layout must equal
+    ``config.harma``, its architecture the backbone's, and its values be finite).
+
     Args:
-        load_weights: False builds the architecture with random weights (``pretrained`` ignored).
+        load_weights: False builds the architecture with random weights (``pretrained`` and
+            ``init_adapters`` ignored).
+
+    Raises:
+        FileNotFoundError: ``init_adapters`` names no file or folder (checked before the backbone
+            is built).
+        ValueError: ``init_adapters`` is no harma adapter file, or does not fit (named).
     """
+    init_adapters = config.init_adapters if load_weights and config.method == "harma" else None
+    if init_adapters is not None and not Path(init_adapters).expanduser().exists():
+        raise FileNotFoundError(f"init_adapters: no harma adapter file or folder at '{init_adapters}'")
     model = build_backbone(
         config.model,
         pretrained=config.pretrained if load_weights else None,
@@ -249,6 +263,11 @@ def build_model(config: TrainConfig, *, load_weights: bool = True) -> nn.Module:
     )
     if config.method == "harma":
         inject_harma_adapters(model, config.harma)
+        if init_adapters is not None:
+            try:
+                load_adapters(model, Path(init_adapters).expanduser())
+            except ValueError as error:
+                raise ValueError(f"init_adapters: {error}") from None
     elif config.method == "lora":
         model = apply_lora(model, config)
     else:
