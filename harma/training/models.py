@@ -104,6 +104,16 @@ def check_pretrained_source(pretrained: str | None) -> None:
             )
 
 
+def check_init_adapters(init_adapters: str | None) -> None:
+    """Fail early, before anything is built, when ``init_adapters`` names no file or folder.
+
+    Raises:
+        FileNotFoundError: naming the path.
+    """
+    if init_adapters is not None and not Path(init_adapters).expanduser().exists():
+        raise FileNotFoundError(f"init_adapters: no harma adapter file or folder at '{init_adapters}'")
+
+
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a plain open_clip state dict (``.pt``/``.pth``/``.bin`` or ``.safetensors``) into
     ``model``.
@@ -253,8 +263,7 @@ def build_model(config: TrainConfig, *, load_weights: bool = True) -> nn.Module:
         ValueError: ``init_adapters`` is no harma adapter file, or does not fit (named).
     """
     init_adapters = config.init_adapters if load_weights and config.method == "harma" else None
-    if init_adapters is not None and not Path(init_adapters).expanduser().exists():
-        raise FileNotFoundError(f"init_adapters: no harma adapter file or folder at '{init_adapters}'")
+    check_init_adapters(init_adapters)
     model = build_backbone(
         config.model,
         pretrained=config.pretrained if load_weights else None,

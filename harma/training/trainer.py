@@ -48,7 +48,7 @@ from ..retrieval import RetrievalEvaluator
 from .config import TrainConfig
 from .curves import plot_training_curves
 from .data import ImageReadError, TokenizingCollate, build_datasets
-from .models import build_model, build_tokenizer, check_pretrained_source
+from .models import build_model, build_tokenizer, check_init_adapters, check_pretrained_source
 from .optim import LinearWarmupDecay, build_optimizer
 from .report import short_metrics
 from .state import (
@@ -233,6 +233,7 @@ class Trainer:
         try:
             self.train_set, self.val_set, self.test_set = build_datasets(self.config)
             check_pretrained_source(self.config.pretrained)
+            check_init_adapters(self.config.init_adapters if self.config.method == "harma" else None)
         except (OSError, ValueError) as caught:
             error = caught
         raise_on_any_rank(error)
