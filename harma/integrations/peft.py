@@ -18,6 +18,12 @@ The tuner delegates to ``harma.inject_harma_adapters``: the patched model is the
 with the native API, so ``peft_model.get_base_model()`` can be passed to every harma function
 (``harma.save_adapters``, ``harma.disable_adapters``, the losses and the evaluator).
 
+Several adapters: each peft adapter is a harma adapter set of the same name
+(``harma.named_adapters``). ``add_adapter``/``load_adapter`` add a set (inactive, frozen),
+``set_adapter``/``delete_adapter`` are ``harma.set_adapter``/``harma.delete_adapter``, and the
+files peft writes for any adapter hold the reference names (``<block>.harma_adapter.*``), so a
+folder loads under any adapter name.
+
 How it plugs into peft (0.21 or newer). peft's public hook, ``peft.utils.register_peft_method``,
 only accepts names that are members of the closed enum ``peft.utils.PeftType``, which has no
 ``HARMA``. ``register_with_peft`` therefore writes the same entries that function writes
@@ -36,6 +42,7 @@ import dataclasses
 import inspect
 import os
 import types
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,11 +54,19 @@ from torch import nn
 
 from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, load_adapter_state
 from ..config import HarmaConfig
-from ..inject import adapter_named_parameters, inject_harma_adapters, is_patched
+from ..inject import adapter_named_parameters, adapter_parameters, inject_harma_adapters, is_patched
 from ..inject import adapters as adapter_modules
 from ..io import architecture_fingerprint, check_fingerprint, match_adapter_tensors
 from ..modules import MultimodalGatedAdapter
-from ..named_adapters import is_adapter_parameter_name, remove_harma_adapters
+from ..named_adapters import (
+    adapter_name_of_key,
+    adapter_registry,
+    list_adapters,
+    reference_adapter_key,
+    remove_harma_adapters,
+)
+from ..named_adapters import delete_adapter as harma_delete_adapter
+from ..named_adapters import set_adapter as harma_set_adapter
 
 __all__ = [
     "PEFT_PREFIX",
@@ -218,49 +233,67 @@ class HarmaPeftConfig(PeftConfig):
 
 
 class _HarmaLayerStatus(nn.Module, BaseTunerLayer):
-    """Reports the HarMA adapters of a model to peft's ``get_layer_status``/``get_model_status``
+    """Reports the HarMA adapter sets of a model to peft's ``get_layer_status``/``get_model_status``
     (which ``PeftModel.disable_adapter`` calls) and switches them on and off.
 
     peft only recognises adapters that are ``BaseTunerLayer`` modules; HarMA's adapters are
     ``harma.MultimodalGatedAdapter`` modules reached through forward hooks. This module
-    lives on the tuner, not in the user's model, holds no parameters, and keeps the adapters in a
-    plain list, so they are not registered a second time.
+    lives on the tuner, not in the user's model, holds no parameters, and reads every answer from
+    harma's registry of the model's sets, so it cannot disagree with ``harma.set_adapter`` or
+    ``harma.delete_adapter`` called on the base model directly.
     """
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
 
-    def __init__(self, adapter_name: str, adapters: list[MultimodalGatedAdapter]) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self._active_adapter = adapter_name
         self.merged_adapters = []
-        self.harma_adapters = adapters
+        # A plain list: the model must not be registered as a submodule of its tuner a second time.
+        self._harma_model = [model]
+
+    def _all_adapters(self) -> list[MultimodalGatedAdapter]:
+        registry = adapter_registry(self._harma_model[0])
+        return [adapter for adapters in registry.modules.values() for adapter in adapters] if registry else []
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        registry = adapter_registry(self._harma_model[0])
+        return registry.active if registry else []
 
     @property
     def disable_adapters(self) -> bool:
-        return not any(adapter.enabled for adapter in self.harma_adapters)
+        return not any(adapter.enabled for adapter in self._all_adapters())
 
     def _get_available_adapters(self) -> set[str]:
-        return {self._active_adapter}
+        return set(list_adapters(self._harma_model[0]))
 
     def enable_adapters(self, enabled: bool) -> None:
-        for adapter in self.harma_adapters:
+        for adapter in self._all_adapters():
             adapter.enabled = enabled
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        self._active_adapter = adapter_names
+        pass  # HarmaTuner.set_adapter switches the sets through harma.set_adapter.
 
     def extra_repr(self) -> str:
-        return f"adapters={len(self.harma_adapters)}"
+        return f"adapters={list_adapters(self._harma_model[0])}"
+
+
+def _dropped_by_peft_filter(key: str, unwanted_adapter_names: Sequence[str]) -> bool:
+    """Whether peft's ``get_peft_model_state_dict`` drops ``key`` before calling the tuner: it
+    removes every key containing ``.<name>.`` (or ending in ``.<name>``) for the other adapters."""
+    return any(f".{name}." in key or key.endswith(f".{name}") for name in unwanted_adapter_names)
 
 
 class HarmaTuner(BaseTuner):
     """peft tuner ("model class") of the HarMA method; created by ``PeftModel``, not by users.
 
     It patches the wrapped model with ``harma.inject_harma_adapters``, so parameter names,
-    sharing and the forward pass are exactly harma's. One HarMA adapter per model: a second
-    ``add_adapter`` is an error. HarMA adapters contain attention and non-linearities, so they
-    cannot be merged into the base weights; ``unload()`` removes them.
+    sharing and the forward pass are exactly harma's. Each peft adapter is a harma adapter set of
+    the same name (``harma.named_adapters``): ``add_adapter``/``load_adapter`` add a set,
+    ``set_adapter`` and ``delete_adapter`` are ``harma.set_adapter`` and ``harma.delete_adapter``.
+    One set runs at a time. HarMA adapters contain attention and non-linearities, so they cannot
+    be merged into the base weights; ``unload()`` removes them.
     """
 
     prefix: str = PEFT_PREFIX
@@ -277,21 +310,56 @@ class HarmaTuner(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Patch ``model`` with the adapters ``self.peft_config[adapter_name]`` describes.
+        """Add to ``model`` the adapter set ``adapter_name`` that ``self.peft_config[adapter_name]``
+        describes.
+
+        The first set is active, trainable unless the config's ``inference_mode``. A later set is
+        added as peft's ``add_adapter`` adds one: inactive (bypassed) and frozen, every other
+        parameter's ``requires_grad`` left as it was.
 
         Raises:
             TypeError: the config is not a ``HarmaPeftConfig``.
-            ValueError: the model already carries adapters, another adapter name is registered,
-                no blocks match, or the config's fingerprint names another architecture.
+            ValueError: the model carries harma adapters peft does not manage, the name cannot name
+                a harma set, no blocks match, or the config's fingerprint names another architecture.
         """
         config = self.peft_config[adapter_name]
+        self._check_injectable(model, adapter_name, config, low_cpu_mem_usage)
+        harma_config = config.to_harma_config()
+        fingerprint = architecture_fingerprint(model, harma_config)
+        if config.fingerprint is not None:
+            check_fingerprint(config.fingerprint, fingerprint, f"the HarMA adapters {adapter_name!r}")
+        first = not list_adapters(model)
+        requires_grad = {param: param.requires_grad for param in model.parameters()}
+        inject_harma_adapters(model, harma_config, adapter_name)
+        if not first:
+            # peft's add_adapter leaves every existing parameter's requires_grad as it was (a
+            # backbone module the user unfroze; inject_harma_adapters freezes the backbone again).
+            for param, flag in requires_grad.items():
+                param.requires_grad_(flag)
+        elif config.inference_mode:
+            # Through harma, so that its registry knows the active set is frozen.
+            harma_set_adapter(model, adapter_name, inference_mode=True)
+        # Record the architecture in a copy (the user's config object is left as it was), so that
+        # save_pretrained writes it to adapter_config.json.
+        self.peft_config[adapter_name] = dataclasses.replace(config, fingerprint=fingerprint)
+        if "harma_layers" not in self._modules:
+            self.harma_layers = _HarmaLayerStatus(model)
+        self._update_targeted_module_names()
+
+    def _check_injectable(
+        self, model: nn.Module, adapter_name: str, config: PeftConfig, low_cpu_mem_usage: bool
+    ) -> None:
         if not isinstance(config, HarmaPeftConfig):
             raise TypeError(f"HarmaTuner needs a HarmaPeftConfig, got {type(config).__name__}")
-        others = [name for name in self.peft_config if name != adapter_name]
-        if others or is_patched(model):
+        # Sets added with harma.inject_harma_adapters would be invisible to peft (not saved, not
+        # listed), and one named like the new adapter would clash with it.
+        managed = set(self.peft_config) - {adapter_name}
+        foreign = [name for name in list_adapters(model) if name not in managed]
+        if foreign:
             raise ValueError(
-                f"a model carries one set of HarMA adapters; it already has {others or 'harma adapters'}. "
-                f"Use a fresh base model for adapter {adapter_name!r}"
+                f"the model already carries HarMA adapters {foreign} that peft does not manage (added with "
+                f"harma.inject_harma_adapters?); remove them (harma.remove_harma_adapters) and add adapter "
+                f"{adapter_name!r} through peft, or load saved ones with PeftModel.load_adapter"
             )
         if low_cpu_mem_usage or nn.Linear(1, 1).weight.is_meta:
             # peft creates the tuner under accelerate's init_empty_weights() for this option.
@@ -299,28 +367,41 @@ class HarmaTuner(BaseTuner):
                 "low_cpu_mem_usage=True is not supported for HarMA adapters (they are small: 24 MB for "
                 "ViT-B/32); leave it False"
             )
-        harma_config = config.to_harma_config()
-        fingerprint = architecture_fingerprint(model, harma_config)
-        if config.fingerprint is not None:
-            check_fingerprint(config.fingerprint, fingerprint, "the HarMA adapters")
-        inject_harma_adapters(model, harma_config)
-        # Record the architecture in a copy (the user's config object is left as it was), so that
-        # save_pretrained writes it to adapter_config.json.
-        self.peft_config[adapter_name] = dataclasses.replace(config, fingerprint=fingerprint)
-        adapters = [module for module in model.modules() if isinstance(module, MultimodalGatedAdapter)]
-        self.harma_layers = _HarmaLayerStatus(adapter_name, adapters)
-        self.targeted_module_names.extend(name.rpartition(".")[0] for name, _ in adapter_modules(model))
-        if config.inference_mode:
-            self.set_requires_grad(adapter_name, False)
+
+    def _update_targeted_module_names(self) -> None:
+        # The blocks carrying any set (peft's bookkeeping; a block with several sets is listed once).
+        blocks: dict[str, None] = {}
+        for name in list_adapters(self.model):
+            for module_name, _ in adapter_modules(self.model, name):
+                blocks[reference_adapter_key(module_name + ".").rstrip(".").rpartition(".")[0]] = None
+        self.targeted_module_names[:] = list(blocks)
 
     def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("HarmaTuner patches whole blocks in inject_adapter, not module by module")
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # The active set alone: an inactive set is bypassed, so it would get no gradient.
+        registry = adapter_registry(model)
+        active = registry.active if registry else None
         for name, param in model.named_parameters():
-            param.requires_grad_(is_adapter_parameter_name(name))
+            owner = adapter_name_of_key(name)
+            param.requires_grad_(owner is not None and owner == active)
+        if active is not None:
+            harma_set_adapter(model, active)  # harma's registry: the active set is trainable
 
     # --- switching and gradients ------------------------------------------------------------
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active set's name, read from harma's registry (so that it is right whoever switched);
+        before the first set is added, and after the last is deleted, what peft last assigned."""
+        model = self._modules.get("model")
+        registry = adapter_registry(model) if model is not None else None
+        return registry.active if registry else self.__dict__.get("_harma_active_adapter", [])
+
+    @active_adapter.setter
+    def active_adapter(self, value: str | list[str]) -> None:
+        self.__dict__["_harma_active_adapter"] = value
 
     def _check_adapter_names(self, adapter_names: str | Sequence[str]) -> list[str]:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -330,37 +411,70 @@ class HarmaTuner(BaseTuner):
         return names
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Set ``requires_grad`` of every adapter parameter (there is one HarMA adapter)."""
-        self._check_adapter_names(adapter_names)
-        for _, param in adapter_named_parameters(self.model):
-            param.requires_grad_(requires_grad)
+        """Set ``requires_grad`` of the named sets' parameters.
+
+        Only the active set can be made trainable: an inactive set is bypassed, so it would get no
+        gradient; it stays frozen until ``set_adapter`` selects it (``load_adapter(...,
+        is_trainable=True)`` asks this of the inactive set it adds).
+        """
+        active = self.active_adapter
+        for name in self._check_adapter_names(adapter_names):
+            if name == active:
+                # harma's set_adapter with the same set: its registry records the frozen state,
+                # which its later switches rely on.
+                harma_set_adapter(self.model, name, inference_mode=not requires_grad)
+            elif not requires_grad:
+                for param in adapter_parameters(self.model, name):
+                    param.requires_grad_(False)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Make ``adapter_name`` active; trainable unless ``inference_mode``."""
+        """Make set ``adapter_name`` the one that runs (``harma.set_adapter``): as in peft, it is
+        trainable unless ``inference_mode``; every other set is bypassed and frozen.
+
+        Raises:
+            ValueError: an unknown name, or several names (HarMA runs one set at a time).
+        """
         names = self._check_adapter_names(adapter_name)
-        self.set_requires_grad(names, not inference_mode)
-        if hasattr(self, "harma_layers"):
-            self.harma_layers.set_adapter(adapter_name)
-        self.active_adapter = adapter_name
+        if len(names) != 1:
+            raise ValueError(f"HarMA runs one adapter set at a time; got {names}")
+        harma_set_adapter(self.model, names[0], inference_mode=inference_mode)
+        self.active_adapter = names[0]
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        if hasattr(self, "harma_layers"):
+        if "harma_layers" in self._modules:
             self.harma_layers.enable_adapters(enabled)
 
     # --- removal ----------------------------------------------------------------------------
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove the adapters from the model (harma's ``harma.remove_harma_adapters``)."""
+        """Delete set ``adapter_name`` (``harma.delete_adapter``).
+
+        When it was active, the first remaining set (in the order the sets were added) becomes
+        active, trainable unless its config's ``inference_mode`` (loaded for inference); the
+        backbone's ``requires_grad`` stays as it was. Deleting the last set removes the adapters,
+        restoring the ``requires_grad`` the model had before (``harma.remove_harma_adapters``).
+        """
         self._check_adapter_names(adapter_name)
-        if is_patched(self.model):
-            remove_harma_adapters(self.model)
+        was_active = adapter_name == self.active_adapter
+        if adapter_name in list_adapters(self.model):
+            harma_delete_adapter(self.model, adapter_name)
         del self.peft_config[adapter_name]
-        if hasattr(self, "harma_layers"):
-            del self.harma_layers
-        self.active_adapter = []
+        if not list_adapters(self.model):
+            self._modules.pop("harma_layers", None)
+            self.active_adapter = []
+            self.targeted_module_names.clear()
+            return
+        if was_active:
+            new_active = self.active_adapter
+            inference_mode = self.peft_config[new_active].inference_mode
+            harma_set_adapter(self.model, new_active, inference_mode=inference_mode)
+            # The warning peft's own adapter layers give (BaseTunerLayer.delete_adapter).
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter "
+                          f"to {new_active}.", stacklevel=2)
+        self._update_targeted_module_names()
 
     def unload(self) -> nn.Module:
-        """Remove the adapters and return the base model, computing what it did before."""
+        """Remove every adapter set and return the base model, computing what it did before."""
         if is_patched(self.model):
             remove_harma_adapters(self.model)
         self.model.__dict__.pop("peft_config", None)
@@ -388,18 +502,31 @@ class HarmaTuner(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        # The adapter parameters under the names harma uses, a shared MMS once (under the first
-        # block that uses it), with peft's "base_model.model." prefix.
-        names = [name for name, _ in adapter_named_parameters(model)]
-        missing = [name for name in names if name not in state_dict]
+        # The parameters of set adapter_name under their names in the model, a shared MMS once
+        # (under the first block that uses it), with peft's "base_model.model." prefix;
+        # _remove_adapter_name_from_key then gives them the reference names.
+        selected, missing = {}, []
+        for name, param in adapter_named_parameters(model, adapter_name):
+            if name in state_dict:
+                selected[name] = state_dict[name]
+            elif _dropped_by_peft_filter(name, unwanted_adapter_names):
+                # Another adapter named like a module of this set's path ("0", "text") made peft
+                # drop the tensor; the model holds it.
+                selected[name] = param.detach()
+            else:
+                missing.append(name)
         if missing:
-            raise ValueError(f"the state dict to save lacks {len(missing)} adapter tensor(s), e.g. {missing[:3]}")
-        return {name: state_dict[name] for name in names}
+            raise ValueError(
+                f"the state dict to save lacks {len(missing)} adapter tensor(s), e.g. {missing[:3]}"
+            )
+        return selected
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        # harma's parameter names carry no adapter name.
-        return key
+        # Files hold the reference names whatever the set's name: "<block>.harma_adapters.<name>.x"
+        # is saved as "<block>.harma_adapter.x", so a folder loads into a set of any name, and
+        # into harma's native API.
+        return reference_adapter_key(key)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -409,7 +536,8 @@ class HarmaTuner(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        matched = match_adapter_tensors(model, state_dict, "the HarMA adapter weights")
+        matched = match_adapter_tensors(model, state_dict, f"the weights of HarMA adapter {adapter_name!r}",
+                                        adapter_name)
         # Every name of a shared MMS gets the stored tensor, so peft's strict load finds each.
         parameters = dict(model.named_parameters(remove_duplicate=False))
         aliases = {id(param): [] for param in parameters.values()}
@@ -484,15 +612,17 @@ def load_peft_adapters(
     *,
     revision: str | None = None,
     token: str | None = None,
+    adapter_name: str | None = None,
     allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Load HarMA adapters saved by ``PeftModel.save_pretrained`` into a plain model, without
     a ``PeftModel`` wrapper.
 
-    The mirror of ``harma.load_adapters`` for peft's folders: an unpatched model is patched
-    with the stored layout first; the stored architecture and every tensor must fit. The
-    adapters stay trainable. To turn a peft folder into a harma file, follow this with
-    ``harma.save_adapters``.
+    The mirror of ``harma.load_adapters`` for peft's folders: the weights go into adapter set
+    ``adapter_name`` (the active set; ``"default"`` on a model without adapters), which is added
+    with the stored layout first where the model lacks it (inactive, unless it is the model's first
+    set); the stored architecture and every tensor must fit. The adapters stay trainable. To turn a
+    peft folder into a harma file, follow this with ``harma.save_adapters``.
 
     Args:
         model: the base model (patched or not).
@@ -500,6 +630,8 @@ def load_peft_adapters(
             (``HF_HUB_OFFLINE=1`` reads the local cache only).
         revision: the Hub revision (branch, tag or commit) to read.
         token: a Hub access token, for private repositories.
+        adapter_name: the adapter set to load into (see above). peft saves a non-default adapter
+            ``N`` in the subfolder ``N`` of the folder it is given.
         allow_nonfinite: load tensors holding NaN or infinite values too (refused by default,
             as by ``harma.load_adapters``).
 
@@ -520,7 +652,7 @@ def load_peft_adapters(
         raise ValueError(f"{name} holds {kind} adapters, not HarMA adapters")
     tensors = load_peft_weights(name, device="cpu", **hub_kwargs)
     load_adapter_state(model, config.to_harma_config(), config.fingerprint, tensors, name,
-                      allow_nonfinite=allow_nonfinite)
+                       adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
     return model
 
 register_with_peft()

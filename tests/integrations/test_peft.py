@@ -337,12 +337,8 @@ def test_unload_returns_the_backbone_and_merging_is_refused():
     assert_same(outputs(base), outputs(reference))
 
 
-def test_one_harma_adapter_per_model():
-    peft_model = get_peft_model(tiny_open_clip(), HarmaPeftConfig())
-    with pytest.raises(ValueError, match="one set of HarMA adapters"):
-        peft_model.add_adapter("second", HarmaPeftConfig())
-    assert list(peft_model.peft_config) == ["default"]
-    with pytest.raises(ValueError, match="one set of HarMA adapters"):
+def test_a_model_patched_by_harma_itself_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match=r"HarMA adapters \['default'\] that peft does not manage"):
         get_peft_model(harma.inject_harma_adapters(tiny_open_clip()), HarmaPeftConfig())
 
 
@@ -362,6 +358,204 @@ def test_set_adapter_and_set_requires_grad_switch_training():
     assert any(p.requires_grad for p in peft_model.parameters())
     with pytest.raises(ValueError, match="unknown adapter"):
         peft_model.base_model.set_adapter("other")
+
+
+# --------------------------------------------------------------------------------------------
+# Several adapters on one model
+
+B_CONFIG = {"sharing": "paper", "layers": [-1]}  # another layout than "default", a shared MMS
+
+
+def perturb_set(model: nn.Module, adapter_name: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in harma.adapter_parameters(model, adapter_name):
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def two_adapter_model() -> PeftModel:
+    """"default" (reference layout) and "b" (B_CONFIG), both trained, "default" active."""
+    peft_model = trained_peft_model()
+    peft_model.add_adapter("b", HarmaPeftConfig(**B_CONFIG))
+    perturb_set(peft_model.get_base_model(), "b", seed=4)
+    return peft_model
+
+
+def single_adapter_copy(peft_model: PeftModel, adapter_name: str, config: HarmaPeftConfig) -> PeftModel:
+    """A fresh model holding only a copy of set ``adapter_name`` of ``peft_model``, under that name."""
+    single = get_peft_model(tiny_open_clip(), config, adapter_name=adapter_name)
+    tensors = harma.io.adapter_state_dict(peft_model.get_base_model(), adapter_name)
+    harma.io.load_adapter_tensors(single.get_base_model(), tensors, "test", adapter_name)
+    return single
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def set_names(model: nn.Module, adapter_name: str) -> set[str]:
+    return {name for name, _ in harma.inject.adapter_named_parameters(model, adapter_name)}
+
+
+def test_two_adapters_active_in_turn_compute_what_two_single_adapter_models_compute():
+    peft_model = trained_peft_model()
+    before = outputs(peft_model)
+    peft_model.add_adapter("b", HarmaPeftConfig(**B_CONFIG))
+    perturb_set(peft_model.get_base_model(), "b", seed=4)
+    base = peft_model.get_base_model()
+    # peft's add_adapter: the new adapter is neither active nor trainable.
+    assert peft_model.active_adapters == ["default"] and harma.list_adapters(base) == ["default", "b"]
+    assert trainable_names(base) == set_names(base, "default")
+    assert_same(outputs(peft_model), before)
+    assert any(".harma_adapters.b." in name for name in set_names(base, "b"))
+
+    want_default = outputs(single_adapter_copy(peft_model, "default", HarmaPeftConfig()))
+    want_b = outputs(single_adapter_copy(peft_model, "b", HarmaPeftConfig(**B_CONFIG)))
+    assert not torch.equal(want_default[0], want_b[0])
+    assert_same(outputs(peft_model), want_default)
+    peft_model.set_adapter("b")
+    assert peft_model.active_adapters == ["b"] and harma.active_adapter(base) == "b"
+    assert_same(outputs(peft_model), want_b)
+    assert trainable_names(base) == set_names(base, "b")
+    counts = harma.count_parameters(base)
+    assert peft_model.get_nb_trainable_parameters() == (counts.per_adapter["b"], counts.all)
+    with peft_model.disable_adapter():
+        assert_same(outputs(peft_model), outputs(frozen_copy(tiny_open_clip())))
+    assert_same(outputs(peft_model), want_b)
+    status = peft_model.get_model_status()
+    assert status.available_adapters == ["b", "default"] and status.active_adapters == ["b"]
+    peft_model.base_model._mark_only_adapters_as_trainable(base)
+    assert trainable_names(base) == set_names(base, "b")  # never an inactive set
+    peft_model.set_adapter("default", inference_mode=True)
+    assert_same(outputs(peft_model), want_default)
+    assert not trainable_names(base)
+
+
+def test_two_adapters_save_pretrained_and_load_adapter_round_trip(tmp_path):
+    peft_model = two_adapter_model()
+    want_default = outputs(peft_model)
+    peft_model.set_adapter("b")
+    want_b = outputs(peft_model)
+    peft_model.save_pretrained(tmp_path)  # "default" in tmp_path, "b" in tmp_path / "b" (peft's layout)
+    with safe_open(str(tmp_path / "b" / "adapter_model.safetensors"), framework="pt") as reader:
+        keys = set(reader.keys())
+    native = harma.save_adapters(peft_model.get_base_model(), tmp_path / "b.safetensors", adapter_name="b")
+    with safe_open(str(native), framework="pt") as reader:
+        assert keys == {f"base_model.model.{key}" for key in reader.keys()}
+    assert all(".harma_adapter." in key for key in keys)  # the reference names
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["layers"] == [-1]
+
+    loaded = PeftModel.from_pretrained(tiny_open_clip(), tmp_path)
+    loaded.load_adapter(tmp_path / "b", adapter_name="b")
+    assert loaded.active_adapters == ["default"]
+    assert not any(p.requires_grad for p in loaded.parameters())  # both loaded for inference
+    assert_same(outputs(loaded), want_default)
+    loaded.set_adapter("b", inference_mode=True)
+    assert_same(outputs(loaded), want_b)
+    assert harma.get_harma_config(loaded.get_base_model(), "b") == harma.get_harma_config(
+        peft_model.get_base_model(), "b")
+    # Trainable on request, as in peft: load_adapter(is_trainable=True), then set_adapter.
+    again = PeftModel.from_pretrained(tiny_open_clip(), tmp_path, is_trainable=True)
+    again.load_adapter(tmp_path / "b", adapter_name="b", is_trainable=True)
+    base = again.get_base_model()
+    assert trainable_names(base) == set_names(base, "default")
+    again.set_adapter("b")
+    assert trainable_names(base) == set_names(base, "b")
+
+
+def test_a_peft_saved_non_default_adapter_loads_with_harma_and_back(tmp_path):
+    peft_model = two_adapter_model()
+    peft_model.set_adapter("b")
+    want_b = outputs(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    # peft's folder of "b" into a harma model as its set "b", next to a native "default" set.
+    native = harma.inject_harma_adapters(tiny_open_clip())
+    load_peft_adapters(native, tmp_path / "peft" / "b", adapter_name="b")
+    assert harma.list_adapters(native) == ["default", "b"] and harma.active_adapter(native) == "default"
+    assert_same(outputs(harma.set_adapter(native, "b")), want_b)
+    # A harma folder of set "b" loads with harma and with peft's load_adapter, under any name.
+    harma.save_adapters(native, tmp_path / "native", adapter_name="b")
+    loaded = harma.load_adapters(harma.inject_harma_adapters(tiny_open_clip()), tmp_path / "native",
+                                 adapter_name="b")
+    assert_same(outputs(harma.set_adapter(loaded, "b")), want_b)
+    fresh = get_peft_model(tiny_open_clip(), HarmaPeftConfig())
+    fresh.load_adapter(tmp_path / "native", adapter_name="other")
+    fresh.set_adapter("other")
+    assert_same(outputs(fresh), want_b)
+
+
+def test_adapter_names_that_are_also_module_names_save_every_tensor(tmp_path):
+    # peft drops every key containing ".<other adapter>." before the tuner selects the tensors to
+    # save: an adapter named "0" would take "resblocks.0.harma_adapter.*" of "default" with it.
+    peft_model = trained_peft_model()
+    peft_model.add_adapter("0", HarmaPeftConfig())
+    perturb_set(peft_model.get_base_model(), "0", seed=5)
+    want_default = outputs(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_open_clip(), tmp_path)
+    loaded.load_adapter(tmp_path / "0", adapter_name="0")
+    assert_same(outputs(loaded), want_default)
+    peft_model.set_adapter("0")
+    loaded.set_adapter("0")
+    assert_same(outputs(loaded), outputs(peft_model))
+
+
+def test_deleting_the_active_adapter_switches_to_the_remaining_one():
+    peft_model = two_adapter_model()
+    want_default = outputs(peft_model)
+    base = peft_model.get_base_model()
+    peft_model.set_adapter("b")
+    with pytest.warns(UserWarning, match="Adapter b was active which is now deleted. Setting active adapter to "
+                                         "default"):
+        peft_model.delete_adapter("b")
+    assert peft_model.active_adapter == "default" and peft_model.active_adapters == ["default"]
+    assert list(peft_model.peft_config) == ["default"] and harma.list_adapters(base) == ["default"]
+    assert not any(".harma_adapters." in name for name, _ in base.named_parameters())
+    assert trainable_names(base) == set_names(base, "default")
+    assert_same(outputs(peft_model), want_default)
+    # Deleting an inactive adapter leaves the active one as the user set it (here: frozen).
+    peft_model.add_adapter("c", HarmaPeftConfig())
+    peft_model.set_requires_grad("default", False)
+    peft_model.delete_adapter("c")
+    assert not trainable_names(base) and peft_model.active_adapters == ["default"]
+    # Deleting the last one removes the adapters.
+    peft_model.delete_adapter("default")
+    assert not harma.is_patched(base) and peft_model.active_adapters == []
+    base.requires_grad_(False)
+    assert_same(outputs(base), outputs(frozen_copy(tiny_open_clip())))
+
+
+def test_an_adapter_loaded_for_inference_stays_frozen_when_it_becomes_active(tmp_path):
+    two_adapter_model().save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_open_clip(), tmp_path, is_trainable=True)
+    loaded.load_adapter(tmp_path / "b", adapter_name="b")  # is_trainable=False
+    with pytest.warns(UserWarning, match="Setting active adapter to b"):
+        loaded.delete_adapter("default")
+    assert loaded.active_adapters == ["b"] and not trainable_names(loaded)
+
+
+def test_unknown_and_invalid_adapter_names_give_clear_errors(tmp_path):
+    peft_model = two_adapter_model()
+    tuner = peft_model.base_model
+    for call in (lambda: tuner.set_adapter("nope"), lambda: tuner.delete_adapter("nope"),
+                 lambda: peft_model.set_requires_grad("nope")):
+        with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]; this model has "
+                                             r"\['default', 'b'\]"):
+            call()
+    with pytest.raises(ValueError, match="Adapter nope not found"):
+        peft_model.set_adapter("nope")
+    with pytest.raises(ValueError, match="one adapter set at a time"):
+        tuner.set_adapter(["default", "b"])
+    for name in ("keys", "a.b"):
+        with pytest.raises(ValueError, match="adapter_name must be a string of letters"):
+            peft_model.add_adapter(name, HarmaPeftConfig())
+    # A failed add leaves the model as it was (peft rolls back its config, harma adds nothing).
+    get_peft_model(tiny_open_clip(layers=3), HarmaPeftConfig()).save_pretrained(tmp_path / "big")
+    with pytest.raises(ValueError, match=r"3 blocks"):
+        peft_model.load_adapter(tmp_path / "big", adapter_name="c")
+    assert list(peft_model.peft_config) == ["default", "b"]
+    assert harma.list_adapters(peft_model.get_base_model()) == ["default", "b"]
+    assert peft_model.active_adapters == ["default"]
 
 
 # --------------------------------------------------------------------------------------------
