@@ -219,7 +219,7 @@ def active_adapter(model: nn.Module) -> str:
 def apply_active(registry: AdapterRegistry, previous: tuple[str, bool] | None = None) -> None:
     """Make only the active set run, and only it require grad (none in inference mode); every
     other set is bypassed and frozen. ``previous`` is the ``(active, inference_mode)`` before a
-    switch: then only the sets whose state changes are touched, so a switch in inference mode
+    switch: then only the previous and the new set are touched, so a switch in inference mode
     between frozen sets writes one flag per adapter and no ``requires_grad``. None: every set."""
     trainable = None if registry.inference_mode else registry.active
     if previous is None:
@@ -227,8 +227,8 @@ def apply_active(registry: AdapterRegistry, previous: tuple[str, bool] | None = 
     else:
         was_trainable = None if previous[1] else previous[0]
         flagged = list(dict.fromkeys((previous[0], registry.active)))
+        # The trainable set is always re-applied: flags changed by hand are put right.
         changed = [name for name in dict.fromkeys((was_trainable, trainable)) if name is not None]
-        changed = changed if was_trainable != trainable else []
     for name in flagged:
         for adapter in registry.modules[name]:
             # Straight into the instance dict: the attribute nn.Module.__setattr__ would write,
