@@ -25,8 +25,8 @@ from torch import nn
 
 import harma
 from harma.inject import adapters
-from harma.named_adapters import is_adapter_parameter_name
 from harma.modules import MiniAdapter, MultimodalGatedAdapter
+from harma.named_adapters import is_adapter_parameter_name
 
 NEW_FIELDS = ("placement", "adapter_mask", "attention_passes", "attention_attribute", "causal_towers")
 POSITION_ATTRIBUTES = {"mlp": "harma_adapter", "attention": "harma_attention_adapter"}

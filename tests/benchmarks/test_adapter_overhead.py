@@ -3,11 +3,10 @@ comparison gives every method a time ratio and a FLOP ratio to it."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
+from repo_scripts import load_repo_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "adapter_overhead.py"
 TINY_CLIP = {
@@ -18,14 +17,7 @@ TINY_CLIP = {
 
 
 def load_script():
-    name = "harma_adapter_overhead"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_repo_script("benchmarks/adapter_overhead.py")
 
 
 def flop_counts(script, method: str) -> dict:

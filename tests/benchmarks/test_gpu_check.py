@@ -3,7 +3,6 @@ targets are judged from the throughput rows as documented."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,21 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_scripts import load_repo_script
 
 REPOSITORY = Path(__file__).resolve().parents[2]
+
 SCRIPT = REPOSITORY / "benchmarks" / "gpu_check.py"
 DATA = REPOSITORY.parent / "shared" / "data"
 
 
 def load_script():
-    name = "harma_gpu_check"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_repo_script("benchmarks/gpu_check.py")
 
 
 def row(method: str, precision: str, images_per_s: float, memory: float | None, above: float | None) -> dict:

@@ -3,10 +3,10 @@ tensor bytes, no backbone tensor is copied, and switching gives the outputs of t
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
+
+from repo_scripts import load_repo_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "named_adapters.py"
 TINY_CLIP = {
@@ -18,14 +18,7 @@ NAMES = ["rsitmd", "rsicd", "ucm"]
 
 
 def load_script():
-    name = "harma_named_adapters_benchmark"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_repo_script("benchmarks/named_adapters.py")
 
 
 def test_named_adapters_benchmark_in_its_cpu_smoke_size(tmp_path, capsys):

@@ -3,7 +3,7 @@ the documented JSON; its learning-rate rule and tokenizer behave as documented."
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import subprocess
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_scripts import load_repo_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "transfer.py"
 METHODS = ("frozen", "harma", "harma_paper", "harma_plus", "lora", "linear_probe", "full")
@@ -19,14 +20,7 @@ RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
 
 def load_benchmark():
-    name = "harma_transfer_benchmark"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_repo_script("benchmarks/transfer.py")
 
 
 def is_percent(value) -> bool:

@@ -4,12 +4,12 @@ few seconds."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from repo_scripts import load_repo_script
 
 import harma
 from harma.io import write_safetensors
@@ -22,10 +22,7 @@ LAYOUT = harma.HarmaConfig(bottleneck=16, heads=4, mini_bottleneck=8, mini_heads
 
 
 def load_evaluate_script():
-    spec = importlib.util.spec_from_file_location("evaluate_example", REPO / "examples" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_script("examples/evaluate.py", cached=False)
 
 
 def adapter_file(backbone: torch.nn.Module, path: Path, seed: int) -> Path:

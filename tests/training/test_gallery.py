@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import re
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from repo_scripts import load_repo_script
 from test_trainer import IMAGE_SIZE, make_config
 
 from harma.retrieval import retrieval_metrics, retrieval_metrics_from_embeddings
@@ -267,10 +267,7 @@ def tiny_run(data, tmp_path_factory):
 
 
 def load_evaluate_script():
-    spec = importlib.util.spec_from_file_location("evaluate_example", REPO / "examples" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_script("examples/evaluate.py", cached=False)
 
 
 def test_evaluate_script_writes_html_and_png_galleries_from_one_encoding(

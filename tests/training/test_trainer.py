@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_scripts import load_repo_script
 from safetensors.torch import load_file
 
 import harma
@@ -379,9 +379,7 @@ def test_resume_alone_reads_the_stored_config(data, tmp_path):
 
 def test_evaluate_script_reproduces_the_run_results(reference_run, capsys):
     output_dir, results = reference_run
-    spec = importlib.util.spec_from_file_location("evaluate_example", REPO / "examples" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_repo_script("examples/evaluate.py", cached=False)
     metrics = module.main(["--run", str(output_dir), "--json", "--num_workers", "0"])
     assert metrics == results["test"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results["test"]
