@@ -126,3 +126,11 @@ def test_the_faults_page_names_only_tests_that_exist():
     }
     named = set(re.findall(r"::(test_\w+)", (ROOT / "docs" / "faults.md").read_text(encoding="utf-8")))
     assert named and not named - defined, f"docs/faults.md names missing tests: {sorted(named - defined)}"
+
+
+def test_test_files_have_unique_basenames():
+    # pytest's prepend import mode imports test files by basename: two of the same name in
+    # different folders stop the whole collection.
+    tests = Path(__file__).resolve().parent
+    names = [path.name for path in tests.rglob("test_*.py")]
+    assert sorted(name for name in set(names) if names.count(name) > 1) == []
