@@ -193,7 +193,7 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(
             f"{path} is not a harma adapter file (its metadata has format={metadata.get('format')!r}, "
-            f"expected {FORMAT_NAME!r})"
+            f"expected {FORMAT_NAME!r})" + _peft_folder_hint(path)
         )
     version = _format_version(metadata.get("format_version", "0"), str(path))
     if version > FORMAT_VERSION:
@@ -207,6 +207,19 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
         raise ValueError(f"{path} has a damaged header: its 'config' is not a HarmaConfig ({error})") from None
     fingerprint = header_json(metadata, "fingerprint", str(path))
     return AdapterFile(path=path, config=config, fingerprint=fingerprint, tensors=tensors, metadata=metadata)
+
+
+def _peft_folder_hint(weights: Path) -> str:
+    """What to do with the weights of a folder peft's ``save_pretrained`` wrote for HarMA
+    adapters (their header holds no harma layout; the folder's ``adapter_config.json`` does)."""
+    try:
+        peft_type = json.loads((weights.parent / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8")).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if peft_type != "HARMA":
+        return ""
+    return (f"; {weights.parent} was written by peft's save_pretrained: load it with "
+            f"harma.integrations.peft.load_peft_adapters(model, '{weights.parent}'), or peft's load_adapter")
 
 
 def _format_version(text: Any, source: str) -> int:

@@ -203,6 +203,9 @@ def test_peft_folders_load_into_plain_models_and_convert_to_harma_files(tmp_path
     # Into an already patched model of the same layout, too.
     patched = harma.inject_harma_adapters(tiny_open_clip(), harma.HarmaConfig.paper())
     assert_same(outputs(load_peft_adapters(patched, tmp_path / "peft")), outputs(peft_model))
+    # harma.load_adapters cannot read peft's header, and says which loader can.
+    with pytest.raises(ValueError, match=r"written by peft's save_pretrained: load it with .*load_peft_adapters"):
+        harma.load_adapters(tiny_open_clip(), tmp_path / "peft")
 
 
 def test_harma_models_go_into_peft_and_back(tmp_path):
