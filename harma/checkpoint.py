@@ -27,7 +27,6 @@ from .io import (
     check_readable_file,
     header_json,
     load_adapter_tensors,
-    match_adapter_tensors,
     read_safetensors,
     write_safetensors,
 )
@@ -35,7 +34,7 @@ from .named_adapters import (
     DEFAULT_ADAPTER_NAME,
     adapter_registry,
     check_adapter_name,
-    delete_adapter,
+    undone_on_error,
     unwrap_model,
 )
 
@@ -325,18 +324,10 @@ def load_adapter_state(
         check_layout(registry.configs[name], config, source)
     if fingerprint is not None:
         check_fingerprint(fingerprint, architecture_fingerprint(model, config), source)
-    requires_grad = {param: param.requires_grad for param in model.parameters()}
-    if added_here:
-        inject_harma_adapters(model, config, name)
-    try:
-        match_adapter_tensors(model, tensors, source, name)
-    except ValueError:
+    with undone_on_error(model, name, added_here):
         if added_here:
-            delete_adapter(model, name)
-            for param, flag in requires_grad.items():
-                param.requires_grad_(flag)
-        raise
-    load_adapter_tensors(model, tensors, source, name)
+            inject_harma_adapters(model, config, name)
+        load_adapter_tensors(model, tensors, source, name)
 
 
 # --------------------------------------------------------------------------------------------

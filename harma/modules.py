@@ -133,6 +133,11 @@ class MultimodalGatedAdapter(nn.Module):
     layout); it is then registered under each of them, like tied weights.
     """
 
+    # Class defaults of the switches set in __init__: a whole model pickled by an earlier harma,
+    # whose adapters lack "active", still runs.
+    enabled: bool = True
+    active: bool = True
+
     def __init__(
         self,
         width: int,

@@ -14,6 +14,7 @@ the set's name (`reference_adapter_key`), so a file saved from any set loads int
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -196,6 +197,24 @@ def detach_adapter(model: nn.Module, adapter_name: str, adapters: list[Multimoda
                 delattr(block, container)
 
 
+@contextlib.contextmanager
+def undone_on_error(model: nn.Module, adapter_name: str, adding: bool) -> Iterator[None]:
+    """Context in which set ``adapter_name`` is added (when ``adding``) and filled: if it raises,
+    the set is deleted again and every ``requires_grad`` flag of the model is restored, so the
+    model is left as it was (an added set re-applies flags to every set, and a
+    ``freeze_backbone`` config freezes the backbone)."""
+    inner = unwrap_model(model)
+    flags = {param: param.requires_grad for param in inner.parameters()} if adding else {}
+    try:
+        yield
+    except BaseException:
+        if adding and adapter_name in list_adapters(inner):
+            delete_adapter(inner, adapter_name)
+            for param, flag in flags.items():
+                param.requires_grad_(flag)
+        raise
+
+
 # --------------------------------------------------------------------------------------------
 # The public API: listing, switching, deleting, removing
 
@@ -219,16 +238,21 @@ def active_adapter(model: nn.Module) -> str:
 def apply_active(registry: AdapterRegistry, previous: tuple[str, bool] | None = None) -> None:
     """Make only the active set run, and only it require grad (none in inference mode); every
     other set is bypassed and frozen. ``previous`` is the ``(active, inference_mode)`` before a
-    switch: then only the previous and the new set are touched, so a switch in inference mode
-    between frozen sets writes one flag per adapter and no ``requires_grad``. None: every set."""
+    switch, None to apply everything to every set.
+
+    A switch writes the run flag of the previous and the new set only. For training, every
+    set's ``requires_grad`` is written, so that only the active set trains whatever was set by
+    hand; in inference mode only a set that was trainable is frozen, so switching between
+    frozen sets writes one flag per adapter and no ``requires_grad``."""
     trainable = None if registry.inference_mode else registry.active
     if previous is None:
         flagged = changed = list(registry.modules)
     else:
-        was_trainable = None if previous[1] else previous[0]
         flagged = list(dict.fromkeys((previous[0], registry.active)))
-        # The trainable set is always re-applied: flags changed by hand are put right.
-        changed = [name for name in dict.fromkeys((was_trainable, trainable)) if name is not None]
+        if trainable is not None:
+            changed = list(registry.modules)
+        else:
+            changed = [] if previous[1] else [previous[0]]
     for name in flagged:
         for adapter in registry.modules[name]:
             # Straight into the instance dict: the attribute nn.Module.__setattr__ would write,
@@ -257,17 +281,29 @@ def set_adapter(model: nn.Module, adapter_name: str, *, inference_mode: bool = F
     ``set_adapter``). Its parameters require grad (none do with ``inference_mode``), every other
     set's do not, and the backbone's are left as they are. Nothing is copied.
 
-    A switch writes one flag per adapter of the previous and the new set, and flips
-    ``requires_grad`` of the two sets' parameters when training; with ``inference_mode`` (every
-    set frozen), switching between sets flips no ``requires_grad`` at all, which makes it
-    several times cheaper (docs/serving.md).
+    A switch writes one flag per adapter of the previous and the new set; for training it also
+    writes ``requires_grad`` of every set's parameters. With ``inference_mode`` (every set
+    frozen), switching between sets writes no ``requires_grad`` at all, which makes it about
+    fifty times cheaper (docs/serving.md); a set made trainable by hand is then not re-read.
+
+    Switch a model before wrapping it in ``DistributedDataParallel`` (or wrap it again):
+    DDP synchronises only the parameters that required grad when it was built, so a set
+    switched to for training inside it would train differently on every rank.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: ``model`` has no set of that name (the names it has are listed).
+        ValueError: ``model`` has no set of that name (the names it has are listed), or it is a
+            ``DistributedDataParallel`` wrapper and ``inference_mode`` is false.
     """
+    check_adapter_name(adapter_name)
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not inference_mode:
+        raise ValueError(
+            "set_adapter for training through DistributedDataParallel would leave the new set's "
+            "gradients unsynchronised across ranks (DDP syncs the parameters that required grad when "
+            "it was built): switch the model before wrapping it, or pass inference_mode=True"
+        )
     registry = require_registry(model)
     previous = (registry.active, registry.inference_mode)
     registry.active = resolve_adapter_name(registry, adapter_name)
@@ -289,7 +325,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         ValueError: ``model`` has no set of that name.
     """
     registry = require_registry(model)
-    name = resolve_adapter_name(registry, adapter_name)
+    name = resolve_adapter_name(registry, check_adapter_name(adapter_name))
     if len(registry.configs) == 1:
         return remove_harma_adapters(model)
     detach_adapter(unwrap_model(model), name, registry.modules.pop(name))

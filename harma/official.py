@@ -18,9 +18,9 @@ from .named_adapters import (
     ADAPTER_ATTRIBUTE,
     DEFAULT_ADAPTER_NAME,
     adapter_name_of_key,
-    delete_adapter,
     is_adapter_parameter_name,
     list_adapters,
+    undone_on_error,
     unwrap_model,
 )
 
@@ -151,9 +151,9 @@ def load_official_checkpoint(
     # Everything is checked before the first tensor is copied: a strict load that fails leaves
     # the model exactly as it was (adapters patched in here are removed again).
     patched_here = has_adapters and DEFAULT_ADAPTER_NAME not in list_adapters(model)
-    if patched_here:
-        inject_harma_adapters(model, HarmaConfig.reference(), adapter_name=DEFAULT_ADAPTER_NAME)
-    try:
+    with undone_on_error(model, DEFAULT_ADAPTER_NAME, patched_here):
+        if patched_here:
+            inject_harma_adapters(model, HarmaConfig.reference(), adapter_name=DEFAULT_ADAPTER_NAME)
         check_state_dict_shapes(model, translated, source)
         missing, unexpected = _key_report(model, translated, has_adapters)
         if strict and (missing or unexpected):
@@ -162,10 +162,6 @@ def load_official_checkpoint(
                 f"{len(unexpected)} unexpected key(s) {unexpected[:10]}; pass strict=False to load "
                 f"the rest and inspect the report"
             )
-    except ValueError:
-        if patched_here:
-            delete_adapter(model, DEFAULT_ADAPTER_NAME)
-        raise
     model.load_state_dict(translated, strict=False)
     if isinstance(temperature, torch.Tensor):
         temperature = float(temperature.float().reshape(()))

@@ -227,3 +227,35 @@ def test_inference_mode_freezes_every_set_and_switches_without_touching_gradient
     assert not any(p.requires_grad for p in model.parameters())
     harma.set_adapter(model, "a")
     assert {adapter_name_of_key(n) for n, p in model.named_parameters() if p.requires_grad} == {"a"}
+
+
+def test_switching_for_training_through_ddp_is_refused_and_inference_switching_is_not(tmp_path):
+    from test_checkpoint import single_process_ddp
+
+    ddp = single_process_ddp(two_set_model(), tmp_path)
+    with pytest.raises(ValueError, match="switch the model before wrapping it"):
+        harma.set_adapter(ddp, "b")
+    assert harma.active_adapter(ddp) == "a"
+    harma.set_adapter(ddp, "b", inference_mode=True)
+    assert harma.active_adapter(ddp) == "b" and not any(p.requires_grad for p in ddp.parameters())
+
+
+def test_a_training_switch_leaves_only_the_active_set_trainable_whatever_was_set_by_hand():
+    model = add_trained_set(two_set_model(), "c", REFERENCE, seed=5)
+    for param in harma.adapter_parameters(model, "c"):
+        param.requires_grad_(True)
+    harma.set_adapter(model, "b")
+    assert {adapter_name_of_key(n) for n, p in model.named_parameters() if p.requires_grad} == {"b"}
+    for call in (harma.set_adapter, harma.delete_adapter):
+        with pytest.raises(ValueError, match="adapter_name must be"):
+            call(model, None)
+    assert harma.list_adapters(model) == ["a", "b", "c"] and harma.active_adapter(model) == "b"
+
+
+def test_adapters_without_the_switch_attributes_still_run():
+    # A whole model pickled by an earlier harma: its adapters' __dict__ lacks "active".
+    model = two_set_model()
+    expected = outputs(model)
+    for _, adapter in harma.inject.adapters(model, "a"):
+        del adapter.__dict__["active"]
+    assert_same_outputs(outputs(model), expected)

@@ -226,3 +226,15 @@ def test_the_checkpoint_fills_the_default_set_of_a_model_serving_other_sets(tmp_
     with torch.no_grad():
         for a, b in zip(encode(model, images(), tokens()), encode(reference, images(), tokens()), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_strict_load_leaves_a_model_serving_other_sets_as_it_was():
+    model = harma.inject_harma_adapters(tiny_open_clip(seed=5), harma.HarmaConfig(freeze_backbone=False),
+                                        adapter_name="mine")
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    state = dict(reference_checkpoint(reference_model())["model"])
+    state["model.unknown"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="unexpected key"):
+        harma.load_official_checkpoint(model, {"model": state})
+    assert harma.list_adapters(model) == ["mine"]
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
