@@ -39,6 +39,8 @@ _REGISTRY_ATTRIBUTE = "harma_adapter_registry"
 _NAMED_KEY = re.compile(r"(^|\.)(harma_adapters|harma_attention_adapters)\.([^.]+)\.")
 _DEFAULT_KEY = re.compile(r"(^|\.)(harma_adapter|harma_attention_adapter)\.")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+# A set's name is a key of a ModuleDict, which refuses its own attributes as keys.
+_MODULE_DICT_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))
 
 
 @dataclass
@@ -116,7 +118,7 @@ def check_adapter_name(adapter_name: object) -> str:
     """``adapter_name`` if it can name an adapter set: letters, digits, ``_`` and ``-``, not
     starting with ``-``, and not an attribute of ``nn.ModuleDict`` (such as ``"keys"``)."""
     if not isinstance(adapter_name, str) or not _NAME.fullmatch(adapter_name) or (
-        adapter_name != DEFAULT_ADAPTER_NAME and hasattr(nn.ModuleDict(), adapter_name)
+        adapter_name != DEFAULT_ADAPTER_NAME and adapter_name in _MODULE_DICT_ATTRIBUTES
     ):
         raise ValueError(
             f"adapter_name must be a string of letters, digits, '_' and '-' (not starting with '-') "
@@ -297,7 +299,8 @@ def set_adapter(model: nn.Module, adapter_name: str, *, inference_mode: bool = F
         ValueError: ``model`` has no set of that name (the names it has are listed), or it is a
             ``DistributedDataParallel`` wrapper and ``inference_mode`` is false.
     """
-    check_adapter_name(adapter_name)
+    if not isinstance(adapter_name, str):  # the names a model holds were checked when added
+        check_adapter_name(adapter_name)
     if isinstance(model, nn.parallel.DistributedDataParallel) and not inference_mode:
         raise ValueError(
             "set_adapter for training through DistributedDataParallel would leave the new set's "
