@@ -285,8 +285,8 @@ def set_adapter(model: nn.Module, adapter_name: str, *, inference_mode: bool = F
 
     A switch writes one flag per adapter of the previous and the new set; for training it also
     writes ``requires_grad`` of every set's parameters. With ``inference_mode`` (every set
-    frozen), switching between sets writes no ``requires_grad`` at all, which makes it about
-    fifty times cheaper (docs/serving.md); a set made trainable by hand is then not re-read.
+    frozen), switching between sets writes no ``requires_grad`` at all, which makes it tens
+    of times cheaper (docs/serving.md); a set made trainable by hand is then not re-read.
 
     Switch a model before wrapping it in ``DistributedDataParallel`` (or wrap it again):
     DDP synchronises only the parameters that required grad when it was built, so a set
