@@ -7,6 +7,7 @@ the three back.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from torch import nn
 
 from ..checkpoint import FORMAT_NAME as HARMA_FORMAT
 from ..checkpoint import load_adapters, save_adapters
-from ..io import header_json, load_tensors, read_safetensors, write_safetensors
+from ..io import header_json, load_tensors, match_tensors, read_safetensors, write_safetensors
 from .config import TrainConfig
 from .models import apply_lora, is_lora_parameter
 
@@ -79,10 +80,26 @@ def _load_lora(model: nn.Module, metadata: Mapping[str, str], tensors: Mapping[s
             method="lora", lora_rank=lora["rank"], lora_alpha=lora["alpha"],
             lora_dropout=lora["dropout"], lora_targets=tuple(lora["targets"]),
         )
+        # LoRA changes the model in place and cannot be taken out exactly again, so the file is
+        # first matched against LoRA on a copy of the model without memory (meta device): a
+        # file that does not fit leaves the model as it was.
+        shadow = apply_lora(_meta_copy(model), stored)
+        match_tensors({n: p for n, p in shadow.named_parameters() if is_lora_parameter(n)}, tensors, source)
         model = apply_lora(model, stored)
     targets = {name: p for name, p in model.named_parameters() if is_lora_parameter(name)}
     load_tensors(targets, tensors, source)
     return model
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are on the meta device: the same
+    modules, names, shapes and ``requires_grad`` flags, without copying any tensor data."""
+    memo: dict[int, object] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.detach().to("meta")
+    return copy.deepcopy(model, memo)
 
 
 def load_trained_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:

@@ -45,3 +45,23 @@ def test_a_backbone_file_that_does_not_fit_is_named_and_nothing_is_loaded(tmp_pa
     with pytest.raises(ValueError, match=r"'visual.class_embedding' has shape \(65,\) in the file but \(64,\)"):
         load_backbone_weights(model, path)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_lora_file_that_does_not_fit_leaves_the_model_without_lora(tmp_path):
+    from harma.training import TrainConfig, load_trained_weights, save_trained_weights
+    from harma.training.models import apply_lora
+
+    config = TrainConfig(method="lora", lora_rank=4)
+    trained = apply_lora(tiny(0), config)
+    path = save_trained_weights(trained, tmp_path / "lora.safetensors", config)
+    torch.manual_seed(2)
+    other = build_backbone("tiny-clip", None, tiny_clip_config(image_size=32, width=96, layers=2), 32)
+    keys = list(other.state_dict())
+    flags = {name: p.requires_grad for name, p in other.named_parameters()}
+    with pytest.raises(ValueError, match=r"lora\.safetensors.*has shape"):
+        load_trained_weights(other, path)
+    assert list(other.state_dict()) == keys  # no LoRA layer was injected
+    assert {name: p.requires_grad for name, p in other.named_parameters()} == flags
+    loaded = load_trained_weights(tiny(1), path)  # and a file that fits still loads
+    assert all(torch.equal(dict(loaded.named_parameters())[name], p) for name, p in trained.named_parameters()
+               if "lora_" in name)
