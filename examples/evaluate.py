@@ -44,12 +44,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 import harma
-from harma.checkpoint import ADAPTER_WEIGHTS_NAME
-from harma.checkpoint import FORMAT_NAME as HARMA_FORMAT
 from harma.named_adapters import check_adapter_name
 from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
 from harma.training import TrainConfig, format_metrics_table, load_trained_weights
@@ -208,34 +205,17 @@ def build_split_and_backbone(args: argparse.Namespace, setup: dict) -> tuple[Ret
     return dataset, model
 
 
-def check_adapter_file(name: str, path: str) -> None:
-    """Refuse, with an error naming the file, what is not a local harma adapter file or folder
-    (only the header is read)."""
-    location = Path(path)
-    file = location / ADAPTER_WEIGHTS_NAME if location.is_dir() else location
-    if not file.is_file():
-        raise FileNotFoundError(f"--adapters {name}={path}: no harma adapter file or folder at '{path}'")
-    try:
-        with safe_open(str(file), framework="pt") as reader:
-            file_format = (reader.metadata() or {}).get("format")
-    except Exception as error:  # safetensors has its own error types for damaged headers
-        raise ValueError(f"--adapters {name}={path}: '{file}' is not a readable safetensors file: {error}") from None
-    if file_format != HARMA_FORMAT:
-        raise ValueError(
-            f"--adapters {name}={path}: '{file}' is not a harma adapter file (format {file_format!r}, expected "
-            f"{HARMA_FORMAT!r}); named adapters must be HarMA adapter files (a LoRA or full fine-tuning "
-            f"file is evaluated alone, as a bare --adapters PATH)"
-        )
-
-
 def load_named_adapters(model: nn.Module, named: dict[str, str]) -> None:
-    """Load each HarMA adapter file into ``model`` as the set of its name."""
+    """Load each HarMA adapter file into ``model`` as the set of its name; errors name the file."""
     for name, path in named.items():
-        check_adapter_file(name, path)
+        # A local path only: harma.load_adapters would read a missing "org/name" as a Hub id.
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--adapters {name}={path}: no harma adapter file or folder at '{path}'")
         try:
             harma.load_adapters(model, path, adapter_name=name)
         except ValueError as error:
-            raise ValueError(f"--adapters {name}={path}: {error}") from None
+            raise ValueError(f"--adapters {name}={path}: {error} (named adapters must be HarMA adapter files; "
+                             f"a LoRA or full fine-tuning file is evaluated alone, as a bare --adapters PATH)") from None
 
 
 def load_weights(args: argparse.Namespace, setup: dict, model: nn.Module) -> tuple[nn.Module, str]:
@@ -308,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows: dict[str, dict[str, float]] = {}
     for name in names:
         if named:
-            harma.set_adapter(model, name)
+            harma.set_adapter(model, name, inference_mode=True)
         # Encoded once: the metrics and the gallery both come from these embeddings.
         image_embeds, text_embeds = evaluator.encode(model)
         rows[name] = retrieval_metrics_from_embeddings(

@@ -23,6 +23,7 @@ from .named_adapters import (
     adapter_registry,
     apply_active,
     attach_adapter,
+    bypass_and_freeze,
     check_adapter_name,
     is_adapter_parameter_name,
     list_adapters,
@@ -311,7 +312,7 @@ def inject_harma_adapters(
     ``<block>.harma_adapter.*``. With ``config.placement`` naming ``"attention"``, the
     attention sublayer's output gets its own adapter the same way, under
     ``<block>.harma_attention_adapter.*``. With ``config.freeze_backbone`` only adapter parameters require
-    grad afterwards. Until the adapters are trained the model computes exactly what it did before.
+    grad afterwards (decided when the first set is added). Until the adapters are trained the model computes exactly what it did before.
 
     A second call with another ``adapter_name`` adds another adapter set, possibly with
     another config, to the same blocks (`harma.named_adapters`). As with peft's
@@ -350,12 +351,19 @@ def inject_harma_adapters(
             "sharing='paper' needs every tower to use the same sequence layout, but the towers "
             f"{[(t.name, t.batch_first) for t in towers]} differ"
         )
-    registry = adapter_registry(model) or AdapterRegistry(
-        active=adapter_name, trainable_before=tuple(n for n, p in model.named_parameters() if p.requires_grad)
-    )
     targets = _adapter_targets(model, towers, config)
+    registry = adapter_registry(model)
+    first = registry is None
+    if first:
+        registry = AdapterRegistry(
+            active=adapter_name, trainable_before=tuple(n for n, p in model.named_parameters() if p.requires_grad)
+        )
     registry.modules[adapter_name] = _attach_adapters(model, targets, config, adapter_name)
     registry.configs[adapter_name] = config
+    if not first:
+        # A later set is added bypassed and frozen; no other flag changes.
+        bypass_and_freeze(registry.modules[adapter_name])
+        return wrapper
     set_registry(model, registry)
     if config.freeze_backbone:
         for name, param in model.named_parameters():

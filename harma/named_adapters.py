@@ -202,18 +202,13 @@ def detach_adapter(model: nn.Module, adapter_name: str, adapters: list[Multimoda
 @contextlib.contextmanager
 def undone_on_error(model: nn.Module, adapter_name: str, adding: bool) -> Iterator[None]:
     """Context in which set ``adapter_name`` is added (when ``adding``) and filled: if it raises,
-    the set is deleted again and every ``requires_grad`` flag of the model is restored, so the
-    model is left as it was (an added set re-applies flags to every set, and a
-    ``freeze_backbone`` config freezes the backbone)."""
-    inner = unwrap_model(model)
-    flags = {param: param.requires_grad for param in inner.parameters()} if adding else {}
+    the set is deleted again, which leaves the model as it was (a later set is added without
+    changing any other flag, and removing the first restores the flags it changed)."""
     try:
         yield
     except BaseException:
-        if adding and adapter_name in list_adapters(inner):
-            delete_adapter(inner, adapter_name)
-            for param, flag in flags.items():
-                param.requires_grad_(flag)
+        if adding and adapter_name in list_adapters(model):
+            delete_adapter(model, adapter_name)
         raise
 
 
@@ -263,6 +258,13 @@ def apply_active(registry: AdapterRegistry, previous: tuple[str, bool] | None = 
     for name in changed:
         for adapter in registry.modules[name]:
             _set_requires_grad(adapter, name == trainable)
+
+
+def bypass_and_freeze(adapters: list[MultimodalGatedAdapter]) -> None:
+    """Make ``adapters`` (a set just added next to others) bypassed and frozen."""
+    for adapter in adapters:
+        adapter.__dict__["active"] = False
+        _set_requires_grad(adapter, False)
 
 
 def _set_requires_grad(module: nn.Module, requires_grad: bool) -> None:
@@ -319,7 +321,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Remove set ``adapter_name`` (its MGAs, hooks and config) from ``model``.
 
     When it was the active set, the first remaining set (in the order they were added) becomes
-    active. Deleting the last set is `remove_harma_adapters`.
+    active (trainable unless in inference mode); otherwise no other flag changes. Deleting the
+    last set is `remove_harma_adapters`.
 
     Returns:
         ``model`` itself.
@@ -335,7 +338,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     del registry.configs[name]
     if registry.active == name:
         registry.active = next(iter(registry.configs))
-    apply_active(registry)
+        apply_active(registry)
     return model
 
 

@@ -259,3 +259,16 @@ def test_adapters_without_the_switch_attributes_still_run():
     for _, adapter in harma.inject.adapters(model, "a"):
         del adapter.__dict__["active"]
     assert_same_outputs(outputs(model), expected)
+
+
+def test_adding_or_deleting_an_inactive_set_changes_no_other_flag():
+    model = two_set_model()
+    model.ln_final.weight.requires_grad_(True)  # unfrozen by hand after the first set
+    harma.set_adapter(model, "b", inference_mode=True)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    harma.inject_harma_adapters(model, REFERENCE, adapter_name="c")
+    assert not any(p.requires_grad for p in harma.adapter_parameters(model, "c"))
+    harma.delete_adapter(model, "c")
+    harma.delete_adapter(model, "a")
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == {
+        name: flag for name, flag in flags.items() if adapter_name_of_key(name) != "a"}

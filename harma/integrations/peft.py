@@ -329,14 +329,9 @@ class HarmaTuner(BaseTuner):
         if config.fingerprint is not None:
             check_fingerprint(config.fingerprint, fingerprint, f"the HarMA adapters {adapter_name!r}")
         first = not list_adapters(model)
-        requires_grad = {param: param.requires_grad for param in model.parameters()}
+        # A later set is added bypassed and frozen, every other flag as it was (peft's add_adapter).
         inject_harma_adapters(model, harma_config, adapter_name)
-        if not first:
-            # peft's add_adapter leaves every existing parameter's requires_grad as it was (a
-            # backbone module the user unfroze; inject_harma_adapters freezes the backbone again).
-            for param, flag in requires_grad.items():
-                param.requires_grad_(flag)
-        elif config.inference_mode:
+        if first and config.inference_mode:
             # Through harma, so that its registry knows the active set is frozen.
             harma_set_adapter(model, adapter_name, inference_mode=True)
         # Record the architecture in a copy (the user's config object is left as it was), so that

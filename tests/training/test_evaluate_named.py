@@ -105,7 +105,7 @@ def test_a_gallery_needs_one_adapter_file(capsys):
 def test_a_named_file_that_is_no_harma_adapter_file_is_named(setup, tmp_path, capsys):
     base, files = setup
     lora = write_safetensors(tmp_path / "lora.safetensors", {"w": torch.zeros(1)}, {"format": "harma.train.lora"})
-    for value, expected in ((f"b={lora}", f"'{lora}' is not a harma adapter file"),
+    for value, expected in ((f"b={lora}", f"{lora} is not a harma adapter file"),
                             (f"b={tmp_path / 'missing.safetensors'}", "no harma adapter file or folder")):
         with pytest.raises(SystemExit) as exit_info:
             load_evaluate_script().main([*base, "--adapters", f"a={files['first']}", "--adapters", value])
