@@ -262,7 +262,7 @@ def build_model(config: TrainConfig, *, load_weights: bool = True) -> nn.Module:
             is built).
         ValueError: ``init_adapters`` is no harma adapter file, or does not fit (named).
     """
-    init_adapters = config.init_adapters if load_weights and config.method == "harma" else None
+    init_adapters = config.init_adapters if load_weights else None  # TrainConfig: method harma only
     check_init_adapters(init_adapters)
     model = build_backbone(
         config.model,

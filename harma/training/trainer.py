@@ -233,7 +233,7 @@ class Trainer:
         try:
             self.train_set, self.val_set, self.test_set = build_datasets(self.config)
             check_pretrained_source(self.config.pretrained)
-            check_init_adapters(self.config.init_adapters if self.config.method == "harma" else None)
+            check_init_adapters(self.config.init_adapters)  # TrainConfig allows it with method harma only
         except (OSError, ValueError) as caught:
             error = caught
         raise_on_any_rank(error)
