@@ -12,7 +12,6 @@ bridge and torch.compile.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 
@@ -20,7 +19,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tiny_models import FAMILIES, encode, images, perturb_adapters, tiny_hf_clip, tiny_open_clip, tokens
+from tiny_models import (
+    FAMILIES,
+    encode,
+    frozen_copy,
+    images,
+    perturb_adapters,
+    tiny_hf_clip,
+    tiny_open_clip,
+    tokens,
+)
 from torch import nn
 
 import harma
@@ -110,11 +118,6 @@ def outputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
         if isinstance(model, PatternModel):
             return (model(pattern_inputs()),)
         return encode(model, images(), tokens())
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    # A patched model's backbone is frozen, and PyTorch may pick other kernels for frozen weights.
-    return copy.deepcopy(model).requires_grad_(False)
 
 
 def max_difference(first, second) -> float:

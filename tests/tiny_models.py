@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -59,6 +61,17 @@ def tiny_timm_vit(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return VisionTransformer(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=2, num_heads=4,
                              num_classes=0).eval()
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every parameter frozen: the backbone a patched model holds.
+
+    A patched model computes exactly what the frozen backbone computes. Compare it with this, not
+    with an unfrozen model: on some CPUs PyTorch routes a frozen ``nn.MultiheadAttention`` through
+    another kernel than an unfrozen one, and the two differ in the last bits (about 1e-6; the
+    suite makes every machine behave so, see ``conftest.routing_noise``).
+    """
+    return copy.deepcopy(model).requires_grad_(False)
 
 
 def images(batch: int = 3, seed: int = 1) -> torch.Tensor:
