@@ -26,7 +26,14 @@ from .inject import (
 )
 from .losses import HarmaLoss, HarmaLossOutput
 from .modules import MiniAdapter, MultimodalGatedAdapter
-from .named_adapters import active_adapter, delete_adapter, list_adapters, remove_harma_adapters, set_adapter
+from .named_adapters import (
+    active_adapter,
+    delete_adapter,
+    list_adapters,
+    mixed_adapter_batch,
+    remove_harma_adapters,
+    set_adapter,
+)
 from .official import OfficialCheckpoint, load_official_checkpoint
 from .retrieval import (
     RetrievalEvaluator,
@@ -57,6 +64,7 @@ __all__ = [
     "list_adapters",
     "load_adapters",
     "load_official_checkpoint",
+    "mixed_adapter_batch",
     "print_trainable_parameters",
     "push_adapters_to_hub",
     "read_adapter_file",

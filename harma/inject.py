@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .config import HarmaConfig
@@ -302,7 +303,11 @@ def _mini_adapter(
 
 
 def inject_harma_adapters(
-    model: nn.Module, config: HarmaConfig | None = None, adapter_name: str = DEFAULT_ADAPTER_NAME
+    model: nn.Module,
+    config: HarmaConfig | None = None,
+    adapter_name: str = DEFAULT_ADAPTER_NAME,
+    *,
+    autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
     """Patch every selected transformer block of ``model`` in place with a HarMA adapter.
 
@@ -329,6 +334,11 @@ def inject_harma_adapters(
         config: the layout; defaults to `HarmaConfig` (the reference layout).
         adapter_name: the name of the set; ``"default"`` keeps the reference parameter names,
             any other name ``N`` puts the set under ``<block>.harma_adapters.N.*``.
+        autocast_adapter_dtype: on a float16 or bfloat16 backbone, create the adapters in
+            float32 (as peft's option of the same name does): small trainable tensors keep
+            their updates, and the adapters compute in float32 while the backbone stays in half
+            precision (outside autocast, each adapter casts its input and its output). False
+            creates them in the backbone's dtype. Float32 and float64 backbones are not affected.
 
     Returns:
         ``model`` itself.
@@ -339,6 +349,19 @@ def inject_harma_adapters(
             ``to_empty``): materialise the model first (``model.to_empty(device=...)`` and load
             its weights), then inject.
     """
+    return add_adapter_set(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def add_adapter_set(
+    model: nn.Module,
+    config: HarmaConfig | None,
+    adapter_name: str,
+    *,
+    autocast_adapter_dtype: bool = True,
+    adapter_class: type[MultimodalGatedAdapter] = MultimodalGatedAdapter,
+) -> nn.Module:
+    """`inject_harma_adapters`, with the class of the MGAs to create (a subclass of
+    `MultimodalGatedAdapter`; the peft bridge's adapters are peft tuner layers too)."""
     config = config or HarmaConfig()
     if not isinstance(config, HarmaConfig):
         raise TypeError(f"config must be a HarmaConfig, got {type(config).__name__}")
@@ -358,7 +381,9 @@ def inject_harma_adapters(
         registry = AdapterRegistry(
             active=adapter_name, trainable_before=tuple(n for n, p in model.named_parameters() if p.requires_grad)
         )
-    registry.modules[adapter_name] = _attach_adapters(model, targets, config, adapter_name)
+    registry.modules[adapter_name] = _attach_adapters(
+        model, targets, config, adapter_name, adapter_class, autocast_adapter_dtype
+    )
     registry.configs[adapter_name] = config
     if not first:
         # A later set is added bypassed and frozen; no other flag changes.
@@ -373,16 +398,28 @@ def inject_harma_adapters(
     return wrapper
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _attach_adapters(
-    model: nn.Module, targets: list[tuple[Tower, int, str, nn.Module, int]], config: HarmaConfig, adapter_name: str
+    model: nn.Module,
+    targets: list[tuple[Tower, int, str, nn.Module, int]],
+    config: HarmaConfig,
+    adapter_name: str,
+    adapter_class: type[MultimodalGatedAdapter],
+    autocast_adapter_dtype: bool,
 ) -> list[MultimodalGatedAdapter]:
-    """Create an MGA for every target, register it where set ``adapter_name`` lives, and hook it
-    to the adapted module's output."""
+    """Create an MGA for every target (on the adapted module's device, in its dtype or float32 for
+    half precision with ``autocast_adapter_dtype``), register it where set ``adapter_name``
+    lives, and hook it to the adapted module's output."""
     mini_adapters: dict[int, MiniAdapter] = {}
     created = []
     for tower, layer, position, module, width in targets:
         reference_param = next(module.parameters())
-        adapter = MultimodalGatedAdapter(
+        dtype = reference_param.dtype
+        if autocast_adapter_dtype and dtype in _HALF_DTYPES:
+            dtype = torch.float32
+        adapter = adapter_class(
             width,
             config.bottleneck,
             config.heads,
@@ -392,7 +429,7 @@ def _attach_adapters(
             batch_first=tower.batch_first,
             attention_passes=config.attention_passes,
             causal=config.adapter_mask == "tower" and tower.causal,
-        ).to(device=reference_param.device, dtype=reference_param.dtype)
+        ).to(device=reference_param.device, dtype=dtype)
         attach_adapter(model.get_submodule(tower.block_names[layer]), position, adapter_name, adapter)
         handle = module.register_forward_hook(functools.partial(_POSITION_HOOKS[position], adapter))
         # Kept on the adapter: deepcopy and pickle carry the handle with the copied hook dict.

@@ -137,6 +137,9 @@ class MultimodalGatedAdapter(nn.Module):
     # whose adapters lack "active", still runs.
     enabled: bool = True
     active: bool = True
+    # Set by harma.mixed_adapter_batch only: ``(indices, batch size)``, the rows of each batch that
+    # this adapter's set adapts (whether or not it is the active set).
+    rows: tuple[torch.Tensor, int] | None = None
 
     def __init__(
         self,
@@ -172,16 +175,47 @@ class MultimodalGatedAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return self._adapt_rows(m) if self.enabled else m
         if not (self.enabled and self.active):
             return m
+        return self._adapt(m)
+
+    def _adapt(self, m: torch.Tensor) -> torch.Tensor:
+        """``m + sigmoid(g_block) * W_up z`` for every row of ``m``, in ``m``'s dtype.
+
+        Adapters may be kept in float32 on a half-precision backbone (``autocast_adapter_dtype``
+        of `harma.inject_harma_adapters`). Under autocast the products are cast as usual; outside
+        it the adapter runs in its own dtype and only its contribution is cast to ``m``'s.
+        """
+        gate = torch.sigmoid(self.block_gate)
+        if m.dtype != self.up.weight.dtype and not torch.is_autocast_enabled(m.device.type):
+            return m + (gate * self.up(self._bottleneck(m.to(self.up.weight.dtype)))).to(m.dtype)
+        return _gated_residual(m, self._bottleneck(m), gate, self.up)
+
+    def _bottleneck(self, m: torch.Tensor) -> torch.Tensor:
+        """``z``: the gated mix of the down-projection and its attention, ``(..., bottleneck)``."""
         h = F.gelu(self.down(m))
         a = self.attn(h, self.causal)
         if self.mini_adapter is not None:
             a = self.mini_adapter(a, self.causal)
         if self.attention_passes == 2:
             a = self.attn(a, self.causal)
-        z = torch.lerp(a, h, torch.sigmoid(self.gate))  # g * h + (1 - g) * a
-        return _gated_residual(m, z, torch.sigmoid(self.block_gate), self.up)
+        return torch.lerp(a, h, torch.sigmoid(self.gate))  # g * h + (1 - g) * a
+
+    def _adapt_rows(self, m: torch.Tensor) -> torch.Tensor:
+        """`_adapt` on the rows of the batch ``self.rows`` names, the other rows as they are."""
+        index, size = self.rows
+        batch_dim = 0 if self.attn.batch_first else 1
+        if m.shape[batch_dim] != size:
+            raise ValueError(
+                f"harma.mixed_adapter_batch names an adapter for each of {size} rows, but a batch of "
+                f"{m.shape[batch_dim]} rows reached the adapters (each tower's batch must have one row per name)"
+            )
+        if index.numel() == 0:
+            return m
+        index = index.to(m.device)
+        return m.index_copy(batch_dim, index, self._adapt(m.index_select(batch_dim, index)))
 
     def extra_repr(self) -> str:
         return (

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .config import HarmaConfig
@@ -26,6 +27,8 @@ from .modules import MultimodalGatedAdapter
 
 DEFAULT_ADAPTER_NAME = "default"
 """The name of an adapter set when none is given; its parameters keep the reference names."""
+BASE_MODEL_NAME = "__base__"
+"""In `mixed_adapter_batch`, the name of rows that run through no adapter set (as in peft)."""
 ADAPTER_ATTRIBUTE = "harma_adapter"
 """Block attribute of the default set's MGA after the MLP (the reference position)."""
 ATTENTION_ADAPTER_ATTRIBUTE = "harma_attention_adapter"
@@ -116,13 +119,14 @@ def resolve_adapter_name(registry: AdapterRegistry, adapter_name: str | None) ->
 
 def check_adapter_name(adapter_name: object) -> str:
     """``adapter_name`` if it can name an adapter set: letters, digits, ``_`` and ``-``, not
-    starting with ``-``, and not an attribute of ``nn.ModuleDict`` (such as ``"keys"``)."""
-    if not isinstance(adapter_name, str) or not _NAME.fullmatch(adapter_name) or (
+    starting with ``-``, not ``"__base__"`` (`mixed_adapter_batch`'s name for no set), and not an
+    attribute of ``nn.ModuleDict`` (such as ``"keys"``)."""
+    if not isinstance(adapter_name, str) or not _NAME.fullmatch(adapter_name) or adapter_name == BASE_MODEL_NAME or (
         adapter_name != DEFAULT_ADAPTER_NAME and adapter_name in _MODULE_DICT_ATTRIBUTES
     ):
         raise ValueError(
             f"adapter_name must be a string of letters, digits, '_' and '-' (not starting with '-') "
-            f"that is no attribute of nn.ModuleDict, got {adapter_name!r}"
+            f"that is neither {BASE_MODEL_NAME!r} nor an attribute of nn.ModuleDict, got {adapter_name!r}"
         )
     return adapter_name
 
@@ -257,17 +261,17 @@ def apply_active(registry: AdapterRegistry, previous: tuple[str, bool] | None = 
             adapter.__dict__["active"] = name == registry.active
     for name in changed:
         for adapter in registry.modules[name]:
-            _set_requires_grad(adapter, name == trainable)
+            set_requires_grad(adapter, name == trainable)
 
 
 def bypass_and_freeze(adapters: list[MultimodalGatedAdapter]) -> None:
     """Make ``adapters`` (a set just added next to others) bypassed and frozen."""
     for adapter in adapters:
         adapter.__dict__["active"] = False
-        _set_requires_grad(adapter, False)
+        set_requires_grad(adapter, False)
 
 
-def _set_requires_grad(module: nn.Module, requires_grad: bool) -> None:
+def set_requires_grad(module: nn.Module, requires_grad: bool) -> None:
     """``requires_grad`` of every parameter of ``module`` and its submodules. Reads the module
     tree on every call (Parameter objects can be replaced, e.g. by ``load_state_dict(assign=True)``),
     but without ``parameters()``' generators and duplicate tracking, which cost ten times more."""
@@ -309,12 +313,16 @@ def set_adapter(model: nn.Module, adapter_name: str, *, inference_mode: bool = F
             "gradients unsynchronised across ranks (DDP syncs the parameters that required grad when "
             "it was built): switch the model before wrapping it, or pass inference_mode=True"
         )
-    registry = require_registry(model)
+    switch_active(require_registry(model), adapter_name, inference_mode)
+    return model
+
+
+def switch_active(registry: AdapterRegistry, adapter_name: str, inference_mode: bool) -> None:
+    """`set_adapter` on a model's registry: record the new active set and apply it."""
     previous = (registry.active, registry.inference_mode)
     registry.active = resolve_adapter_name(registry, adapter_name)
     registry.inference_mode = bool(inference_mode)
     apply_active(registry, previous)
-    return model
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
@@ -358,3 +366,50 @@ def remove_harma_adapters(model: nn.Module) -> nn.Module:
         param.requires_grad_(name in trainable_before)
     set_registry(inner, None)
     return model
+
+
+@contextlib.contextmanager
+def mixed_adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """Context in which row ``i`` of every batch runs through adapter set ``adapter_names[i]``
+    (``"__base__"``: through none, as the frozen backbone), whichever set is active: one forward
+    pass serves several tasks at once, like peft's ``model(..., adapter_names=[...])``.
+
+    Each set sees exactly its own rows, so a row gets what it gets in a batch of its group alone
+    (up to the backbone's own rounding at another batch size). Every tower's batch must have
+    ``len(adapter_names)`` rows: with a CLIP, the images and the texts of one call. Gradients
+    reach only sets that require grad; ``harma.disable_adapters`` inside bypasses every set.
+    Not under ``DataParallel``, which would split the batch (refused with an error); under
+    ``DistributedDataParallel`` each rank names its own rows.
+
+    Example:
+
+        with harma.mixed_adapter_batch(model, ["rsitmd", "rsicd", "__base__"]):
+            embeddings = model.encode_image(images)          # 3 images, one per name
+
+    Raises:
+        ValueError: a name that is no set of ``model`` (its sets are listed), an empty list, or
+            a call inside another ``mixed_adapter_batch`` of the same model.
+        TypeError: ``adapter_names`` is a single string.
+    """
+    registry = require_registry(model)
+    if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+        raise TypeError(f"adapter_names must be a list of strings (one per row), got {adapter_names!r}")
+    names = list(adapter_names)
+    unknown = sorted({name for name in names if name != BASE_MODEL_NAME and name not in registry.configs})
+    if unknown or not names:
+        raise ValueError(
+            f"adapter_names {'is empty' if not names else f'names no adapter set {unknown}'}: each row needs "
+            f"one of this model's sets {list(registry.configs)} or {BASE_MODEL_NAME!r} (no adapter)"
+        )
+    adapters = [adapter for group in registry.modules.values() for adapter in group]
+    if any(adapter.rows is not None for adapter in adapters):
+        raise ValueError("this model is already inside a harma.mixed_adapter_batch; they do not nest")
+    for set_name, group in registry.modules.items():
+        rows = (torch.tensor([i for i, name in enumerate(names) if name == set_name], dtype=torch.long), len(names))
+        for adapter in group:
+            adapter.__dict__["rows"] = rows
+    try:
+        yield model
+    finally:
+        for adapter in adapters:
+            adapter.__dict__.pop("rows", None)

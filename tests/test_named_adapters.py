@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import FAMILIES, encode, images, perturb_adapters, tiny_open_clip, tokens
+from tiny_models import FAMILIES, encode, frozen_copy, images, perturb_adapters, tiny_open_clip, tokens
 from torch import nn
 
 import harma
@@ -57,7 +57,7 @@ def test_sets_active_in_turn_compute_what_one_set_models_compute(tmp_path):
         assert harma.active_adapter(model) == name
         assert_same_outputs(outputs(model), alone[name])
     with harma.disable_adapters(model):
-        assert_same_outputs(outputs(model), outputs(tiny_open_clip()))
+        assert_same_outputs(outputs(model), outputs(frozen_copy(tiny_open_clip())))
     assert_same_outputs(outputs(model), alone["a"])
 
 
@@ -272,3 +272,71 @@ def test_adding_or_deleting_an_inactive_set_changes_no_other_flag():
     harma.delete_adapter(model, "a")
     assert {name: p.requires_grad for name, p in model.named_parameters()} == {
         name: flag for name, flag in flags.items() if adapter_name_of_key(name) != "a"}
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed adapter batches
+
+ROWS = ["b", "__base__", "a", "b", "a", "__base__"]
+
+
+def rows_of(batch: tuple[torch.Tensor, ...], rows: list[int]) -> tuple[torch.Tensor, ...]:
+    return tuple(output[rows] for output in batch)
+
+
+def assert_close_outputs(first: tuple[torch.Tensor, ...], second: tuple[torch.Tensor, ...]) -> None:
+    # The backbone runs the whole mixed batch but each group alone at another batch size, and
+    # PyTorch may block a matrix product differently by its row count: not bitwise, 1e-5 apart.
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_mixed_batch_runs_each_row_through_its_own_set(family):
+    model = FAMILIES[family]()
+    base = frozen_copy(model)
+    add_trained_set(model, "a", REFERENCE, seed=5)
+    add_trained_set(model, "b", PLUS, seed=6)
+    harma.set_adapter(model, "b")
+    batch = (images(len(ROWS)), tokens(len(ROWS)))
+    with torch.no_grad(), harma.mixed_adapter_batch(model, ROWS):
+        mixed = encode(model, *batch)
+    for name in ("a", "b", "__base__"):
+        reference = base if name == "__base__" else harma.set_adapter(model, name)
+        rows = [i for i, row_name in enumerate(ROWS) if row_name == name]
+        with torch.no_grad():
+            whole = encode(reference, *batch)
+            alone = encode(reference, *(part[rows] for part in batch))
+        assert_close_outputs(rows_of(mixed, rows), alone)
+        assert_close_outputs(rows_of(mixed, rows), rows_of(whole, rows))
+        others = [i for i in range(len(ROWS)) if i not in rows]
+        assert (mixed[0][others] - whole[0][others]).abs().max() > 1e-3  # the other rows took other sets
+    assert_same_outputs(outputs(model), outputs(harma.set_adapter(model, "b")))  # nothing left behind
+
+
+def test_mixed_batch_names_are_checked_and_the_batch_must_match():
+    model = two_set_model()
+    for bad, message in ((["a", "zz", "__base__"], r"names no adapter set \['zz'\]"), ([], "is empty")):
+        with pytest.raises(ValueError, match=message), harma.mixed_adapter_batch(model, bad):
+            pass
+    with pytest.raises(TypeError, match="list of strings"), harma.mixed_adapter_batch(model, "a"):
+        pass
+    with harma.mixed_adapter_batch(model, ["a", "b"]):
+        with pytest.raises(ValueError, match="do not nest"), harma.mixed_adapter_batch(model, ["a", "b"]):
+            pass
+        with pytest.raises(ValueError, match="adapter for each of 2 rows, but a batch of 3 rows"):
+            outputs(model)
+    with pytest.raises(ValueError, match="adapter_name must be"):
+        harma.inject_harma_adapters(model, REFERENCE, adapter_name="__base__")
+    assert_same_outputs(outputs(model), outputs(harma.set_adapter(two_set_model(), "a")))
+
+
+def test_a_mixed_batch_trains_only_the_sets_that_require_grad():
+    model = two_set_model()  # "a" active and trainable, "b" frozen
+    with harma.mixed_adapter_batch(model, ["a", "b", "__base__"]):
+        image_features, text_features = encode(model, images(3), tokens(3))
+    (image_features.sum() + text_features.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in harma.adapter_parameters(model, "a"))
+    assert all(p.grad is None for p in harma.adapter_parameters(model, "b"))
+    with harma.disable_adapters(model), torch.no_grad(), harma.mixed_adapter_batch(model, ["a", "b", "a"]):
+        assert_same_outputs(outputs(model), outputs(frozen_copy(tiny_open_clip())))

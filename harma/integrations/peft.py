@@ -38,32 +38,42 @@ in ``get_peft_model_state_dict``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import enum
 import inspect
 import os
 import types
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from peft import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter
+from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter, set_additional_trainable_modules
 from torch import nn
 
 from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, load_adapter_state
 from ..config import HarmaConfig
-from ..inject import adapter_named_parameters, adapter_parameters, inject_harma_adapters, is_patched
+from ..inject import adapter_named_parameters, add_adapter_set, is_patched
 from ..inject import adapters as adapter_modules
 from ..io import architecture_fingerprint, check_fingerprint, match_adapter_tensors
 from ..modules import MultimodalGatedAdapter
 from ..named_adapters import (
+    BASE_MODEL_NAME,
+    DEFAULT_ADAPTER_NAME,
+    AdapterRegistry,
     adapter_name_of_key,
     adapter_registry,
+    is_adapter_parameter_name,
     list_adapters,
+    mixed_adapter_batch,
     reference_adapter_key,
     remove_harma_adapters,
+    set_requires_grad,
+    switch_active,
 )
 from ..named_adapters import delete_adapter as harma_delete_adapter
 from ..named_adapters import set_adapter as harma_set_adapter
@@ -72,12 +82,23 @@ __all__ = [
     "PEFT_PREFIX",
     "PEFT_TYPE",
     "HarmaPeftConfig",
+    "HarmaPeftType",
     "HarmaTuner",
+    "HarmaTunerLayer",
     "load_peft_adapters",
     "register_with_peft",
 ]
 
-PEFT_TYPE = "HARMA"
+
+class HarmaPeftType(str, enum.Enum):
+    """The ``peft_type`` of HarMA, a string enum like peft's own ``PeftType`` (which cannot be
+    extended): it equals, hashes and serialises as ``"HARMA"``, and has the ``.value`` that peft's
+    messages and model cards format."""
+
+    HARMA = "HARMA"
+
+
+PEFT_TYPE = HarmaPeftType.HARMA
 """The ``peft_type`` of HarMA configs and of the ``adapter_config.json`` files peft writes for them."""
 
 PEFT_PREFIX = "harma_"
@@ -87,6 +108,11 @@ PEFT_PREFIX = "harma_"
 _MERGE_ERROR = (
     "HarMA adapters cannot be merged into the base weights: they apply self-attention, GELU and gates to "
     "each block's MLP output. Keep the adapters, or call unload() to drop them"
+)
+_WEIGHTED_ERROR = (
+    "HarMA adapters cannot be combined by weights (add_weighted_adapter): self-attention, GELU and gates make "
+    "a weighted sum of two sets' parameters compute neither set's function. Run the sets in turn "
+    "(set_adapter) or row by row in one batch (model(..., adapter_names=[...]), harma.mixed_adapter_batch)"
 )
 # The HarmaConfig fields a HarmaPeftConfig mirrors; freeze_backbone is not one of them, since peft
 # always trains the adapters alone.
@@ -149,6 +175,12 @@ class HarmaPeftConfig(PeftConfig):
         fingerprint: each patched tower's name, depth and width. Filled in when the adapters are
             injected and saved in ``adapter_config.json``; when set, loading checks that the
             model has this architecture. Leave it None.
+        modules_to_save: names of modules of the model (matched as peft matches them, e.g.
+            ``["visual_projection", "text_projection"]`` of a Hugging Face CLIP) to train and
+            save beside the adapters, each as a copy per adapter that replaces the module while
+            that adapter is active (peft's ``modules_to_save``). The modules must be
+            ``nn.Module``s: open_clip keeps its projections as bare parameters, which peft cannot
+            wrap. Only a ``PeftModel`` restores them; ``load_peft_adapters`` refuses such folders.
 
     Example:
         ```python
@@ -163,6 +195,9 @@ class HarmaPeftConfig(PeftConfig):
     fingerprint: list[dict[str, Any]] | None = field(
         default=None, metadata={"help": "architecture the adapters were made for (filled in by harma)"}
     )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "modules trained and saved beside the adapters, as a copy per adapter"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -173,6 +208,9 @@ class HarmaPeftConfig(PeftConfig):
             self.layers = list(self.layers)
         if isinstance(self.causal_towers, tuple):
             self.causal_towers = list(self.causal_towers)
+        if isinstance(self.modules_to_save, str | tuple):
+            self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(
+                self.modules_to_save)
         self.to_harma_config()  # validates every field, with HarmaConfig's messages
 
     def to_harma_config(self) -> HarmaConfig:
@@ -232,51 +270,56 @@ class HarmaPeftConfig(PeftConfig):
 # The tuner
 
 
-class _HarmaLayerStatus(nn.Module, BaseTunerLayer):
-    """Reports the HarMA adapter sets of a model to peft's ``get_layer_status``/``get_model_status``
-    (which ``PeftModel.disable_adapter`` calls) and switches them on and off.
+class HarmaTunerLayer(MultimodalGatedAdapter, BaseTunerLayer):
+    """A HarMA MGA as peft sees it: the adapters of a ``PeftModel`` are of this class, so that
+    peft's generic functions (layer and model status, ``get_base_model_state_dict``,
+    ``set_requires_grad``, enabling and disabling) find them as tuner layers.
 
-    peft only recognises adapters that are ``BaseTunerLayer`` modules; HarMA's adapters are
-    ``harma.MultimodalGatedAdapter`` modules reached through forward hooks. This module
-    lives on the tuner, not in the user's model, holds no parameters, and reads every answer from
-    harma's registry of the model's sets, so it cannot disagree with ``harma.set_adapter`` or
-    ``harma.delete_adapter`` called on the base model directly.
+    Each MGA belongs to one adapter set (``harma_adapter_name``) and reads which set is active
+    from harma's registry of the model's sets (``harma_registry``), so that peft's view cannot
+    disagree with ``harma.set_adapter`` or ``harma.delete_adapter`` called on the base model.
+    It computes exactly what a `harma.MultimodalGatedAdapter` computes.
     """
 
-    adapter_layer_names: tuple[str, ...] = ()
+    adapter_layer_names: tuple[str, ...] = ("harma_set",)
     other_param_names: tuple[str, ...] = ()
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.merged_adapters = []
-        # A plain list: the model must not be registered as a submodule of its tuner a second time.
-        self._harma_model = [model]
-
-    def _all_adapters(self) -> list[MultimodalGatedAdapter]:
-        registry = adapter_registry(self._harma_model[0])
-        return [adapter for adapters in registry.modules.values() for adapter in adapters] if registry else []
+    # Filled in by HarmaTuner.inject_adapter right after the set is added.
+    harma_adapter_name: str = DEFAULT_ADAPTER_NAME
+    harma_registry: AdapterRegistry | None = None
 
     @property
-    def active_adapter(self) -> str | list[str]:
-        registry = adapter_registry(self._harma_model[0])
-        return registry.active if registry else []
+    def harma_set(self) -> nn.ModuleDict:
+        """``{set name: this MGA}``: the per-adapter view of a layer's weights that peft reads
+        (requires_grad and devices by adapter, ``set_requires_grad``)."""
+        return nn.ModuleDict({self.harma_adapter_name: self})
+
+    @property
+    def active_adapter(self) -> str:
+        return self.harma_registry.active
 
     @property
     def disable_adapters(self) -> bool:
-        return not any(adapter.enabled for adapter in self._all_adapters())
+        return not self.enabled
 
     def _get_available_adapters(self) -> set[str]:
-        return set(list_adapters(self._harma_model[0]))
+        return {self.harma_adapter_name}
 
     def enable_adapters(self, enabled: bool) -> None:
-        for adapter in self._all_adapters():
-            adapter.enabled = enabled
+        """Switch this MGA on or off; as peft's layers do, a disabled adapter is frozen, and an
+        enabled one requires grad again if its set is active and not in inference mode."""
+        self.enabled = enabled
+        registry = self.harma_registry
+        set_requires_grad(self, enabled and self.harma_adapter_name == registry.active and not registry.inference_mode)
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        pass  # HarmaTuner.set_adapter switches the sets through harma.set_adapter.
+        """Make set ``adapter_names`` the model's active set (`harma.set_adapter` on the registry)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if len(names) != 1:
+            raise ValueError(f"HarMA runs one adapter set at a time; got {names}")
+        switch_active(self.harma_registry, names[0], inference_mode)
 
-    def extra_repr(self) -> str:
-        return f"adapters={list_adapters(self._harma_model[0])}"
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Nothing: ``HarmaTuner.delete_adapter`` removes whole sets through harma."""
 
 
 def _dropped_by_peft_filter(key: str, unwanted_adapter_names: Sequence[str]) -> bool:
@@ -297,7 +340,7 @@ class HarmaTuner(BaseTuner):
     """
 
     prefix: str = PEFT_PREFIX
-    tuner_layer_cls = _HarmaLayerStatus
+    tuner_layer_cls = HarmaTunerLayer
     target_module_mapping: Mapping[str, list[str]] = types.MappingProxyType({})
 
     # --- creation ---------------------------------------------------------------------------
@@ -330,16 +373,23 @@ class HarmaTuner(BaseTuner):
             check_fingerprint(config.fingerprint, fingerprint, f"the HarMA adapters {adapter_name!r}")
         first = not list_adapters(model)
         # A later set is added bypassed and frozen, every other flag as it was (peft's add_adapter).
-        inject_harma_adapters(model, harma_config, adapter_name)
+        # Created in the backbone's dtype: peft then calls _cast_adapter_dtype with the user's choice.
+        add_adapter_set(model, harma_config, adapter_name, autocast_adapter_dtype=False,
+                        adapter_class=HarmaTunerLayer)
+        registry = adapter_registry(model)
+        for adapter in registry.modules[adapter_name]:
+            adapter.harma_adapter_name = adapter_name
+            adapter.harma_registry = registry
         if first and config.inference_mode:
             # Through harma, so that its registry knows the active set is frozen.
             harma_set_adapter(model, adapter_name, inference_mode=True)
         # Record the architecture in a copy (the user's config object is left as it was), so that
         # save_pretrained writes it to adapter_config.json.
         self.peft_config[adapter_name] = dataclasses.replace(config, fingerprint=fingerprint)
-        if "harma_layers" not in self._modules:
-            self.harma_layers = _HarmaLayerStatus(model)
         self._update_targeted_module_names()
+        # peft's own step for modules_to_save (a trainable copy per adapter of each named module).
+        set_additional_trainable_modules(model=model, peft_config=config, model_config=BaseTuner.get_model_config(self),
+                                         adapter_name=adapter_name, activate_adapter=first)
 
     def _check_injectable(
         self, model: nn.Module, adapter_name: str, config: PeftConfig, low_cpu_mem_usage: bool
@@ -375,14 +425,28 @@ class HarmaTuner(BaseTuner):
         raise NotImplementedError("HarmaTuner patches whole blocks in inject_adapter, not module by module")
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        # The active set alone: an inactive set is bypassed, so it would get no gradient.
+        # The active set alone (an inactive set is bypassed, so it would get no gradient); the
+        # copies of modules_to_save keep what peft's wrappers set.
         registry = adapter_registry(model)
         active = registry.active if registry else None
+        wrapped = tuple(f"{name}." for name, module in model.named_modules()
+                        if isinstance(module, AuxiliaryTrainingWrapper))
         for name, param in model.named_parameters():
             owner = adapter_name_of_key(name)
+            if owner is None and name.startswith(wrapped):
+                continue
             param.requires_grad_(owner is not None and owner == active)
         if active is not None:
             harma_set_adapter(model, active)  # harma's registry: the active set is trainable
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft's ``autocast_adapter_dtype``: set ``adapter_name``'s float16/bfloat16 adapters
+        become float32 (`harma.inject_harma_adapters` does the same by default)."""
+        if not autocast_adapter_dtype:
+            return
+        for adapter in adapter_registry(self.model).modules[adapter_name]:
+            if adapter.up.weight.dtype in (torch.float16, torch.bfloat16):
+                adapter.to(torch.float32)
 
     # --- switching and gradients ------------------------------------------------------------
 
@@ -406,21 +470,11 @@ class HarmaTuner(BaseTuner):
         return names
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Set ``requires_grad`` of the named sets' parameters.
-
-        Only the active set can be made trainable: an inactive set is bypassed, so it would get no
-        gradient; it stays frozen until ``set_adapter`` selects it (``load_adapter(...,
-        is_trainable=True)`` asks this of the inactive set it adds).
-        """
-        active = self.active_adapter
-        for name in self._check_adapter_names(adapter_names):
-            if name == active:
-                # harma's set_adapter with the same set: its registry records the frozen state,
-                # which its later switches rely on.
-                harma_set_adapter(self.model, name, inference_mode=not requires_grad)
-            elif not requires_grad:
-                for param in adapter_parameters(self.model, name):
-                    param.requires_grad_(False)
+        """Set ``requires_grad`` of the named sets' parameters (and of their ``modules_to_save``
+        copies), active or not, as peft does. An inactive set is bypassed, so it gets no gradient
+        until ``set_adapter`` selects it; a training switch then makes the new active set alone
+        trainable again."""
+        super().set_requires_grad(self._check_adapter_names(adapter_names), requires_grad)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Make set ``adapter_name`` the one that runs (``harma.set_adapter``): as in peft, it is
@@ -433,11 +487,29 @@ class HarmaTuner(BaseTuner):
         if len(names) != 1:
             raise ValueError(f"HarMA runs one adapter set at a time; got {names}")
         harma_set_adapter(self.model, names[0], inference_mode=inference_mode)
+        _set_adapter(self.model, names[0], inference_mode=inference_mode)  # modules_to_save copies
         self.active_adapter = names[0]
 
-    def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        if "harma_layers" in self._modules:
-            self.harma_layers.enable_adapters(enabled)
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """``model(..., adapter_names=[...])``: row ``i`` of the batch through set ``adapter_names[i]``
+        (``"__base__"``: none), as `harma.mixed_adapter_batch`; in eval mode only, as in peft."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode (call .eval() first)")
+        unknown = sorted({name for name in adapter_names if name != BASE_MODEL_NAME} - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
+                             f"{list(self.peft_config)}")
+        with mixed_adapter_batch(self.model, adapter_names):
+            yield
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not possible for HarMA adapters; raises ``ValueError`` naming the alternatives."""
+        raise ValueError(_WEIGHTED_ERROR)
 
     # --- removal ----------------------------------------------------------------------------
 
@@ -454,8 +526,10 @@ class HarmaTuner(BaseTuner):
         if adapter_name in list_adapters(self.model):
             harma_delete_adapter(self.model, adapter_name)
         del self.peft_config[adapter_name]
-        if not list_adapters(self.model):
-            self._modules.pop("harma_layers", None)
+        remaining = list_adapters(self.model)
+        _delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=[self.active_adapter] if remaining
+                                  else None)
+        if not remaining:
             self.active_adapter = []
             self.targeted_module_names.clear()
             return
@@ -520,8 +594,10 @@ class HarmaTuner(BaseTuner):
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         # Files hold the reference names whatever the set's name: "<block>.harma_adapters.<name>.x"
         # is saved as "<block>.harma_adapter.x", so a folder loads into a set of any name, and
-        # into harma's native API.
-        return reference_adapter_key(key)
+        # into harma's native API. Keys of modules_to_save copies are peft's business.
+        if is_adapter_parameter_name(key):
+            return reference_adapter_key(key)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -531,14 +607,17 @@ class HarmaTuner(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        matched = match_adapter_tensors(model, state_dict, f"the weights of HarMA adapter {adapter_name!r}",
+        # Keys of modules_to_save copies arrive already translated by peft; they pass through.
+        others = {key: value for key, value in state_dict.items() if not is_adapter_parameter_name(key)}
+        harma_tensors = {key: value for key, value in state_dict.items() if key not in others}
+        matched = match_adapter_tensors(model, harma_tensors, f"the weights of HarMA adapter {adapter_name!r}",
                                         adapter_name)
         # Every name of a shared MMS gets the stored tensor, so peft's strict load finds each.
         parameters = dict(model.named_parameters(remove_duplicate=False))
         aliases = {id(param): [] for param in parameters.values()}
         for name, param in parameters.items():
             aliases[id(param)].append(name)
-        return {alias: value for name, value in matched.items() for alias in aliases[id(parameters[name])]}
+        return {alias: value for name, value in matched.items() for alias in aliases[id(parameters[name])]} | others
 
 
 # --------------------------------------------------------------------------------------------
@@ -590,12 +669,12 @@ def register_with_peft() -> str:
         existing = table.get(PEFT_TYPE)
         if existing is not None and not _same_entry(existing, ours):
             raise RuntimeError(
-                f"peft already has a method registered as {PEFT_TYPE!r} ({existing!r}); harma cannot register "
+                f"peft already has a method registered as {PEFT_TYPE.value!r} ({existing!r}); harma cannot register "
                 f"its own"
             )
     for peft_type, prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
         if prefix == PEFT_PREFIX and peft_type != PEFT_TYPE:
-            raise RuntimeError(f"peft method {peft_type!r} already uses the parameter prefix {PEFT_PREFIX!r}")
+            raise RuntimeError(f"peft method {getattr(peft_type, 'value', peft_type)!r} already uses the parameter prefix {PEFT_PREFIX!r}")
     for table, ours in entries:
         table[PEFT_TYPE] = ours
     return PEFT_TYPE
@@ -646,6 +725,12 @@ def load_peft_adapters(
         kind = getattr(config.peft_type, "value", config.peft_type)
         raise ValueError(f"{name} holds {kind} adapters, not HarMA adapters")
     tensors = load_peft_weights(name, device="cpu", **hub_kwargs)
+    if config.modules_to_save or not all(is_adapter_parameter_name(key) for key in tensors):
+        kept = config.modules_to_save or sorted(key for key in tensors if not is_adapter_parameter_name(key))[:3]
+        raise ValueError(
+            f"{name} also holds trained copies of modules_to_save ({kept}), which only a PeftModel can put back: "
+            f"load it with peft.PeftModel.from_pretrained(model, {name!r})"
+        )
     load_adapter_state(model, config.to_harma_config(), config.fingerprint, tensors, name,
                        adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
     return model
