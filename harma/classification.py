@@ -68,20 +68,30 @@ def _check_ties(ties: str) -> None:
         raise ValueError(f"ties must be one of {_TIE_CONVENTIONS}, got {ties!r}")
 
 
-def _ranks_and_predictions(scores: Tensor, labels: Tensor, pessimistic: bool) -> tuple[Tensor, Tensor]:
-    """0-based rank of each row's true class and the row's top-1 class, ties as documented.
-
-    The top-1 class is the true class when its rank is 0, else the best-scoring wrong class
-    (the first of equals), so that the confusion matrix agrees with ``acc1``.
-    """
+def _true_class_ranks(scores: Tensor, labels: Tensor, pessimistic: bool) -> Tensor:
+    """0-based rank of each row's true class, ties as documented."""
     true_scores = scores.gather(1, labels[:, None])
     if pessimistic:
-        ranks = (scores >= true_scores).sum(dim=1) - 1
-    else:
-        ranks = (scores > true_scores).sum(dim=1)
-    wrong = scores.scatter(1, labels[:, None], -math.inf)
-    predictions = torch.where(ranks == 0, labels, wrong.argmax(dim=1))
-    return ranks, predictions
+        return (scores >= true_scores).sum(dim=1) - 1
+    return (scores > true_scores).sum(dim=1)
+
+
+def _predictions(scores: Tensor, labels: Tensor, ranks: Tensor) -> Tensor:
+    """Each row's top-1 class: the true class when its rank is 0, else the best-scoring wrong
+    class (the first of equals), so that the confusion matrix agrees with ``acc1``."""
+    predictions = torch.where(ranks == 0, labels, scores.argmax(dim=1))
+    # A wrong class tied with the true class at the top (pessimistic ties), where argmax picked
+    # the true class: take the best wrong class instead.
+    tied = ((ranks > 0) & (predictions == labels)).nonzero().flatten()
+    if len(tied):
+        wrong = scores[tied].scatter(1, labels[tied, None], -math.inf)
+        predictions[tied] = wrong.argmax(dim=1)
+    return predictions
+
+
+def _ranks_and_predictions(scores: Tensor, labels: Tensor, pessimistic: bool) -> tuple[Tensor, Tensor]:
+    ranks = _true_class_ranks(scores, labels, pessimistic)
+    return ranks, _predictions(scores, labels, ranks)
 
 
 def _check_labels(labels: Any, n_images: int, n_classes: int, device: torch.device) -> Tensor:
@@ -125,6 +135,28 @@ def _check_finite(scores: Tensor, name: str) -> None:
         )
 
 
+def _dense_scores(logits: Tensor | np.ndarray, labels: Any, ties: str) -> tuple[Tensor, Tensor]:
+    """Checked ``(scores, labels)`` of a dense score matrix."""
+    _check_ties(ties)
+    scores = logits.detach() if isinstance(logits, Tensor) else torch.from_numpy(np.ascontiguousarray(logits))
+    if scores.ndim != 2:
+        raise ValueError(f"logits must be a 2-D (n_images, n_classes) matrix; got shape {tuple(scores.shape)}")
+    if not scores.dtype.is_floating_point:
+        scores = scores.double()
+    elif scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()  # CPU comparisons on half types are slow; the upcast is exact.
+    n_images, n_classes = scores.shape
+    if n_classes == 0:
+        raise ValueError("logits have no class column")
+    indices = _check_labels(labels, n_images, n_classes, scores.device)
+    _check_finite(scores, "logits")
+    return scores, indices
+
+
+def _tiles(scores: Tensor) -> range:
+    return range(0, scores.shape[0], max(1, _TILE_SCORES // scores.shape[1]))
+
+
 def class_ranks(
     logits: Tensor | np.ndarray, labels: Sequence[int] | np.ndarray | Tensor, ties: str = "pessimistic"
 ) -> tuple[Tensor, Tensor]:
@@ -144,23 +176,11 @@ def class_ranks(
         ValueError: non-2-D logits, NaN or infinite logits, labels of the wrong length or
             dtype, a label that is no class.
     """
-    _check_ties(ties)
-    scores = logits.detach() if isinstance(logits, Tensor) else torch.from_numpy(np.ascontiguousarray(logits))
-    if scores.ndim != 2:
-        raise ValueError(f"logits must be a 2-D (n_images, n_classes) matrix; got shape {tuple(scores.shape)}")
-    if not scores.dtype.is_floating_point:
-        scores = scores.double()
-    elif scores.dtype in (torch.float16, torch.bfloat16):
-        scores = scores.float()  # CPU comparisons on half types are slow; the upcast is exact.
-    n_images, n_classes = scores.shape
-    if n_classes == 0:
-        raise ValueError("logits have no class column")
-    indices = _check_labels(labels, n_images, n_classes, scores.device)
-    _check_finite(scores, "logits")
-    rows = max(1, _TILE_SCORES // n_classes)
+    scores, indices = _dense_scores(logits, labels, ties)
+    rows = _tiles(scores).step
     pieces = [
         _ranks_and_predictions(scores[start : start + rows], indices[start : start + rows], ties == "pessimistic")
-        for start in range(0, n_images, rows)
+        for start in _tiles(scores)
     ]
     return torch.cat([rank for rank, _ in pieces]), torch.cat([prediction for _, prediction in pieces])
 
@@ -280,18 +300,28 @@ class ClassificationResult:
         return out_path
 
 
+def _metrics(ranks: Tensor, labels: Tensor, n_classes: int) -> tuple[dict[str, float], Tensor, Tensor]:
+    """Metrics, per-class recall (percent, NaN without images) and per-class image counts."""
+    counts = torch.bincount(labels, minlength=n_classes)
+    correct = torch.bincount(labels[ranks == 0], minlength=n_classes)
+    recall = torch.where(counts > 0, 100.0 * correct.double() / counts.clamp_min(1).double(), math.nan)
+    # Percentages of integer counts and a plain left-to-right mean: the values are those of a
+    # per-sample loop to the last bit.
+    n_images = len(ranks)
+    metrics = {"acc1": 100.0 * int((ranks < 1).sum()) / n_images}
+    if n_classes >= 5:
+        metrics["acc5"] = 100.0 * int((ranks < 5).sum()) / n_images
+    present = recall[counts > 0].tolist()
+    metrics["mean_per_class_recall"] = sum(present) / len(present)
+    return metrics, recall, counts
+
+
 def _result(ranks: Tensor, predictions: Tensor, labels: Tensor, classnames: Sequence[str]) -> ClassificationResult:
     n_classes = len(classnames)
     ranks, predictions, labels = ranks.cpu(), predictions.cpu(), labels.cpu()
     confusion = torch.bincount(labels * n_classes + predictions, minlength=n_classes * n_classes)
     confusion = confusion.view(n_classes, n_classes)
-    counts = confusion.sum(dim=1)
-    correct = confusion.diagonal()
-    recall = torch.where(counts > 0, 100.0 * correct.double() / counts.clamp_min(1).double(), math.nan)
-    metrics = {"acc1": 100.0 * float((ranks < 1).double().mean())}
-    if n_classes >= 5:
-        metrics["acc5"] = 100.0 * float((ranks < 5).double().mean())
-    metrics["mean_per_class_recall"] = float(recall[counts > 0].mean())
+    metrics, recall, counts = _metrics(ranks, labels, n_classes)
     return ClassificationResult(
         metrics=metrics,
         classnames=list(classnames),
@@ -319,13 +349,13 @@ def classification_result(
     Raises:
         ValueError: as `class_ranks`, or ``classnames`` of the wrong length.
     """
-    ranks, predictions = class_ranks(logits, labels, ties)
     n_classes = logits.shape[1]
     names = [str(index) for index in range(n_classes)] if classnames is None else list(classnames)
     if len(names) != n_classes:
         raise ValueError(f"classnames has {len(names)} names but logits have {n_classes} class columns")
-    labels_tensor = _check_labels(labels, len(ranks), n_classes, ranks.device)
-    return _result(ranks, predictions, labels_tensor, names)
+    _, indices = _dense_scores(logits, labels, ties)
+    ranks, predictions = class_ranks(logits, labels, ties)
+    return _result(ranks, predictions, indices, names)
 
 
 def classification_metrics(
@@ -347,7 +377,13 @@ def classification_metrics(
         ValueError: non-2-D logits, NaN or infinite logits (how many, and where the first
             is), labels of the wrong length or dtype, a label that is no class.
     """
-    return classification_result(logits, labels, ties=ties).metrics
+    scores, indices = _dense_scores(logits, labels, ties)
+    rows = _tiles(scores).step
+    ranks = torch.cat([
+        _true_class_ranks(scores[start : start + rows], indices[start : start + rows], ties == "pessimistic")
+        for start in _tiles(scores)
+    ])
+    return _metrics(ranks.cpu(), indices.cpu(), scores.shape[1])[0]
 
 
 def combine_prompt_embeddings(
