@@ -169,8 +169,8 @@ def class_ranks(
         ties: ``"pessimistic"`` (default) or ``"optimistic"``; see the module docstring.
 
     Returns:
-        ``(ranks, predictions)``, two ``(n_images,)`` LongTensors: 0-based rank of the true
-        class (0: correct at top 1) and the class predicted at top 1.
+        The 0-based rank of each image's true class (0 is correct at top 1) and the class
+        predicted at top 1, two LongTensors of shape ``(n_images,)``.
 
     Raises:
         ValueError: non-2-D logits, NaN or infinite logits, labels of the wrong length or
@@ -440,8 +440,12 @@ class ZeroShotEvaluator(BatchEncoder):
             without an override).
         combine: ``"normalized_mean"`` (default) or ``"raw_mean"``; see the module docstring.
         ties: ``"pessimistic"`` (default) or ``"optimistic"``.
-        batch_size, num_workers, device, autocast_dtype, progress: as
-            `harma.retrieval.RetrievalEvaluator`.
+        batch_size: images / prompts per forward pass (per process).
+        num_workers: DataLoader workers for the images.
+        device: where to run the model; default: the device of the model's first parameter.
+        autocast_dtype: ``torch.bfloat16`` or ``torch.float16`` to run under CUDA autocast;
+            ignored on CPU.
+        progress: show tqdm bars (main process only).
 
     Attributes:
         raw_classnames: the names in the data. ``classnames``: the names used.
