@@ -27,6 +27,14 @@ Without --adapters or --official-checkpoint the plain backbone is evaluated (zer
 --json prints the metrics as one JSON object instead of a table ({name: metrics} for named
 adapters).
 
+Zero-shot scene classification of class-per-folder trees, CSV files (filepath,label +
+classnames.txt) or class-prefixed image files, with or without retrieval; one table (or one
+JSON object with a "zero_shot" entry) covers every set:
+
+    python examples/evaluate.py --model ViT-B-32-quickgelu --pretrained RS5M_ViT-B-32_RET-2.pt \
+        --zero-shot data/AID --zero-shot data/NWPU-RESISC45 --templates remote_sensing \
+        --class-names names.json --zero-shot-output results/
+
 --gallery FILE also writes what the model retrieved for a few sample queries, with the correct
 results marked: a self-contained HTML page (FILE.html) or a PNG contact sheet (FILE.png); give it
 twice for both. The same embeddings serve the metrics and the gallery:
@@ -50,10 +58,11 @@ import harma
 from harma.named_adapters import check_adapter_name
 from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
 from harma.training import TrainConfig, format_metrics_table, load_trained_weights
-from harma.training.data import RetrievalEvalDataset, test_transform
+from harma.training.data import ImageReadError, RetrievalEvalDataset, test_transform
 from harma.training.gallery import GALLERY_SUFFIXES, build_gallery_from_embeddings
 from harma.training.gallery_render import write_gallery
 from harma.training.models import build_backbone, build_tokenizer
+from harma.training.zero_shot import ZeroShotSuite, format_zero_shot_table
 
 BAD_INPUT = (FileNotFoundError, ValueError, KeyError, TypeError)
 """Errors that are the user's to fix: one ``error:`` line and exit status 2, no traceback."""
@@ -96,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="results shown per query (default 5)")
     gallery.add_argument("--gallery-seed", dest="gallery_seed", type=int, default=0,
                          help="seed of the sample of queries (default 0)")
+    zero_shot = parser.add_argument_group("zero-shot scene classification")
+    zero_shot.add_argument("--zero-shot", dest="zero_shot", action="append", default=[], metavar="ROOT",
+                           help="a classification set: class folders, a CSV of filepath,label with "
+                           "classnames.txt (or a folder holding it), or class-prefixed files; repeatable")
+    zero_shot.add_argument("--templates", default="satellite", metavar="NAME|FILE",
+                           help="prompt templates: satellite (default), skyscript, remote_sensing, or a text "
+                           "file of templates with {}")
+    zero_shot.add_argument("--class-names", dest="class_names", metavar="FILE",
+                           help="class-name overrides: JSON {\"name in the data\": \"name to use\"}, or one "
+                           "name per line in class order")
+    zero_shot.add_argument("--class-prompts", dest="class_prompts", metavar="FILE",
+                           help='JSON {"class": ["prompt", ...]}: own prompts for some classes')
+    zero_shot.add_argument("--prompt-combine", dest="prompt_combine", choices=("normalized_mean", "raw_mean"),
+                           default="normalized_mean",
+                           help="mean of normalised prompt embeddings (CLIP, default) or of raw ones (GeoRSCLIP)")
+    zero_shot.add_argument("--zero-shot-output", dest="zero_shot_output", metavar="DIR",
+                           help="write per set: a CLIP_benchmark result JSON, a per-class table and a "
+                           "confusion matrix PNG")
     return parser
 
 
@@ -149,9 +176,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.gallery_queries < 1 or args.gallery_top_k < 1:
         parser.error("--gallery-queries and --gallery-top-k must be at least 1")
     if args.run is None:
-        missing = [name for name in ("model", "annotation", "image_root") if getattr(args, name) is None]
+        required = ("model",) if args.zero_shot and args.annotation is None else ("model", "annotation", "image_root")
+        missing = [name for name in required if getattr(args, name) is None]
         if missing:
             parser.error(f"without --run, give {', '.join('--' + name for name in missing)}")
+        if args.annotation is None and args.gallery:
+            parser.error("--gallery shows retrieval: give --annotation and --image_root")
     return args
 
 
@@ -186,9 +216,7 @@ def resolve(args: argparse.Namespace) -> dict:
     return setup
 
 
-def build_split_and_backbone(args: argparse.Namespace, setup: dict) -> tuple[RetrievalEvalDataset, nn.Module]:
-    """The evaluation split, then the backbone (the split first: a wrong image root fails before
-    the model is built)."""
+def image_size_of(setup: dict) -> int:
     image_size = setup["image_size"]
     if image_size is None:
         if setup["model_config"] is not None:
@@ -197,7 +225,15 @@ def build_split_and_backbone(args: argparse.Namespace, setup: dict) -> tuple[Ret
             import open_clip
 
             image_size = open_clip.get_model_config(setup["model"])["vision_cfg"]["image_size"]
-    dataset = RetrievalEvalDataset(setup["annotation"], setup["image_root"], transform=test_transform(image_size))
+    return image_size
+
+
+def build_split_and_backbone(args: argparse.Namespace, setup: dict) -> tuple[RetrievalEvalDataset | None, nn.Module]:
+    """The evaluation split (None without an annotation file), then the backbone (the split
+    first: a wrong image root fails before the model is built)."""
+    image_size = image_size_of(setup)
+    dataset = (RetrievalEvalDataset(setup["annotation"], setup["image_root"], transform=test_transform(image_size))
+               if setup["annotation"] else None)
     if args.run and setup["pretrained"] is None:
         # A run from random initialisation built its backbone right after seeding.
         torch.manual_seed(TrainConfig.from_json_file(Path(args.run) / "config.json").seed)
@@ -232,19 +268,68 @@ def load_weights(args: argparse.Namespace, setup: dict, model: nn.Module) -> tup
     return model, "backbone only (zero-shot)"
 
 
-def build_evaluator(args: argparse.Namespace, setup: dict, dataset: RetrievalEvalDataset,
-                    model: nn.Module) -> tuple[RetrievalEvaluator, nn.Module]:
-    """The evaluator of the split, and ``model`` moved to the device in eval mode."""
+def encoding_options(args: argparse.Namespace) -> dict:
+    """Device, autocast dtype, batch size, workers and progress bars of every evaluator."""
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    evaluator = RetrievalEvaluator.from_dataset(
-        dataset, build_tokenizer(setup["model"], setup["model_config"]), batch_size=args.batch_size,
-        num_workers=args.num_workers, device=device, autocast_dtype=autocast, progress=not args.json,
+    return {"batch_size": args.batch_size, "num_workers": args.num_workers, "device": device,
+            "autocast_dtype": autocast, "progress": not args.json}
+
+
+def build_evaluator(args: argparse.Namespace, setup: dict, dataset: RetrievalEvalDataset | None,
+                    model: nn.Module) -> tuple[RetrievalEvaluator | None, nn.Module]:
+    """The evaluator of the split (None without one), and ``model`` moved to the device in eval
+    mode."""
+    options = encoding_options(args)
+    evaluator = None if dataset is None else RetrievalEvaluator.from_dataset(
+        dataset, build_tokenizer(setup["model"], setup["model_config"]), **options
     )
-    return evaluator, model.to(device).eval()
+    return evaluator, model.to(options["device"]).eval()
+
+
+def build_zero_shot(args: argparse.Namespace, setup: dict) -> ZeroShotSuite | None:
+    """The --zero-shot sets and their evaluators (None without any), read before the model."""
+    if not args.zero_shot:
+        return None
+    return ZeroShotSuite(
+        args.zero_shot, test_transform(image_size_of(setup)), build_tokenizer(setup["model"], setup["model_config"]),
+        templates=args.templates, class_names=args.class_names, class_prompts=args.class_prompts,
+        combine=args.prompt_combine, **encoding_options(args),
+    )
+
+
+def evaluate_zero_shot(suite: ZeroShotSuite, model: nn.Module) -> dict:
+    """Each set's result; an unreadable image ends the command with one error line naming it."""
+    try:
+        return suite.evaluate(model)
+    except ImageReadError as error:
+        print(f"error: {ImageReadError.without_worker_traceback(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def report_zero_shot(args: argparse.Namespace, setup: dict, suite: ZeroShotSuite, source: str, rows: dict,
+                     zero_shot: dict, named: bool) -> None:
+    """Print retrieval (if any) and zero-shot results: one JSON object or tables; write files."""
+    if args.zero_shot_output:
+        pretrained = Path(setup["pretrained"]).name if setup["pretrained"] else "random"
+        suite.write_files(args.zero_shot_output, zero_shot, setup["model"], pretrained, named=named)
+    if args.json:
+        out = {"zero_shot": suite.to_json(zero_shot, named=named)}
+        if rows:
+            out["retrieval"] = rows if named else next(iter(rows.values()))
+        print(json.dumps(out))
+        return
+    if rows:
+        report(args, setup, None, source, rows, named)
+    else:
+        print(f"{setup['model']} + {source}")
+    print(suite.describe_classes())
+    for root in args.zero_shot:
+        table = {name: zero_shot[name][root].metrics for name in zero_shot} if named else {root: zero_shot[root].metrics}
+        print(format_zero_shot_table(table))
 
 
 def write_galleries(args: argparse.Namespace, setup: dict, dataset: RetrievalEvalDataset, source: str,
@@ -261,14 +346,15 @@ def write_galleries(args: argparse.Namespace, setup: dict, dataset: RetrievalEva
         print(f"gallery written to {path}", file=sys.stderr if args.json else sys.stdout)
 
 
-def report(args: argparse.Namespace, setup: dict, dataset: RetrievalEvalDataset, source: str,
+def report(args: argparse.Namespace, setup: dict, dataset: RetrievalEvalDataset | None, source: str,
            rows: dict[str, dict[str, float]], named: bool) -> None:
     """Print the metrics: one JSON object (``{name: metrics}`` for named adapters) or a table."""
     if args.json:
         print(json.dumps(rows if named else next(iter(rows.values()))))
         return
     print(f"{setup['model']} + {source}")
-    print(f"{dataset.num_images} images, {len(dataset.captions)} captions from {setup['annotation']}")
+    if dataset is not None:
+        print(f"{dataset.num_images} images, {len(dataset.captions)} captions from {setup['annotation']}")
     print(format_metrics_table(rows))
 
 
@@ -277,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         setup = resolve(args)
+        suite = build_zero_shot(args, setup)
         dataset, model = build_split_and_backbone(args, setup)
         model, source = load_weights(args, setup, model)
     except BAD_INPUT as error:
@@ -284,16 +371,24 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     evaluator, model = build_evaluator(args, setup, dataset, model)
     named = isinstance(setup["weights"], dict) and not args.official_checkpoint
-    names = list(setup["weights"]) if named else [Path(setup["annotation"]).stem]
+    names = list(setup["weights"]) if named else [Path(setup["annotation"] or "model").stem]
     rows: dict[str, dict[str, float]] = {}
+    zero_shot: dict = {}
     for name in names:
         if named:
             harma.set_adapter(model, name, inference_mode=True)
+        if suite is not None:
+            zero_shot.update({name: evaluate_zero_shot(suite, model)} if named else evaluate_zero_shot(suite, model))
+        if evaluator is None:
+            continue
         # Encoded once: the metrics and the gallery both come from these embeddings.
         image_embeds, text_embeds = evaluator.encode(model)
         rows[name] = retrieval_metrics_from_embeddings(
             image_embeds, text_embeds, evaluator.txt2img.to(image_embeds.device)
         )
+    if suite is not None:
+        report_zero_shot(args, setup, suite, source, rows, zero_shot, named)
+        return {"retrieval": rows, "zero_shot": suite.to_json(zero_shot, named=named)}
     report(args, setup, dataset, source, rows, named)
     if args.gallery:
         write_galleries(args, setup, dataset, source, (image_embeds, text_embeds), rows[names[-1]])

@@ -12,6 +12,7 @@ Typical use:
 
 from ._version import __version__ as __version__
 from .checkpoint import load_adapters, push_adapters_to_hub, read_adapter_file, save_adapters
+from .classification import ClassificationResult, ZeroShotEvaluator, classification_metrics
 from .config import HarmaConfig
 from .inject import (
     ParameterCount,
@@ -43,6 +44,7 @@ from .retrieval import (
 )
 
 __all__ = [
+    "ClassificationResult",
     "HarmaConfig",
     "HarmaLoss",
     "HarmaLossOutput",
@@ -52,8 +54,10 @@ __all__ = [
     "ParameterCount",
     "RetrievalEvaluator",
     "RetrievalRanks",
+    "ZeroShotEvaluator",
     "active_adapter",
     "adapter_parameters",
+    "classification_metrics",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",

@@ -21,7 +21,6 @@ and the similarity matrix of `retrieval_metrics_from_embeddings` is never built.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
-from harma.distributed import all_gather_no_grad, get_rank, get_world_size, is_main_process
+from harma.distributed import all_gather_no_grad, get_rank, get_world_size
+from harma.encoding import BatchEncoder, encoders_of, kept_modes, shard_bounds
 
 __all__ = [
     "METRIC_KEYS",
@@ -353,27 +352,7 @@ def retrieval_metrics_from_embeddings(
     return (metrics, ranks) if return_ranks else metrics
 
 
-def _first_field(item: Any) -> Tensor:
-    return item[0] if isinstance(item, (tuple, list)) else item
-
-
-def _collate_images(items: list[Any]) -> Tensor:
-    return torch.stack([_first_field(item) for item in items])
-
-
-def _shard_bounds(n_items: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous, near-equal shard ``[start, stop)`` of ``n_items`` for ``rank``."""
-    return n_items * rank // world_size, n_items * (rank + 1) // world_size
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module exposing ``encode_image``/``encode_text`` (looks through DDP and similar)."""
-    while not hasattr(model, "encode_image") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-class RetrievalEvaluator:
+class RetrievalEvaluator(BatchEncoder):
     """Encode a retrieval test set with a CLIP-style model and compute the recalls.
 
     Args:
@@ -405,21 +384,10 @@ class RetrievalEvaluator:
         autocast_dtype: torch.dtype | None = None,
         progress: bool = True,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype}"
-            )
+        self._set_encoding_options(tokenizer, batch_size, num_workers, device, autocast_dtype, progress)
         self.image_dataset = image_dataset
         self.captions = list(captions)
         self.txt2img = txt2img_tensor(txt2img, len(image_dataset), len(self.captions), torch.device("cpu"))
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.device = torch.device(device) if device is not None else None
-        self.autocast_dtype = autocast_dtype
-        self.progress = progress
 
     @classmethod
     def from_dataset(
@@ -429,46 +397,15 @@ class RetrievalEvaluator:
         (such as `harma.training.data.RetrievalEvalDataset`); ``options`` go to ``__init__``."""
         return cls(dataset, dataset.captions, dataset.txt2img, tokenizer, **options)
 
-    def _resolve_device(self, model: nn.Module) -> torch.device:
-        if self.device is not None:
-            return self.device
-        first_parameter = next(model.parameters(), None)
-        return first_parameter.device if first_parameter is not None else torch.device("cpu")
-
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        if self.autocast_dtype is not None and device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
-        return contextlib.nullcontext()
-
-    def _encode_images(self, model: nn.Module, device: torch.device, start: int, stop: int) -> Tensor:
+    def _encode_images(self, model: Any, device: torch.device, start: int, stop: int) -> Tensor:
         # An empty shard still runs one image so the embedding width is known for the gather.
         indices = list(range(start, stop)) if stop > start else [0]
-        loader = DataLoader(
-            Subset(self.image_dataset, indices),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=_collate_images,
-            pin_memory=device.type == "cuda",
-        )
-        chunks = []
-        for images in tqdm(loader, desc="encode images", disable=not (self.progress and is_main_process())):
-            with self._autocast(device):
-                chunks.append(model.encode_image(images.to(device, non_blocking=True)).float())
-        embeds = torch.cat(chunks)
+        embeds = torch.cat(list(self._image_batches(model, self.image_dataset, device, indices)))
         return embeds if stop > start else embeds[:0]
 
-    def _encode_texts(self, model: nn.Module, device: torch.device, start: int, stop: int) -> Tensor:
+    def _encode_texts(self, model: Any, device: torch.device, start: int, stop: int) -> Tensor:
         captions = self.captions[start:stop] if stop > start else self.captions[:1]
-        chunks = []
-        batch_starts = range(0, len(captions), self.batch_size)
-        for batch_start in tqdm(
-            batch_starts, desc="encode captions", disable=not (self.progress and is_main_process())
-        ):
-            tokens = self.tokenizer(captions[batch_start : batch_start + self.batch_size])
-            with self._autocast(device):
-                chunks.append(model.encode_text(tokens.to(device)).float())
-        embeds = torch.cat(chunks)
+        embeds = self._encode_text_list(model, device, captions)
         return embeds if stop > start else embeds[:0]
 
     @torch.no_grad()
@@ -479,23 +416,16 @@ class RetrievalEvaluator:
             ``(image_embeds (n_images, d), text_embeds (n_texts, d))``, float32, un-normalised,
             on the evaluation device, identical on every rank.
         """
-        encoder = _unwrap(model)
-        device = self._resolve_device(encoder)
-        # Remember each submodule's mode: adapter training typically keeps a frozen backbone
-        # in eval mode, which a blanket model.train() afterwards would undo.
-        modes = [(module, module.training) for module in model.modules()]
-        model.eval()
-        try:
+        encoder = encoders_of(model)
+        device = self._resolve_device(model)
+        with kept_modes(model):
             rank, world_size = get_rank(), get_world_size()
             image_embeds = self._encode_images(
-                encoder, device, *_shard_bounds(len(self.image_dataset), rank, world_size)
+                encoder, device, *shard_bounds(len(self.image_dataset), rank, world_size)
             )
             text_embeds = self._encode_texts(
-                encoder, device, *_shard_bounds(len(self.captions), rank, world_size)
+                encoder, device, *shard_bounds(len(self.captions), rank, world_size)
             )
-        finally:
-            for module, was_training in modes:
-                module.training = was_training
         return all_gather_no_grad(image_embeds), all_gather_no_grad(text_embeds)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from harma.classification import ZeroShotEvaluator
 from harma.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
@@ -177,12 +178,31 @@ def evaluator_scenario(rank: int, out_dir: Path) -> None:
     )
 
 
+def toy_zero_shot_evaluator() -> ZeroShotEvaluator:
+    generator = torch.Generator().manual_seed(6)
+    n_images = 9  # odd: the two shards differ in size
+    images = [(torch.randn(3, 2, 2, generator=generator), index % 4) for index in range(n_images)]
+    labels = [label for _, label in images]
+    # 3 prompts x 4 classes: the 12 prompts are sharded too
+    return ZeroShotEvaluator(images, labels, ["lake", "farm", "port", "road"], toy_tokenizer,
+                             templates=["{}", "a {}", "the {}"], batch_size=2)
+
+
+def zero_shot_scenario(rank: int, out_dir: Path) -> None:
+    torch.manual_seed(0)
+    model = DistributedDataParallel(TinyClip())
+    result = toy_zero_shot_evaluator().run(model)
+    torch.save({"metrics": result.metrics, "ranks": result.ranks, "confusion": result.confusion},
+               out_dir / f"zero_shot_rank{rank}.pt")
+
+
 def worker(rank: int, port: int, out_dir: str) -> None:
     """One process group for all scenarios: process start-up dominates the run time."""
     init_worker(rank, port)
     try:
         loss_scenario(rank, Path(out_dir))
         evaluator_scenario(rank, Path(out_dir))
+        zero_shot_scenario(rank, Path(out_dir))
         dist.barrier(timeout=timedelta(seconds=30))
     finally:
         cleanup_distributed()
@@ -208,6 +228,18 @@ def test_two_process_evaluation_matches_one_process(two_process_results: Path) -
         torch.testing.assert_close(got["images"], expected_images)
         torch.testing.assert_close(got["texts"], expected_texts)
         assert got["metrics"] == pytest.approx(expected_metrics)
+
+
+@pytest.mark.slow
+def test_two_process_zero_shot_classification_matches_one_process(two_process_results: Path) -> None:
+    torch.manual_seed(0)
+    expected = toy_zero_shot_evaluator().run(TinyClip())
+    assert 0 < expected.metrics["acc1"] < 100
+    for rank in range(WORLD_SIZE):
+        got = torch.load(two_process_results / f"zero_shot_rank{rank}.pt")
+        assert got["metrics"] == pytest.approx(expected.metrics)
+        assert torch.equal(got["ranks"], expected.ranks)
+        assert torch.equal(got["confusion"], expected.confusion)
 
 
 def test_helpers_without_process_group() -> None:
