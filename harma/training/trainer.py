@@ -694,7 +694,9 @@ def train(
 ) -> dict[str, Any]:
     """Run a training recipe; under ``torchrun`` every process calls this.
 
-    Each epoch: train, validate (every ``eval_every`` epochs), save ``last.safetensors`` and
+    Each epoch: train, validate (every ``eval_every`` epochs; also the zero-shot and extra
+    retrieval sets the config names, which are evaluated before training too and never choose
+    anything), save ``last.safetensors`` and
     ``last_state.pt``, copy to ``best.safetensors`` when validation mean recall improves, append
     to ``metrics.jsonl`` and redraw ``training_curves.png`` from it (skipped, with one warning,
     without matplotlib). At the end the best checkpoint (by validation, never test) is
@@ -712,8 +714,10 @@ def train(
 
     Returns:
         The results dict, also written to ``results.json``, with ``"test"`` (test metrics of the
-        best checkpoint), ``"best_val"``, ``"best_epoch"``, parameter counts and timings. For a
-        stopped run, the state after the last epoch, with ``"finished"`` set to False.
+        best checkpoint), ``"best_val"``, ``"best_epoch"``, parameter counts and timings, and
+        ``"zero_shot"`` / ``"extra_retrieval"`` for the sets the run follows
+        (`harma.training.monitor.monitor_results`). For a stopped run, the state after the last
+        epoch, with ``"finished"`` set to False.
 
     A run folder that holds no checkpoint yet (the run failed before its first epoch ended)
     can be started again with the same call, with or without ``resume``; temporary files that an

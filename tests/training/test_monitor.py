@@ -17,7 +17,7 @@ from harma.retrieval import RetrievalEvaluator
 from harma.training import RESUMABLE_CHANGES, TrainConfig, main, parse_args, train
 from harma.training.classification_data import load_classification_dataset
 from harma.training.config import MONITOR_FIELDS
-from harma.training.data import RetrievalEvalDataset, test_transform
+from harma.training.data import ImageReadError, RetrievalEvalDataset, test_transform
 from harma.training.models import build_backbone, build_tokenizer
 from harma.training.monitor import monitor_results, short_monitors
 from harma.training.synthetic import make_synthetic_classification_set, make_synthetic_dataset
@@ -215,3 +215,24 @@ def test_results_and_log_lines_of_hand_written_histories():
     assert monitor_results([{"epoch": 1}], 1, {}) == {}
     assert short_monitors(history[1]) == "zero-shot aid acc1 45.0 | rsicd.json mR 12.50"
     assert short_monitors({"epoch": 2}) == ""
+
+
+def test_an_unreadable_image_of_a_followed_set_is_named_and_loses_no_training(data, tmp_path):
+    classes = make_synthetic_classification_set(tmp_path / "classes", images_per_class=1, image_size=IMAGE_SIZE)
+    broken = classes.root / "forest" / "forest_00000.png"
+    good = broken.read_bytes()
+    config = make_config(data, tmp_path / "run", epochs=1, zero_shot_sets=(str(classes.root),),
+                         zero_shot_templates=str(classes.templates_file), num_workers=1)
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ImageReadError, match=f"{broken}") as error:
+        train(config)  # the epoch-0 evaluation, before any training
+    assert "Traceback" not in str(error.value)
+    broken.write_bytes(good)
+    train(config.replace(epochs=2), stop_after_epoch=1, overwrite=True)
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ImageReadError):
+        train(config.replace(epochs=2), resume=True)  # the second epoch, then its validation
+    assert read_metrics(tmp_path / "run")[-1]["epoch"] == 2 and (tmp_path / "run" / "last.safetensors").is_file()
+    broken.write_bytes(good)
+    results = train(config.replace(epochs=2), resume=True)  # validates epoch 2, then finishes
+    assert results["finished"] and "zero_shot" in read_metrics(tmp_path / "run")[-1]
