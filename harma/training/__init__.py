@@ -14,6 +14,8 @@ The core (`harma`) never imports this package. What is here:
 - `harma.training.data`: RSITMD/RSICD annotation files, datasets and transforms;
 - `harma.training.classification_data`: classification sets (class folders, CSV, prefixed files);
 - `harma.training.zero_shot`: several zero-shot classification sets evaluated together;
+- `harma.training.monitor`: the zero-shot and extra retrieval sets a run follows while training
+  (what adaptation forgets);
 - `harma.training.clip_benchmark`: the loader that lets LAION's CLIP_benchmark evaluate harma models;
 - `harma.training.report`: retrieval metrics as text and tables;
 - `harma.training.gallery`, `harma.training.gallery_render`, `harma.training.curves`: pictures;
