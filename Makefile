@@ -9,6 +9,7 @@ $(BIN)/.harma-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python .ci/fetch_peft_tests.py
 	touch $@
 
 install: $(BIN)/.harma-installed
