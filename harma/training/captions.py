@@ -150,6 +150,13 @@ class CaptionDataset:
         return len(self.images)
 
     @property
+    def name(self) -> str:
+        """A short name for tables: the file's stem (``rsitmd_test``), ``<stem>-held-out-val`` for a
+        carved split."""
+        stem = Path(self.source.split(" + ")[0]).stem
+        return f"{stem}-held-out-{self.split}" if self.carved is not None else stem
+
+    @property
     def num_captions(self) -> int:
         return sum(len(image.captions) for image in self.images)
 

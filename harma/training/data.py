@@ -59,6 +59,7 @@ __all__ = [
     "load_annotations",
     "preprocess_caption",
     "read_caption_dataset",
+    "read_run_split",
     "read_run_splits",
     "test_transform",
     "train_transform",
@@ -546,13 +547,27 @@ def read_run_splits(
     """
     if not config.train_files:
         raise ValueError("TrainConfig.train_files is empty: give the training annotation file(s)")
-    options = _reader_options(config)
-    train = [read_caption_dataset(path, split="train", **options) for path in config.train_files]
-    val = read_caption_dataset(config.val_file, split="val", **options) if config.val_file else None
+    train = [read_caption_dataset(path, split="train", **_reader_options(config)) for path in config.train_files]
     if config.val_fraction:
         train, val = carve_split(train, config.val_fraction, config.val_seed, split="val")
-    test = read_caption_dataset(config.test_file, split="test", **options) if config.test_file else None
-    return train, val, test
+    else:
+        val = read_run_split(config, "val")
+    return train, val, read_run_split(config, "test")
+
+
+def read_run_split(config: TrainConfig, split: str) -> CaptionDataset | None:
+    """The ``val`` or ``test`` split of a run's recipe (see `read_run_splits`), None where the
+    recipe has none; a held-out validation split is carved again from the training files."""
+    if split not in ("val", "test"):
+        raise ValueError(f"a run's evaluation split is val or test, not {split!r}")
+    options = _reader_options(config)
+    if split == "val" and config.val_fraction:
+        if not config.train_files:
+            raise ValueError("TrainConfig.train_files is empty: the validation images are held out of them")
+        train = [read_caption_dataset(path, split="train", **options) for path in config.train_files]
+        return carve_split(train, config.val_fraction, config.val_seed, split="val")[1]
+    path = config.val_file if split == "val" else config.test_file
+    return read_caption_dataset(path, split=split, **options) if path else None
 
 
 def build_datasets(

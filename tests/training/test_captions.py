@@ -7,11 +7,13 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+import runpy
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from repo_scripts import load_repo_script
 
 from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
 from harma.training import TrainConfig, build_backbone, build_tokenizer
@@ -459,3 +461,85 @@ def test_eval_splits_with_any_number_of_captions_evaluate(root, tmp_path):
     scores = image_embeds @ text_embeds.T
     best_image_of_caption = scores.argmax(0)
     assert metrics["t2i_r1"] == pytest.approx(100 * (best_image_of_caption == evaluator.txt2img).float().mean().item())
+
+
+# --------------------------------------------------------------------------- command lines
+
+IMAGE_SIZE = 16
+TINY = tiny_clip_config(image_size=IMAGE_SIZE, width=32, layers=1, embed_dim=16)
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("backbone") / "tiny.pt"
+    torch.save(build_backbone("tiny-clip", None, TINY).state_dict(), path)
+    return path
+
+
+def evaluate(arguments: list[str], backbone: Path) -> dict:
+    script = load_repo_script("examples/evaluate.py", cached=False)
+    return script.main(["--model", "tiny-clip", "--model_config", json.dumps(TINY), "--pretrained", str(backbone),
+                        "--num_workers", "0", "--batch_size", "4", "--json", *arguments])
+
+
+@pytest.mark.parametrize(("variant", "options"), [
+    ("karpathy", []), ("nwpu", ["--format", "nwpu"]), ("csv_comma_other_keys", [
+        "--csv-img-key", "image", "--csv-caption-key", "caption", "--csv-separator", ","]),
+    ("hf_decoded_caption_lists_saved", []),
+])
+def test_evaluate_reads_every_format(variant, options, root, rsitmd, backbone_file, tmp_path, capsys):
+    expected = evaluate(["--annotation", str(rsitmd["test"]), "--image_root", str(root)], backbone_file)
+    files = WRITERS[variant](tmp_path, root)
+    got = evaluate(["--annotation", str(files["test"]), "--image_root", str(root), "--split", "test", *options],
+                   backbone_file)
+    assert got == expected
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == got
+
+
+def test_evaluate_names_an_ambiguous_file_and_a_missing_split(tmp_path, backbone_file, capsys):
+    both = write_json(tmp_path / "both.json", {"images": [
+        {"filename": "a.png", "split": "test", "raw": "x", "sentences": [{"raw": "x"}]}]})
+    for arguments, message in (
+        ([], "could be any of the caption formats karpathy, nwpu: name one"),
+        (["--format", "karpathy", "--split", "val"], "no entry of split 'val'; the file's splits are test (1)"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate(["--annotation", str(both), "--image_root", str(tmp_path), *arguments], backbone_file)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("error: ") and message in error[0]
+
+
+def test_a_run_on_a_csv_file_holds_out_its_validation_images_and_evaluate_finds_them(
+        root, tmp_path, backbone_file, capsys):
+    from harma.training import main
+
+    files = write_csv(tmp_path, ",", "path", "text", ".csv")
+    karpathy = write_karpathy(tmp_path)["test"]
+    output_dir = tmp_path / "run"
+    main(["--model", "tiny-clip", "--pretrained", str(backbone_file), "--model_config", json.dumps(TINY),
+          "--image_size", str(IMAGE_SIZE), "--train_files", str(files["train"]), "--csv-img-key", "path",
+          "--csv-caption-key", "text", "--val-fraction", "0.25", "--val-seed", "5", "--test_file", str(karpathy),
+          "--image_root", str(root), "--batch_size", "4", "--epochs", "1", "--num_workers", "0", "--threads", "1",
+          "--progress", "false", "--augment", "false", "--eval_batch_size", "4", "--output_dir", str(output_dir),
+          "--harma.bottleneck", "8", "--harma.heads", "2", "--harma.mini_bottleneck", "4", "--harma.mini_heads", "2"])
+    results = json.loads((output_dir / "results.json").read_text())
+    data = results["data"]
+    assert data["val"]["carved"] == {"from": [str(files["train"])], "fraction": 0.25, "seed": 5}
+    assert data["val"]["images"] == 1 and data["train"]["images"] == 3
+    assert data["test"]["format"] == "karpathy" and data["test"]["split"] == "test"
+    assert TrainConfig.from_json_file(output_dir / "config.json").val_fraction == 0.25
+    capsys.readouterr()
+    # the held-out images are found again from the run's config: the validation metrics reproduce
+    assert evaluate(["--run", str(output_dir), "--split", "val"], backbone_file) == results["best_val"]
+    assert evaluate(["--run", str(output_dir)], backbone_file) == results["test"]
+
+
+def test_the_general_training_script_takes_every_format_option(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["train.py", "--train_files", "train.tsv", "--data-format", "csv",
+                                     "--csv-separator", "\\t", "--val_fraction", "0.1", "--print-config"])
+    runpy.run_path(str(Path(__file__).resolve().parents[2] / "examples" / "train.py"), run_name="__main__")
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["data_format"], printed["csv_separator"], printed["val_fraction"]) == ("csv", "\\t", 0.1)
+    assert TrainConfig.from_dict(printed).val_seed == 0
