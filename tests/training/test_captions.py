@@ -8,6 +8,8 @@ import csv
 import json
 import pickle
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -543,3 +545,35 @@ def test_the_general_training_script_takes_every_format_option(tmp_path, monkeyp
     printed = json.loads(capsys.readouterr().out)
     assert (printed["data_format"], printed["csv_separator"], printed["val_fraction"]) == ("csv", "\\t", 0.1)
     assert TrainConfig.from_dict(printed).val_seed == 0
+
+
+def test_a_gallery_shows_images_stored_in_a_dataset(root, backbone_file, tmp_path, capsys):
+    pytest.importorskip("datasets")
+    folder = write_hf(tmp_path, root, decoded=True, one_per_row=False, saved=True)["test"]
+    page = tmp_path / "gallery.html"
+    evaluate(["--annotation", str(folder), "--gallery", str(page), "--gallery-queries", "2"], backbone_file)
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") >= 2 and "row 1" in text
+
+
+def test_missing_images_are_named_with_their_rows(root, tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("filepath,title\nairport/airport_1.png,a caption\nairport/nowhere.png,another\n")
+    with pytest.raises(FileNotFoundError) as error:
+        RetrievalTrainDataset(path, root)
+    message = str(error.value)
+    assert "1 of 2 image files listed in annotation file" in message
+    assert f"line 3: 'airport/nowhere.png' -> '{root / 'airport/nowhere.png'}'" in message
+
+
+def test_datasets_is_imported_only_for_a_hugging_face_dataset(root, rsitmd, tmp_path, monkeypatch):
+    code = ("import sys; from harma.training.data import read_caption_dataset as read; "
+            f"read({str(rsitmd['test'])!r}); read({str(write_csv(tmp_path)['test'])!r}); "
+            "assert 'datasets' not in sys.modules, 'datasets was imported'")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "dataset_dict.json").write_text("{}")
+    with pytest.raises(ImportError, match=r"needs the datasets package: pip install 'harma\[datasets\]'"):
+        read_caption_dataset(tmp_path / "saved", split="test")
