@@ -11,7 +11,9 @@ The core (`harma`) never imports this package. What is here:
   `load_trained_weights`);
 - `harma.training.optim`: AdamW groups and the learning-rate schedule;
 - `harma.training.models`: open_clip backbones and tokenizers;
-- `harma.training.data`: RSITMD/RSICD annotation files, datasets and transforms;
+- `harma.training.captions`: caption datasets of every format in one form
+  (`read_caption_dataset`);
+- `harma.training.data`: the retrieval datasets built on them, and transforms;
 - `harma.training.report`: retrieval metrics as text and tables;
 - `harma.training.gallery`, `harma.training.gallery_render`, `harma.training.curves`: pictures;
 - `harma.training.synthetic`: generated datasets for the demo and the benchmarks;

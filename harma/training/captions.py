@@ -74,8 +74,9 @@ PathLike = str | os.PathLike
 class DatasetImage:
     """An image stored in a row of a Hugging Face dataset; decoded only when `open` is called.
 
-    ``name`` (the stored file name, or ``row i``) names it in messages. Pickles with its
-    dataset, so DataLoader workers can read it.
+    ``name`` (the stored file name, else the row's ``filename``/``filepath``/... column, else
+    ``row i``) names it in messages and galleries. Pickles with its dataset, so DataLoader
+    workers can read it.
     """
 
     def __init__(self, table: Any, row: int, column: str, name: str, image_root: Path | None = None) -> None:
@@ -542,6 +543,14 @@ def _hf_column(dataset: Any, names: Sequence[str], given: str | None, what: str,
     return found
 
 
+def _hf_names(dataset: Any, column: str) -> list[str]:
+    """A name per row for images stored without a path: a file-name column's value, or ``row i``."""
+    others = [name for name in _HF_IMAGE_KEYS if name != column and name in dataset.column_names]
+    values = list(dataset[others[0]]) if others else []
+    return [value if isinstance(value, str) and value else f"row {row}"
+            for row, value in enumerate(values or [None] * len(dataset))]
+
+
 def _hf_images(datasets: Any, dataset: Any, column: str, image_root: Path | None,
                grouped: bool) -> tuple[list[str | DatasetImage], list[Any]]:
     """Each row's image (a path, or a `DatasetImage`) and the key that groups rows of one image:
@@ -550,15 +559,16 @@ def _hf_images(datasets: Any, dataset: Any, column: str, image_root: Path | None
         values = list(dataset[column])
         return values, values
     table = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    names = _hf_names(dataset, column)
     if not grouped:  # one row per image: nothing to read now
-        return [DatasetImage(table, row, column, f"row {row}", image_root) for row in range(len(table))], \
+        return [DatasetImage(table, row, column, names[row], image_root) for row in range(len(table))], \
             list(range(len(table)))
     images, keys = [], []
     for batch in table.iter(batch_size=256):
         for stored in batch[column]:
             row, stored = len(images), stored or {}
             path, data = stored.get("path"), stored.get("bytes")
-            images.append(DatasetImage(table, row, column, path or f"row {row}", image_root))
+            images.append(DatasetImage(table, row, column, path or names[row], image_root))
             keys.append(hashlib.sha256(data).hexdigest() if data else path or row)
     return images, keys
 
@@ -688,13 +698,14 @@ def read_caption_dataset(
             one caption per entry and ``val``/``test`` for caption lists, so that a test file
             given as training data is refused.
         image_root: the folder image paths are relative to (None: the working directory).
-        csv_img_key, csv_caption_key, csv_separator: the CSV columns of the image path and the
-            caption (open_clip_train's ``--csv-img-key``, ``--csv-caption-key``) and the
-            separator (None: tab, as open_clip_train, or a comma when the header line is
-            comma-separated).
-        hf_image_key, hf_caption_key: the Hugging Face dataset's image and caption columns
-            (None: the first of ``image``, ``filepath``, ``filename``, ... and of
-            ``captions``, ``caption``, ``sentences``, ``text``, ``title`` that exists).
+        csv_img_key: the CSV column of the image paths (open_clip_train's ``--csv-img-key``).
+        csv_caption_key: the CSV column of the captions (``--csv-caption-key``).
+        csv_separator: the CSV separator (None: tab, as open_clip_train, or a comma when the
+            header line is comma-separated; ``\\t`` and ``tab`` are a tab).
+        hf_image_key: the Hugging Face dataset's image column (None: the first of ``image``,
+            ``filepath``, ``filename``, ``image_path``, ``path``, ``img`` that exists).
+        hf_caption_key: its caption column (None: the first of ``captions``, ``caption``,
+            ``sentences``, ``text``, ``title`` that exists).
 
     Raises:
         FileNotFoundError: no such file.
