@@ -58,7 +58,6 @@ __all__ = [
     "check_image_files",
     "load_annotations",
     "preprocess_caption",
-    "read_caption_dataset",
     "read_run_split",
     "read_run_splits",
     "test_transform",
