@@ -23,6 +23,15 @@ A checkpoint released by the HarMA authors (it holds the backbone too):
         --official-checkpoint harma_rsitmd_georsclip_mr523.pth \
         --annotation data/rsitmd/rsitmd_test.json --image_root data/rsitmd/images
 
+Any caption format harma reads (docs/data.md: the RSITMD/RSICD layout, Karpathy dataset_*.json,
+NWPU-Captions, open_clip CSV/TSV, a saved Hugging Face dataset); --split picks the split of a file
+that holds several (default test), --format names the format where it cannot be detected:
+
+    python examples/evaluate.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \
+        --annotation data/ucm/dataset_ucm.json --image_root data/ucm/imgs --split test
+    python examples/evaluate.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \
+        --annotation test.csv --csv-separator , --csv-img-key path --csv-caption-key text
+
 Without --adapters or --official-checkpoint the plain backbone is evaluated (zero-shot).
 --json prints the metrics as one JSON object instead of a table ({name: metrics} for named
 adapters).
@@ -58,7 +67,8 @@ import harma
 from harma.named_adapters import check_adapter_name
 from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
 from harma.training import TrainConfig, format_metrics_table, load_trained_weights
-from harma.training.data import ImageReadError, RetrievalEvalDataset, test_transform
+from harma.training.captions import CAPTION_FORMATS, CaptionDataset, read_caption_dataset
+from harma.training.data import ImageReadError, RetrievalEvalDataset, read_run_split, test_transform
 from harma.training.gallery import GALLERY_SUFFIXES, build_gallery_from_embeddings
 from harma.training.gallery_render import write_gallery
 from harma.training.models import build_backbone, build_tokenizer
@@ -66,6 +76,9 @@ from harma.training.zero_shot import ZeroShotSuite, format_zero_shot_table
 
 BAD_INPUT = (FileNotFoundError, ValueError, KeyError, TypeError)
 """Errors that are the user's to fix: one ``error:`` line and exit status 2, no traceback."""
+
+READER_OPTIONS = ("csv_img_key", "csv_caption_key", "csv_separator", "hf_image_key", "hf_caption_key")
+"""Options of `harma.training.captions.read_caption_dataset` that the command line passes on."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", help="a training output folder: backbone, splits and checkpoint from it")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
                         help="with --run: which saved weights (default best, chosen on validation)")
-    parser.add_argument("--split", choices=("test", "val"), default="test", help="with --run: which split")
+    parser.add_argument("--split", choices=("test", "val", "train"), default="test",
+                        help="which split: of --run (val, test), or of an --annotation file holding several")
     parser.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 or ViT-B-32-quickgelu")
     parser.add_argument("--pretrained", help="open_clip tag or local weights file of the backbone")
     parser.add_argument("--model_config", help="open_clip.CLIP arguments as JSON (or a JSON file)")
@@ -87,8 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluated in turn")
     parser.add_argument("--official-checkpoint", dest="official_checkpoint",
                         help="a checkpoint of the authors' implementation (checkpoint_best.pth)")
-    parser.add_argument("--annotation", help="val/test annotation file (entries with 'image' and 'caption' list)")
+    parser.add_argument("--annotation", help="annotation file of any caption format (docs/data.md), or a folder "
+                        "written by a Hugging Face dataset's save_to_disk")
     parser.add_argument("--image_root", help="folder the annotation image paths are relative to")
+    captions = parser.add_argument_group("caption formats (docs/data.md)")
+    captions.add_argument("--format", choices=CAPTION_FORMATS, help="format of --annotation (default: detected)")
+    captions.add_argument("--csv-img-key", dest="csv_img_key", help="CSV/TSV column of the image paths "
+                          "(default filepath)")
+    captions.add_argument("--csv-caption-key", dest="csv_caption_key", help="CSV/TSV column of the captions "
+                          "(default title)")
+    captions.add_argument("--csv-separator", dest="csv_separator", help="CSV/TSV separator (default: tab, or a "
+                          "comma when the header line is comma-separated)")
+    captions.add_argument("--hf-image-key", dest="hf_image_key", help="image column of a Hugging Face dataset")
+    captions.add_argument("--hf-caption-key", dest="hf_caption_key", help="caption column of a Hugging Face dataset")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
@@ -176,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.gallery_queries < 1 or args.gallery_top_k < 1:
         parser.error("--gallery-queries and --gallery-top-k must be at least 1")
     if args.run is None:
-        required = ("model",) if args.zero_shot and args.annotation is None else ("model", "annotation", "image_root")
+        required = ("model",) if args.zero_shot and args.annotation is None else ("model", "annotation")
         missing = [name for name in required if getattr(args, name) is None]
         if missing:
             parser.error(f"without --run, give {', '.join('--' + name for name in missing)}")
@@ -202,8 +227,11 @@ def resolve(args: argparse.Namespace) -> dict:
     if args.run:
         run = Path(args.run)
         config = TrainConfig.from_json_file(run / "config.json")
+        if args.annotation is None and args.split == "train":
+            raise ValueError("--run evaluates the run's val or test split; pass --annotation for a training file")
         split_file = config.test_file if args.split == "test" else config.val_file
-        if split_file is None:
+        held_out = args.split == "val" and config.val_fraction
+        if args.annotation is None and split_file is None and not held_out:
             raise ValueError(f"the run's config.json has no {args.split}_file; pass --annotation")
         from_run = {
             "model": config.model, "pretrained": config.pretrained, "model_config": config.model_config,
@@ -211,6 +239,7 @@ def resolve(args: argparse.Namespace) -> dict:
             "weights": str(run / f"{args.checkpoint}.safetensors"),
         }
         setup = {key: setup[key] if setup[key] is not None else value for key, value in from_run.items()}
+        setup["run_config"] = config
     if args.official_checkpoint and args.pretrained is None:
         setup["pretrained"] = None  # the released checkpoints hold the whole backbone
     return setup
@@ -228,12 +257,24 @@ def image_size_of(setup: dict) -> int:
     return image_size
 
 
+def read_split(args: argparse.Namespace, setup: dict) -> CaptionDataset:
+    """The split to evaluate: --annotation's, or the run's (a held-out validation split is held
+    out again, the same images)."""
+    if args.annotation is None and "run_config" in setup:
+        return read_run_split(setup["run_config"], args.split)
+    options = {name: getattr(args, name) for name in READER_OPTIONS if getattr(args, name) is not None}
+    return read_caption_dataset(setup["annotation"], args.format, split=args.split, image_root=setup["image_root"],
+                                **options)
+
+
 def build_split_and_backbone(args: argparse.Namespace, setup: dict) -> tuple[RetrievalEvalDataset | None, nn.Module]:
-    """The evaluation split (None without an annotation file), then the backbone (the split
-    first: a wrong image root fails before the model is built)."""
+    """The evaluation split (None when only zero-shot sets are evaluated), then the backbone (the
+    split first: a wrong image root fails before the model is built)."""
     image_size = image_size_of(setup)
-    dataset = (RetrievalEvalDataset(setup["annotation"], setup["image_root"], transform=test_transform(image_size))
-               if setup["annotation"] else None)
+    dataset = None
+    if setup["annotation"] is not None or "run_config" in setup:
+        dataset = RetrievalEvalDataset(read_split(args, setup), transform=test_transform(image_size))
+        setup["annotation"], setup["split_name"] = dataset.caption_dataset.source, dataset.caption_dataset.name
     if args.run and setup["pretrained"] is None:
         # A run from random initialisation built its backbone right after seeding.
         torch.manual_seed(TrainConfig.from_json_file(Path(args.run) / "config.json").seed)
@@ -371,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     evaluator, model = build_evaluator(args, setup, dataset, model)
     named = isinstance(setup["weights"], dict) and not args.official_checkpoint
-    names = list(setup["weights"]) if named else [Path(setup["annotation"] or "model").stem]
+    names = list(setup["weights"]) if named else [setup.get("split_name", "model")]
     rows: dict[str, dict[str, float]] = {}
     zero_shot: dict = {}
     for name in names:

@@ -15,6 +15,9 @@ The core (`harma`) never imports this package. What is here:
 - `harma.training.classification_data`: classification sets (class folders, CSV, prefixed files);
 - `harma.training.zero_shot`: several zero-shot classification sets evaluated together;
 - `harma.training.clip_benchmark`: the loader that lets LAION's CLIP_benchmark evaluate harma models;
+- `harma.training.captions`: caption datasets of every format in one form
+  (`read_caption_dataset`);
+- `harma.training.data`: the retrieval datasets built on them, and transforms;
 - `harma.training.report`: retrieval metrics as text and tables;
 - `harma.training.gallery`, `harma.training.gallery_render`, `harma.training.curves`: pictures;
 - `harma.training.synthetic`: generated datasets for the demo and the benchmarks;

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import HarmaConfig
 from ..io import atomic_write_text
+from .captions import CAPTION_FORMATS, check_csv_separator
 
 METHODS = ("harma", "lora", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -56,6 +57,20 @@ class TrainConfig:
     test_file: str | None = field(default=None, metadata=_help(
         "test annotation file; evaluated once, with the best checkpoint, at the end"))
     image_root: str = field(default="", metadata=_help("folder the annotation image paths are relative to"))
+    data_format: str | None = field(default=None, metadata=_help(
+        "caption format of the annotation files: rsitmd, karpathy, nwpu, csv or hf (none: detected)"))
+    csv_img_key: str = field(default="filepath", metadata=_help("CSV/TSV column of the image paths"))
+    csv_caption_key: str = field(default="title", metadata=_help("CSV/TSV column of the captions"))
+    csv_separator: str | None = field(default=None, metadata=_help(
+        "CSV/TSV separator (none: tab, or a comma when the header line is comma-separated)"))
+    hf_image_key: str | None = field(default=None, metadata=_help(
+        "Hugging Face dataset column of the images (none: image, filepath, filename, ...)"))
+    hf_caption_key: str | None = field(default=None, metadata=_help(
+        "Hugging Face dataset column of the captions (none: captions, caption, sentences, text, title)"))
+    val_fraction: float = field(default=0.0, metadata=_help(
+        "without val_file: hold out this fraction of the training images (with all their captions) "
+        "as the validation split"))
+    val_seed: int = field(default=0, metadata=_help("seed of the images held out by val_fraction"))
     max_words: int = field(default=30, metadata=_help("captions are cut to this many words"))
     augment: bool = field(default=True, metadata=_help(
         "reference train augmentation (random resized crop, flip, 2 random ops); false: resize only"))
@@ -171,6 +186,28 @@ class TrainConfig:
                      f"not {self.method!r}")
         if not self.lora_targets:
             fail("lora_targets must name at least one module")
+        self._validate_data()
+
+    def _validate_data(self) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"TrainConfig: {message}")
+
+        if self.data_format is not None and self.data_format not in CAPTION_FORMATS:
+            fail(f"data_format must be one of {CAPTION_FORMATS} or None, got {self.data_format!r}")
+        for name in ("csv_img_key", "csv_caption_key"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                fail(f"{name} must be a column name, got {getattr(self, name)!r}")
+        try:
+            check_csv_separator(self.csv_separator)
+        except ValueError as error:
+            fail(str(error))
+        fraction = self.val_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
+            fail(f"val_fraction must be in [0, 1), got {fraction!r}")
+        if fraction and self.val_file:
+            fail(f"give val_file or val_fraction, not both (val_file={self.val_file!r}, val_fraction={fraction})")
+        if isinstance(self.val_seed, bool) or not isinstance(self.val_seed, int):
+            fail(f"val_seed must be an integer, got {self.val_seed!r}")
 
     # ------------------------------------------------------------------ (de)serialisation
 

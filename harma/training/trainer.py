@@ -305,6 +305,10 @@ class Trainer:
             f"{config.batch_size * self.world_size * config.grad_accum_steps}, "
             f"warm-up {self.schedule.warmup_steps} steps"
         )
+        carved = self.val_set.describe().get("carved") if self.val_set is not None else None
+        if carved:
+            _log(f"[harma] validation: {self.val_set.num_images:,} images ({carved['fraction']:.1%}) held out of "
+                 f"the training images with val_seed {carved['seed']}")
 
     # ---------------------------------------------------------------------------- restore
 
@@ -613,6 +617,8 @@ class Trainer:
             "temperature": float(self.loss.effective_temperature().detach()),
             "skipped_steps": self.skipped_steps,
             "output_dir": str(self.output_dir),
+            "data": {name: dataset.describe() for name, dataset in
+                     (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)) if dataset is not None},
         }
 
     def finish(self) -> dict[str, Any]:

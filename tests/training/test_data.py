@@ -176,7 +176,7 @@ def test_missing_image_files_message(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as error:
         RetrievalTrainDataset(annotation_file, tmp_path / "images")
     message = str(error.value)
-    assert "2 of 3 image files referenced by 4 entries" in message
+    assert "2 of 3 image files listed in annotation file" in message
     assert "train.json" in message and str(tmp_path / "images") in message
     assert "entry 2: 'train/b.png'" in message and "entry 3: 'train/c.png'" in message
     assert "probably wrong" not in message
@@ -213,7 +213,7 @@ def test_check_image_files_lists_at_most_max_examples(tmp_path: Path) -> None:
         ([{"image": "a.png", "caption": "ok"}, {"image": "b.png", "caption": 5}],
          RetrievalTrainDataset, r"entry 1: 'caption' must be a string"),
         ([{"image": "a.png", "caption": "ok"}, {"image": "b.png", "caption": "..."}],
-         RetrievalTrainDataset, r"entry 1: 'caption' '...' is empty after preprocessing"),
+         RetrievalTrainDataset, r"entry 1, 'caption': '...' is empty after preprocessing"),
         ([{"image": "a.png", "caption": "ok"}, {"caption": "no image"}],
          RetrievalTrainDataset, r"entry 1: missing key\(s\) \['image'\]"),
         ([{"image": "a.png", "caption": ["one", "two"]}],
