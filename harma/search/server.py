@@ -18,8 +18,8 @@ pointing out give 404); uploads larger than ``max_upload_bytes`` are refused whi
 (413), images larger than ``max_pixels`` before they are decoded (413).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the routes' annotations (Request)
+# from the functions defined inside create_app, where the optional framework is imported.
 import io
 import json
 import logging
