@@ -29,6 +29,7 @@ from ..training.model_options import (
 from .ann import build_faiss_index
 from .archive import Searcher
 from .indexer import IndexOptions, build_index
+from .server import ServerLimits, serve  # imports the web framework (an optional extra) when called
 from .sources import ImageSource, annotation_source, folder_source, open_image, webdataset_source
 
 __all__ = ["build_parser", "main"]
@@ -178,8 +179,6 @@ def run_query(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from .server import ServerLimits, serve  # the web framework is an optional extra
-
     searcher = Searcher.open(args.index, overrides=overrides_of(args), device=args.device, use_faiss=not args.exact)
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels,
                           max_k=args.max_k)
