@@ -84,8 +84,8 @@ def build_faiss_index(index_dir: str | os.PathLike, manifest: Manifest, *, targe
     and record it in the manifest.
 
     Returns:
-        The manifest's ``faiss`` entry: ``type``, ``nprobe``, ``recall_at_10``, ``ms_per_query``,
-        ``sweep`` (every ``nprobe`` tried), ``queries``.
+        The manifest's faiss entry: type, nprobe, recall_at_10, ms_per_query, sweep (every
+        nprobe tried) and queries.
     """
     faiss = import_faiss()
     index_dir = Path(index_dir)
