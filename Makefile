@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint docs clean
+.PHONY: install demo search-demo chromium test lint docs clean
 
 $(BIN)/.harma-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,16 @@ install: $(BIN)/.harma-installed
 
 demo: install
 	$(BIN)/python examples/demo.py
+
+# The CPU demo's adapters against the frozen backbone in archive search, then the page at
+# http://127.0.0.1:8000/ (runs the CPU demo first when runs/demo holds no adapters).
+search-demo: install
+	$(BIN)/python -m pip install --quiet -e ".[search]"
+	$(BIN)/python examples/search_demo.py
+
+# Debian's Chromium for the browser test of the search page (as root; CI runs this).
+chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 test: install
 	$(BIN)/python -m pytest -q
