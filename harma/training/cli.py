@@ -20,7 +20,12 @@ from .config import TrainConfig, read_config_file
 from .state import CONFIG_NAME
 from .trainer import NonFiniteError, train
 
-__all__ = ["ParsedArgs", "main", "parse_args"]
+__all__ = ["BAD_INPUT", "ParsedArgs", "main", "parse_args"]
+
+BAD_INPUT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+             ValueError)
+"""Errors that are the user's to fix (a recipe, a path, an input file): the command line prints
+one ``error:`` line and exits with status 2, no traceback."""
 
 
 def _type_name(config_field: dataclasses.Field) -> str:
@@ -132,9 +137,10 @@ def _defaults_dict(defaults: TrainConfig | Mapping[str, Any] | str | os.PathLike
 
 def _merge_overrides(base: dict[str, Any], namespace: argparse.Namespace) -> dict[str, Any]:
     merged = dict(base)
-    harma_fields = dict(merged.get("harma") or {})
-    if isinstance(merged.get("harma"), HarmaConfig):
-        harma_fields = merged["harma"].to_dict()
+    stored = merged.get("harma")
+    # Anything but fields (e.g. "harma": "paper") is left for TrainConfig to name.
+    harma_fields = stored.to_dict() if isinstance(stored, HarmaConfig) else (
+        dict(stored or {}) if isinstance(stored, Mapping | None) else None)
     types = {cli_name: (_type_name(f), is_harma) for cli_name, f, is_harma in _config_fields()}
     for key, text in vars(namespace).items():
         if not key.startswith("field:"):
@@ -146,7 +152,8 @@ def _merge_overrides(base: dict[str, Any], namespace: argparse.Namespace) -> dic
         except (ValueError, json.JSONDecodeError) as error:
             raise ValueError(f"--{cli_name}: {error}") from None
         if is_harma:
-            harma_fields[cli_name.removeprefix("harma.")] = value
+            if harma_fields is not None:
+                harma_fields[cli_name.removeprefix("harma.")] = value
         else:
             merged[cli_name] = value
     if harma_fields:
@@ -167,6 +174,26 @@ def _check_resume_folder(parser: argparse.ArgumentParser, namespace: argparse.Na
             f"--resume {namespace.resume} continues the run in '{run_dir}', but --output_dir names "
             f"'{config.output_dir}': drop --output_dir (a run is resumed where it is)"
         )
+
+
+def _base_recipe(defaults: TrainConfig | Mapping[str, Any] | str | os.PathLike | None,
+                 namespace: argparse.Namespace) -> dict[str, Any]:
+    """The recipe the ``--field`` overrides apply to: ``defaults`` updated by the ``--config``
+    file or, with ``--resume`` alone, the run's stored ``config.json`` (when there is one)."""
+    base = _defaults_dict(defaults)
+    if namespace.config:
+        try:
+            base.update(read_config_file(namespace.config))
+        except BAD_INPUT as error:
+            raise type(error)(f"--config: {error}") from None
+    elif namespace.resume:
+        run = Path(namespace.resume) if isinstance(namespace.resume, str) else Path(
+            _merge_overrides(base, namespace).get("output_dir") or TrainConfig.output_dir
+        )
+        run_dir = run.parent if run.suffix == ".pt" else run
+        if (run_dir / CONFIG_NAME).is_file():
+            base = read_config_file(run_dir / CONFIG_NAME)
+    return base
 
 
 @dataclass(frozen=True)
@@ -197,20 +224,11 @@ def parse_args(
     if "--demo" in arguments:
         parser.error("--demo has its own entry point now: python examples/demo.py (or python -m harma.training.demo)")
     namespace = parser.parse_args(arguments)
-    base = _defaults_dict(defaults)
-    if namespace.config:
-        base.update(read_config_file(namespace.config))
-    elif namespace.resume:
-        run = Path(namespace.resume) if isinstance(namespace.resume, str) else Path(
-            _merge_overrides(base, namespace).get("output_dir") or TrainConfig.output_dir
-        )
-        run_dir = run.parent if run.suffix == ".pt" else run
-        if (run_dir / CONFIG_NAME).is_file():
-            base = read_config_file(run_dir / CONFIG_NAME)
     try:
-        config = TrainConfig.from_dict(_merge_overrides(base, namespace))
-    except ValueError as error:
-        parser.error(str(error))
+        config = TrainConfig.from_dict(_merge_overrides(_base_recipe(defaults, namespace), namespace))
+    except BAD_INPUT as error:
+        # A recipe or config file to fix: one line (argparse's usage would bury it).
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     _check_resume_folder(parser, namespace, config)
     return ParsedArgs(
         config=config,
@@ -241,7 +259,7 @@ def main(
     try:
         return train(args.config, resume=args.resume, overwrite=args.overwrite,
                      stop_after_epoch=args.stop_after_epoch)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except BAD_INPUT as error:
         # A bad path or recipe is the user's to fix: one clear line, no traceback.
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -63,6 +63,7 @@ from .state import (
     STATE_NAME,
     STATE_VERSION,
     check_output_dir,
+    check_writable_folder,
     holds_no_checkpoint,
     leftover_temporary_files,
     read_state,
@@ -228,9 +229,11 @@ class Trainer:
         self._log_plan()
 
     def _build_datasets(self) -> None:
-        # Datasets first: a wrong path fails before minutes of model loading. Every rank checks.
+        # Inputs and the output folder first: a wrong path fails before minutes of model loading.
+        # Every rank checks.
         error: BaseException | None = None
         try:
+            check_writable_folder(self.output_dir)
             self.train_set, self.val_set, self.test_set = build_datasets(self.config)
             check_pretrained_source(self.config.pretrained)
             check_init_adapters(self.config.init_adapters)  # TrainConfig allows it with method harma only
@@ -683,7 +686,8 @@ def train(
 
     A run folder that holds no checkpoint yet (the run failed before its first epoch ended)
     can be started again with the same call, with or without ``resume``; temporary files that an
-    interrupted write left there are removed.
+    interrupted write left there are removed. ``resume`` of a folder that does not exist (the
+    run was killed before it created it) starts the run, saying so.
 
     Raises:
         FileExistsError: a fresh run in a non-empty ``output_dir``.
@@ -699,7 +703,12 @@ def train(
         path = state_path(resume, output_dir)
         output_dir = path.parent
         config = config.replace(output_dir=str(output_dir))
-        if not path.is_file() and output_dir.is_dir() and holds_no_checkpoint(output_dir):
+        if not path.is_file() and not output_dir.exists():
+            # Killed before its folder existed (a requeue script passes --resume every time).
+            _log(f"[harma] '{output_dir}' does not exist yet: nothing to resume, starting the run from "
+                 f"the beginning")
+            resume = False
+        elif not path.is_file() and output_dir.is_dir() and holds_no_checkpoint(output_dir):
             # The run stopped before its first checkpoint: there is nothing to lose by starting it.
             _log(f"[harma] '{output_dir}' has no checkpoint yet: starting the run from the beginning")
             resume = False
