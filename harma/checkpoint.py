@@ -18,6 +18,7 @@ from ._version import __version__
 from .config import HarmaConfig
 from .inject import get_harma_config, inject_harma_adapters
 from .io import (
+    NONFINITE_FILE_HINT,
     adapter_state_dict,
     architecture_fingerprint,
     atomic_write_text,
@@ -313,8 +314,7 @@ def load_adapter_state(
     refused (`check_finite`) unless ``allow_nonfinite``."""
     model = unwrap_model(model)
     if not allow_nonfinite:
-        check_finite(tensors, source, hint="was the run that saved it diverging? Pass allow_nonfinite=True "
-                                            "to load it anyway")
+        check_finite(tensors, source, hint=NONFINITE_FILE_HINT)
     registry = adapter_registry(model)
     if adapter_name is None:
         adapter_name = registry.active if registry else DEFAULT_ADAPTER_NAME
