@@ -137,6 +137,24 @@ def _check_image_field(entry: dict, source: PathLike, index: int) -> str:
     return image
 
 
+def _check_unique_image(entry: dict, source: PathLike, index: int, first_entry: dict[str, int],
+                        earlier: Sequence[str]) -> str:
+    """The image field of an evaluation entry, refused when an earlier entry (index in
+    ``first_entry``, by normalised path) lists the same image: the protocol scores each entry as
+    one gallery image, so a repeat would be a second, identical image that counts as wrong for
+    the other entry's captions and changes the recalls. Merging silently could hide a broken
+    file (one concatenated twice, two images under one name), so the user decides."""
+    image = _check_image_field(entry, source, index)
+    first = first_entry.setdefault(os.path.normpath(image), index)
+    if first != index:
+        raise _malformed(
+            source, index,
+            f"image {image!r} is listed again (entry {first} lists {earlier[first]!r}); a val/test file "
+            f"lists each image once with all its captions: merge the two entries' caption lists",
+        )
+    return image
+
+
 def _clean_caption(caption: Any, max_words: int, source: PathLike, index: int, what: str = "'caption'") -> str:
     if not isinstance(caption, str):
         raise _malformed(source, index, f"{what} must be a string, got {type(caption).__name__}: {caption!r}")
@@ -347,7 +365,9 @@ class RetrievalEvalDataset(Dataset):
     all images are flattened in file order: ``captions[j]`` is caption j, ``txt2img[j]`` its
     image index and ``img2txt[i]`` the caption indices of image i. ``labels`` is a list of
     ints (-1 where an entry has none) or None when no entry has a label. ``image_paths`` are
-    the joined paths, one per entry.
+    the joined paths, one per entry. Each image is listed once: a file that lists one twice is
+    refused (`ValueError` naming the image and both entries), since the repeat would count as
+    a second gallery image and change the recalls.
     """
 
     def __init__(
@@ -372,8 +392,9 @@ class RetrievalEvalDataset(Dataset):
         self.txt2img: list[int] = []
         self.img2txt: list[list[int]] = []
         labels: list[int] = []
+        first_entry: dict[str, int] = {}
         for image_index, entry in enumerate(self.entries):
-            relative_paths.append(_check_image_field(entry, source, image_index))
+            relative_paths.append(_check_unique_image(entry, source, image_index, first_entry, relative_paths))
             captions = entry["caption"]
             if isinstance(captions, str):
                 raise _malformed(
