@@ -245,7 +245,7 @@ class TrainConfig:
         for name, choices in (("method", METHODS), ("precision", PRECISIONS), ("nonfinite", NONFINITE_POLICIES)):
             if getattr(self, name) not in choices:
                 fail(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if self.device not in ("auto", "cuda", "cpu") and not re.fullmatch(r"cuda:\d+", self.device):
+        if not is_device_name(self.device):
             fail(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for config_field in dataclasses.fields(self):
             valid, value = RANGES.get(config_field.name), getattr(self, config_field.name)
@@ -316,6 +316,27 @@ class TrainConfig:
         """Write the config as indented JSON, atomically."""
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         atomic_write_text(Path(path), text)
+
+
+def is_device_name(text: Any) -> bool:
+    """Whether ``text`` names a device a run or an evaluation may ask for: ``auto``, ``cpu``,
+    ``cuda`` or ``cuda:N``."""
+    return isinstance(text, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is not None
+
+
+def cuda_problem(device: str) -> str | None:
+    """Why this machine cannot give the device ``device`` names (an `is_device_name` name), or
+    None when it can (``auto`` and ``cpu`` always can)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"CUDA is not available on this machine: use cpu or auto, not {device!r}"
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        return f"{device!r} names a CUDA device this machine lacks (it has {count})"
+    return None
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

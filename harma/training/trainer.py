@@ -45,7 +45,7 @@ from ..inject import count_parameters
 from ..io import copy_atomically, nonfinite_tensors
 from ..losses import HarmaLoss
 from ..retrieval import RetrievalEvaluator
-from .config import TrainConfig
+from .config import TrainConfig, cuda_problem
 from .curves import plot_training_curves
 from .data import ImageReadError, TokenizingCollate, build_datasets
 from .models import build_model, build_tokenizer, check_init_adapters, check_pretrained_source
@@ -110,8 +110,9 @@ def _resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
     """The device ``config.device`` names; ``auto`` is this process's GPU, or the CPU."""
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"device={config.device!r} but CUDA is not available")
+    problem = cuda_problem(config.device if config.device != "auto" else "cuda")
+    if problem:
+        raise ValueError(f"TrainConfig.device: {problem}")
     if config.device.startswith("cuda:"):
         return torch.device(config.device)
     return torch.device("cuda", local_rank)

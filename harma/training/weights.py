@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import ADAPTER_WEIGHTS_NAME, load_adapters, save_adapters
 from ..checkpoint import FORMAT_NAME as HARMA_FORMAT
-from ..checkpoint import load_adapters, save_adapters
 from ..io import (
     NONFINITE_FILE_HINT,
     check_finite,
@@ -29,6 +29,7 @@ from ..io import (
 )
 from .config import TrainConfig
 from .models import apply_lora, is_lora_parameter
+from .state import CONFIG_NAME
 
 LORA_FORMAT = "harma.train.lora"
 FULL_FORMAT = "harma.train.full"
@@ -116,7 +117,7 @@ def load_trained_weights(model: nn.Module, path: str | os.PathLike, *, allow_non
 
     Args:
         model: the base model.
-        path: the file.
+        path: the file, or a folder that `harma.save_adapters` wrote (HarMA adapters).
         allow_nonfinite: load a file holding NaN or infinite values (e.g. to inspect a
             diverged run); by default such a file is refused, as by `harma.load_adapters`.
 
@@ -124,10 +125,14 @@ def load_trained_weights(model: nn.Module, path: str | os.PathLike, *, allow_non
         The model, possibly wrapped (LoRA).
 
     Raises:
+        IsADirectoryError: a folder without ``adapter_model.safetensors`` (a training run's
+            folder is named as one).
         ValueError: an unknown file format, tensors that do not fit the model, or NaN or
             infinite values without ``allow_nonfinite`` (named).
     """
     path = Path(path)
+    if path.is_dir():
+        return _load_folder(model, path, allow_nonfinite)
     metadata, tensors = read_safetensors(path)
     file_format = metadata.get("format")
     source = f"'{path}'"
@@ -144,6 +149,16 @@ def load_trained_weights(model: nn.Module, path: str | os.PathLike, *, allow_non
         load_tensors(model.state_dict(), tensors, source)
         return model
     return _load_lora(model, metadata, tensors, source)
+
+
+def _load_folder(model: nn.Module, folder: Path, allow_nonfinite: bool) -> nn.Module:
+    """A folder `harma.save_adapters` wrote holds HarMA adapters; any other folder is named."""
+    if (folder / ADAPTER_WEIGHTS_NAME).is_file():
+        return load_adapters(model, folder, allow_nonfinite=allow_nonfinite)
+    hint = ("it holds a training run; give its best.safetensors or last.safetensors"
+            if (folder / CONFIG_NAME).is_file() else "give a weights file (.safetensors) or a folder "
+            "that harma.save_adapters wrote")
+    raise IsADirectoryError(f"'{folder}' is a folder without {ADAPTER_WEIGHTS_NAME}: {hint}")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -265,6 +265,20 @@ def test_an_unwritable_output_folder_is_one_error_line_before_anything_is_built(
     assert not list(locked.iterdir())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_one_error_line_and_creates_nothing(data, tmp_path, capsys):
+    from harma.training import main
+
+    config_file = tmp_path / "recipe.json"
+    make_config(data, tmp_path / "run").save(config_file)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--config", str(config_file), "--device", device])
+        line = one_error_line(capsys, exit_info)
+        assert f"TrainConfig.device: CUDA is not available on this machine: use cpu or auto, not '{device}'" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_of_a_run_killed_before_its_folder_existed_starts_it(data, tmp_path, capsys):
     # A requeue script that always passes --resume: the first start finds no folder at all.
     config = make_config(data, tmp_path / "runs" / "run", max_steps_per_epoch=1, epochs=1)
