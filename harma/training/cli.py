@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..config import HarmaConfig
 from .config import TrainConfig, cuda_problem, is_device_name, read_config_file
@@ -189,8 +189,16 @@ def _config_fields() -> list[tuple[str, dataclasses.Field, bool]]:
     return fields
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error:`` line: the usage of dozens of recipe
+    options printed first would bury it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _build_parser(prog: str | None, description: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog=prog,
         allow_abbrev=False,
         description=description or "Train HarMA adapters (or LoRA / full fine-tuning) on an open_clip CLIP.",
@@ -202,7 +210,7 @@ def _build_parser(prog: str | None, description: str | None) -> argparse.Argumen
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
                         help="continue a run: its folder or last_state.pt (default: output_dir)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty output_dir")
-    parser.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-after-epoch", type=integer_at_least(1), default=None, metavar="N",
                         help="stop after N epochs as if interrupted (continue with --resume)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     group = parser.add_argument_group("recipe fields (override the config file)")
@@ -320,8 +328,7 @@ def parse_args(
     try:
         config = TrainConfig.from_dict(_merge_overrides(_base_recipe(defaults, namespace), namespace))
     except BAD_INPUT as error:
-        # A recipe or config file to fix: one line (argparse's usage would bury it).
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        parser.error(str(error))
     _check_resume_folder(parser, namespace, config)
     return ParsedArgs(
         config=config,

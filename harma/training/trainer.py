@@ -698,6 +698,10 @@ def train(
         NonFiniteError: the run diverged (see ``TrainConfig.nonfinite``); the files of the last
             finished epoch stay as they were.
     """
+    if stop_after_epoch is not None and (
+        isinstance(stop_after_epoch, bool) or not isinstance(stop_after_epoch, int) or stop_after_epoch < 1
+    ):
+        raise ValueError(f"stop_after_epoch must be an integer >= 1, got {stop_after_epoch!r}")
     output_dir = Path(config.output_dir)
     state: dict[str, Any] | None = None
     if resume:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from test_trainer import REPO, make_config, read_metrics, without_times
 
 from harma.losses import HarmaLoss, HarmaLossOutput
-from harma.training import parse_args, train
+from harma.training import TrainConfig, parse_args, train
 from harma.training.data import ImageReadError
 from harma.training.state import json_safe
 from harma.training.synthetic import make_synthetic_dataset
@@ -290,6 +290,16 @@ def test_resume_of_a_run_killed_before_its_folder_existed_starts_it(data, tmp_pa
     assert parsed.resume == str(second)
     # The same for a last_state.pt path in a missing folder.
     assert train(config.replace(output_dir=str(second)), resume=second / "last_state.pt")["finished"] is True
+
+
+def test_stop_after_epoch_below_one_is_an_argument_error(capsys):
+    for value in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(["--stop-after-epoch", value])
+        assert f"argument --stop-after-epoch: expected an integer >= 1, got '{value}'" in one_error_line(
+            capsys, exit_info)
+    with pytest.raises(ValueError, match="stop_after_epoch must be an integer >= 1, got 0"):
+        train(TrainConfig(), stop_after_epoch=0)
 
 
 def test_resume_with_another_output_dir_is_refused(tmp_path):
