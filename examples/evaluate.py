@@ -62,6 +62,7 @@ from harma.training.data import RetrievalEvalDataset, test_transform
 from harma.training.gallery import GALLERY_SUFFIXES, build_gallery_from_embeddings
 from harma.training.gallery_render import write_gallery
 from harma.training.models import build_backbone, build_tokenizer, native_image_size
+from harma.training.state import check_writable_folder
 
 BAD_INPUT = (*COMMAND_LINE_BAD_INPUT, KeyError, TypeError)
 """Errors that are the user's to fix: one ``error:`` line and exit status 2, no traceback."""
@@ -155,6 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for path in args.gallery:
         if Path(path).suffix.lower() not in GALLERY_SUFFIXES:
             parser.error(f"--gallery {path}: the file name must end in one of {', '.join(GALLERY_SUFFIXES)}")
+        try:  # checked before the evaluation, not after it
+            check_writable_folder(Path(path).parent, "the folder")
+        except OSError as error:
+            parser.error(f"--gallery {path}: {error}")
     if args.gallery_queries < 1 or args.gallery_top_k < 1:
         parser.error("--gallery-queries and --gallery-top-k must be at least 1")
     if args.run is None:

@@ -77,6 +77,15 @@ def test_a_model_config_file_that_is_no_json_object_is_named(tmp_path, capsys):
     assert f"argument --model_config: config file '{broken}' is not valid JSON" in line
 
 
+def test_a_gallery_that_cannot_be_written_is_an_argument_error(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    gallery = tmp_path / "a_file" / "gallery.html"
+    with pytest.raises(SystemExit) as exit_info:
+        load_evaluate_script().parse_args(["--run", "x", "--gallery", str(gallery)])
+    line = one_error_line(capsys, exit_info)
+    assert f"--gallery {gallery}: the folder '{gallery.parent}' cannot be created: '{tmp_path / 'a_file'}' is a file" in line
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_cuda_device_without_cuda_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
