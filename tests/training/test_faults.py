@@ -235,6 +235,20 @@ def test_a_missing_or_unreadable_config_file_is_one_error_line(reference, tmp_pa
     assert folder_snapshot(copy) == before
 
 
+def test_a_val_file_listing_an_image_twice_stops_the_run_before_anything_is_replaced(reference, tmp_path):
+    data, config, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(config.output_dir, copy)
+    before = folder_snapshot(copy)
+    entries = json.loads(data.val_file.read_text())
+    val_file = tmp_path / "val.json"
+    val_file.write_text(json.dumps([*entries, {**entries[1], "caption": ["another caption"]}]))
+    with pytest.raises(ValueError, match=rf"entry {len(entries)}: image '{re.escape(entries[1]['image'])}' is "
+                                         r"listed again \(entry 1 lists"):
+        train(config.replace(output_dir=str(copy), val_file=str(val_file)), overwrite=True)
+    assert folder_snapshot(copy) == before  # --overwrite replaces the run's files only once the inputs are good
+
+
 def test_an_unwritable_output_folder_is_one_error_line_before_anything_is_built(data, tmp_path, monkeypatch,
                                                                               capsys):
     from harma.training import main
