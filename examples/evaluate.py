@@ -68,13 +68,22 @@ from harma.named_adapters import check_adapter_name
 from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
 from harma.training import TrainConfig, format_metrics_table, load_trained_weights
 from harma.training.captions import CAPTION_FORMATS, CaptionDataset, read_caption_dataset
+from harma.training.cli import BAD_INPUT as COMMAND_LINE_BAD_INPUT
+from harma.training.cli import (
+    device_option,
+    errors_named,
+    exit_on_bad_input,
+    integer_at_least,
+    json_object_option,
+)
 from harma.training.data import ImageReadError, RetrievalEvalDataset, read_run_split, test_transform
 from harma.training.gallery import GALLERY_SUFFIXES, build_gallery_from_embeddings
 from harma.training.gallery_render import write_gallery
-from harma.training.models import build_backbone, build_tokenizer
+from harma.training.models import build_backbone, build_tokenizer, native_image_size
+from harma.training.state import check_writable_folder
 from harma.training.zero_shot import ZeroShotSuite, format_zero_shot_table
 
-BAD_INPUT = (FileNotFoundError, ValueError, KeyError, TypeError)
+BAD_INPUT = (*COMMAND_LINE_BAD_INPUT, KeyError, TypeError)
 """Errors that are the user's to fix: one ``error:`` line and exit status 2, no traceback."""
 
 READER_OPTIONS = ("csv_img_key", "csv_caption_key", "csv_separator", "hf_image_key", "hf_caption_key")
@@ -93,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which split: of --run (val, test), or of an --annotation file holding several")
     parser.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 or ViT-B-32-quickgelu")
     parser.add_argument("--pretrained", help="open_clip tag or local weights file of the backbone")
-    parser.add_argument("--model_config", help="open_clip.CLIP arguments as JSON (or a JSON file)")
-    parser.add_argument("--image_size", type=int, help="input side in pixels (default: the model's)")
+    parser.add_argument("--model_config", type=json_object_option,
+                        help="open_clip.CLIP arguments as JSON (or a JSON file)")
+    parser.add_argument("--image_size", type=integer_at_least(1), help="input side in pixels (default: the model's)")
     parser.add_argument("--adapters", action="append", default=[], metavar="[NAME=]PATH",
                         help="a .safetensors file written by harma (adapters, LoRA or full); or NAME=PATH, "
                         "repeatable: HarMA adapter files loaded as named sets of one backbone, each "
@@ -114,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "comma when the header line is comma-separated)")
     captions.add_argument("--hf-image-key", dest="hf_image_key", help="image column of a Hugging Face dataset")
     captions.add_argument("--hf-caption-key", dest="hf_caption_key", help="caption column of a Hugging Face dataset")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    parser.add_argument("--batch_size", type=integer_at_least(1), default=128)
+    parser.add_argument("--num_workers", type=integer_at_least(0), default=4)
+    parser.add_argument("--device", type=device_option, default="auto", help="auto | cuda | cuda:N | cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="autocast dtype on CUDA")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -128,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sample captions and sample images shown (each; default 8)")
     gallery.add_argument("--gallery-top-k", dest="gallery_top_k", type=int, default=5, metavar="K",
                          help="results shown per query (default 5)")
-    gallery.add_argument("--gallery-seed", dest="gallery_seed", type=int, default=0,
+    gallery.add_argument("--gallery-seed", dest="gallery_seed", type=integer_at_least(0), default=0,
                          help="seed of the sample of queries (default 0)")
     zero_shot = parser.add_argument_group("zero-shot scene classification")
     zero_shot.add_argument("--zero-shot", dest="zero_shot", action="append", default=[], metavar="ROOT",
@@ -198,6 +208,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for path in args.gallery:
         if Path(path).suffix.lower() not in GALLERY_SUFFIXES:
             parser.error(f"--gallery {path}: the file name must end in one of {', '.join(GALLERY_SUFFIXES)}")
+        try:  # checked before the evaluation, not after it
+            check_writable_folder(Path(path).parent, "the folder")
+        except OSError as error:
+            parser.error(f"--gallery {path}: {error}")
     if args.gallery_queries < 1 or args.gallery_top_k < 1:
         parser.error("--gallery-queries and --gallery-top-k must be at least 1")
     if args.run is None:
@@ -217,13 +231,10 @@ def resolve(args: argparse.Namespace) -> dict:
     HarMA adapter files.
     """
     setup = {
-        "model": args.model, "pretrained": args.pretrained, "model_config": None,
+        "model": args.model, "pretrained": args.pretrained, "model_config": args.model_config,
         "image_size": args.image_size, "annotation": args.annotation, "image_root": args.image_root,
         "weights": args.adapters,
     }
-    if args.model_config:
-        text = args.model_config
-        setup["model_config"] = json.loads(Path(text).read_text() if Path(text).is_file() else text)
     if args.run:
         run = Path(args.run)
         config = TrainConfig.from_json_file(run / "config.json")
@@ -248,12 +259,7 @@ def resolve(args: argparse.Namespace) -> dict:
 def image_size_of(setup: dict) -> int:
     image_size = setup["image_size"]
     if image_size is None:
-        if setup["model_config"] is not None:
-            image_size = setup["model_config"]["vision_cfg"]["image_size"]
-        else:
-            import open_clip
-
-            image_size = open_clip.get_model_config(setup["model"])["vision_cfg"]["image_size"]
+        image_size = native_image_size(setup["model"], setup["model_config"])
     return image_size
 
 
@@ -299,13 +305,15 @@ def load_weights(args: argparse.Namespace, setup: dict, model: nn.Module) -> tup
     """``model`` with what was asked loaded into it, and a description of that source."""
     weights = setup["weights"]
     if args.official_checkpoint:
-        report = harma.load_official_checkpoint(model, args.official_checkpoint)
+        with errors_named(f"--official-checkpoint {args.official_checkpoint}"):
+            report = harma.load_official_checkpoint(model, args.official_checkpoint)
         return model, f"official checkpoint {args.official_checkpoint} (temperature {report.temperature})"
     if isinstance(weights, dict):
         load_named_adapters(model, weights)
         return model, "adapters " + ", ".join(f"{name}={path}" for name, path in weights.items())
     if weights:
-        return load_trained_weights(model, weights), f"weights {weights}"
+        with errors_named(f"--adapters {weights}"):
+            return load_trained_weights(model, weights), f"weights {weights}"
     return model, "backbone only (zero-shot)"
 
 
@@ -423,7 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
         if evaluator is None:
             continue
         # Encoded once: the metrics and the gallery both come from these embeddings.
-        image_embeds, text_embeds = evaluator.encode(model)
+        with exit_on_bad_input():  # an unreadable image, named with its entry
+            image_embeds, text_embeds = evaluator.encode(model)
         rows[name] = retrieval_metrics_from_embeddings(
             image_embeds, text_embeds, evaluator.txt2img.to(image_embeds.device)
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,8 +118,11 @@ class HarmaConfig:
             )
         for name in ("gate_init", "block_gate_init", "mini_gate_init"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"HarmaConfig.{name} must be a finite number, got {value!r}")
+        for name in ("batch_first", "freeze_backbone"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"HarmaConfig.{name} must be true or false (bool), got {getattr(self, name)!r}")
         if self.sharing not in SHARING_MODES:
             raise ValueError(
                 f"HarmaConfig.sharing must be one of {SHARING_MODES}, got {self.sharing!r}"
@@ -138,6 +142,9 @@ class HarmaConfig:
         if self.target_modules is not None:
             import re
 
+            if not isinstance(self.target_modules, str):
+                raise ValueError(f"HarmaConfig.target_modules must be None or a regular expression (str), "
+                                 f"got {self.target_modules!r}")
             try:
                 re.compile(self.target_modules)
             except re.error as error:

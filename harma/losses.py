@@ -10,6 +10,7 @@ See ``docs/losses.md`` for the formulas.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,12 @@ def _as_group_ids(ids: Tensor | None, batch_size: int, device: torch.device, nam
     if ids.shape[0] != batch_size:
         raise ValueError(f"{name} has {ids.shape[0]} entries but the batch has {batch_size} pairs")
     return ids
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    # A NaN option would show only as a NaN loss steps later.
+    if not (math.isfinite(float(value)) and float(value) >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _normalized_pair(image_embeds: Tensor, text_embeds: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,8 +157,7 @@ def adaptive_triplet_loss(
     Returns:
         0-dim tensor (cosine units, summed over negatives).
     """
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    _check_non_negative("gamma", gamma)
     images, texts = _normalized_pair(image_embeds, text_embeds)
     scores = images @ texts.t()
     positive_scores = scores.diagonal()
@@ -284,8 +290,8 @@ class HarmaLoss(nn.Module):
             raise ValueError(
                 f"temperature_init={temperature_init} is outside [{TEMPERATURE_MIN}, {TEMPERATURE_MAX}]"
             )
-        if affiliation_weight < 0:
-            raise ValueError(f"affiliation_weight must be >= 0, got {affiliation_weight}")
+        for name, value in (("margin", margin), ("gamma", gamma), ("affiliation_weight", affiliation_weight)):
+            _check_non_negative(name, value)
         self.temperature = nn.Parameter(
             torch.tensor(float(temperature_init)), requires_grad=learnable_temperature
         )

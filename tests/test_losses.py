@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -335,3 +336,21 @@ def test_shape_errors() -> None:
         adaptive_triplet_loss(torch.randn(3), torch.randn(3))
     with pytest.raises(ValueError, match="image_ids has 2 entries"):
         contrastive_loss(torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1]), 0.1)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"margin": float("nan")}, "margin must be a finite number >= 0, got nan"),
+    ({"margin": -0.1}, "margin must be a finite number >= 0, got -0.1"),
+    ({"gamma": float("nan")}, "gamma must be a finite number >= 0, got nan"),
+    ({"gamma": float("inf")}, "gamma must be a finite number >= 0, got inf"),
+    ({"affiliation_weight": float("nan")}, "affiliation_weight must be a finite number >= 0, got nan"),
+    ({"temperature_init": float("nan")}, "temperature_init=nan is outside [0.001, 0.5]"),
+])
+def test_harma_loss_names_non_finite_or_negative_options_when_built(options, message) -> None:
+    # A NaN option would only show as a NaN loss steps later, blamed on the learning rate.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        HarmaLoss(**options)
+    if "gamma" in options:
+        image, text = torch.randn(2, 4), torch.randn(2, 4)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            adaptive_triplet_loss(image, text, gamma=options["gamma"])

@@ -23,7 +23,9 @@ form into training pairs and evaluation splits; archive search indexes it. Forma
   column of lists of strings or of one string per row (rows of one image grouped). Needs the
   optional ``datasets`` package.
 
-Images listed twice in one split are one image with the captions of both entries. Image
+Images listed again in one split are one image with the captions of both entries where each entry
+holds one caption (CSV rows, RSITMD train entries); where an entry holds all of an image's captions
+(RSITMD val/test, Karpathy, NWPU) a repeat is refused, naming both entries. Image
 paths are relative to the image root (``image_root``, or the working directory without one,
 as in open_clip_train). Captions are kept as written; preprocessing is the datasets' job.
 """
@@ -201,18 +203,25 @@ class _Source:
 
 
 class _Grouper:
-    """Collects captions image by image, in order of first appearance: an image listed twice is
-    one image with the captions of both entries."""
+    """Collects captions image by image, in order of first appearance: in formats of one caption
+    per entry (CSV rows, RSITMD train entries) an image listed again gets the captions of both
+    entries. In formats whose entry holds all of an image's captions (``unique``), a repeat is
+    refused: scored as a second gallery image it would change the recalls, and merging it
+    silently could hide a broken file (one concatenated twice, two images under one name)."""
 
     def __init__(self, source: _Source) -> None:
         self.source = source
         self.images: dict[Any, dict[str, Any]] = {}
 
     def add(self, image: str | DatasetImage, captions: Iterable[str], places: Iterable[str], where: str,
-            label: int | None = None, label_name: str | None = None) -> None:
+            label: int | None = None, label_name: str | None = None, unique: bool = False) -> None:
         key = image if isinstance(image, DatasetImage) else posixpath.normpath(image.replace(os.sep, "/"))
         found = self.images.setdefault(key, {"image": image, "captions": [], "places": [], "where": where,
                                               "label": label, "label_name": label_name})
+        if unique and found["where"] != where:
+            raise self.source.fail(where, f"image '{image}' is listed again ({found['where']} lists "
+                                          f"'{found['image']}'); each entry holds all of an image's captions: "
+                                          f"merge the two entries' caption lists")
         if label is not None and found["label"] != label:
             if found["label"] is not None:
                 raise self.source.fail(where, f"'{image}' has label {label!r} here but label {found['label']!r} at "
@@ -333,7 +342,8 @@ def _read_rsitmd(data: Any, path: Path, split: str | None) -> tuple[CaptionedIma
                         for k, text in enumerate(entry["caption"])]
             places = [f"{where}, caption {k}" for k in range(len(captions))]
         label_name = entry.get("label_name") if isinstance(entry.get("label_name"), str) else None
-        grouper.add(image, captions, places, where, _optional_label(entry, source, where), label_name)
+        grouper.add(image, captions, places, where, _optional_label(entry, source, where), label_name,
+                    unique=form == "eval")
     return grouper.result()
 
 
@@ -386,7 +396,7 @@ def _read_karpathy(data: Any, path: Path, split: str | None) -> tuple[CaptionedI
         filepath = entry.get("filepath")
         if filepath is not None:
             filename = posixpath.join(_string(filepath, source, where, "'filepath'", allow_empty=True), filename)
-        grouper.add(filename, *_karpathy_captions(entry, source, where), where)
+        grouper.add(filename, *_karpathy_captions(entry, source, where), where, unique=True)
     images = grouper.result()
     if not images:
         raise _split_error(source, split, found)
@@ -420,7 +430,7 @@ def _read_nwpu(data: Any, path: Path, split: str | None) -> tuple[CaptionedImage
                 continue
             filename = _path(entry.get("filename"), source, where, "'filename'")
             grouper.add(f"{class_name}/{filename}", *_nwpu_captions(entry, source, where), where,
-                        label, class_name)
+                        label, class_name, unique=True)
     images = grouper.result()
     if not images:
         raise _split_error(source, split, found)

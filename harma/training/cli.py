@@ -6,21 +6,126 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..config import HarmaConfig
-from .config import TrainConfig, read_config_file
+from .config import TrainConfig, cuda_problem, is_device_name, read_config_file
+from .data import ImageReadError
 from .state import CONFIG_NAME
 from .trainer import NonFiniteError, train
 
-__all__ = ["ParsedArgs", "main", "parse_args"]
+__all__ = [
+    "BAD_INPUT",
+    "ParsedArgs",
+    "device_option",
+    "errors_named",
+    "exit_on_bad_input",
+    "integer_at_least",
+    "json_object_option",
+    "main",
+    "parse_args",
+    "read_json_object",
+]
+
+BAD_INPUT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+             ValueError)
+"""Errors that are the user's to fix (a recipe, a path, an input file): the command line prints
+one ``error:`` line and exits with status 2, no traceback."""
+
+
+# ------------------------------------------------------------------ shared by the command lines
+
+
+@contextlib.contextmanager
+def exit_on_bad_input() -> Iterator[None]:
+    """Inside, an error that is the user's to fix (`BAD_INPUT`) prints one ``error:`` line on
+    stderr and exits with status 2, without a traceback; an image that a DataLoader worker could
+    not read is named without the worker's traceback."""
+    try:
+        yield
+    except BAD_INPUT as error:
+        if isinstance(error, ImageReadError):
+            error = ImageReadError.without_worker_traceback(error)
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def errors_named(prefix: str) -> Iterator[None]:
+    """Inside, an error that is the user's to fix (`BAD_INPUT`) is raised again with ``prefix``
+    (the option and its value, e.g. ``"--adapters runs/x"``) in front of its message, with its
+    type where the type takes a message alone (`ValueError` otherwise)."""
+    try:
+        yield
+    except BAD_INPUT as error:
+        message = f"{prefix}: {error}"
+        try:
+            renamed = type(error)(message)
+        except TypeError:  # e.g. json.JSONDecodeError, which needs more than a message
+            renamed = ValueError(message)
+        raise renamed from None
+
+
+def integer_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: the integer a value gives, refused (naming it) below ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def device_option(text: str) -> str:
+    """An argparse ``type``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, where CUDA (and device
+    ``N``) exists on this machine."""
+    if not is_device_name(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    problem = cuda_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def read_json_object(text: str) -> dict[str, Any]:
+    """A JSON object given as text, or as the path of a JSON file holding one.
+
+    Raises:
+        ValueError: neither a JSON file nor valid JSON, or JSON that is not an object (named).
+    """
+    if Path(text).is_file():
+        return read_config_file(text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{text!r} is neither a JSON file nor valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got a {type(value).__name__}: {text!r}")
+    return value
+
+
+def json_object_option(text: str) -> dict[str, Any]:
+    """An argparse ``type``: `read_json_object`, its errors as argument errors."""
+    try:
+        return read_json_object(text)
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+# ------------------------------------------------------------------ the training command line
 
 
 def _type_name(config_field: dataclasses.Field) -> str:
@@ -59,12 +164,7 @@ def _parse_field_value(type_name: str, text: str) -> Any:
     if base == "float":
         return float(text)
     if base == "dict":
-        if Path(text).is_file():
-            return read_config_file(text)
-        value = json.loads(text)
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a JSON object or a JSON file, got {text!r}")
-        return value
+        return read_json_object(text)
     if base.startswith("tuple["):
         items = _parse_list(text)
         if "int" in base:
@@ -89,8 +189,16 @@ def _config_fields() -> list[tuple[str, dataclasses.Field, bool]]:
     return fields
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error:`` line: the usage of dozens of recipe
+    options printed first would bury it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _build_parser(prog: str | None, description: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog=prog,
         allow_abbrev=False,
         description=description or "Train HarMA adapters (or LoRA / full fine-tuning) on an open_clip CLIP.",
@@ -102,7 +210,7 @@ def _build_parser(prog: str | None, description: str | None) -> argparse.Argumen
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
                         help="continue a run: its folder or last_state.pt (default: output_dir)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty output_dir")
-    parser.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-after-epoch", type=integer_at_least(1), default=None, metavar="N",
                         help="stop after N epochs as if interrupted (continue with --resume)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     group = parser.add_argument_group("recipe fields (override the config file)")
@@ -132,9 +240,10 @@ def _defaults_dict(defaults: TrainConfig | Mapping[str, Any] | str | os.PathLike
 
 def _merge_overrides(base: dict[str, Any], namespace: argparse.Namespace) -> dict[str, Any]:
     merged = dict(base)
-    harma_fields = dict(merged.get("harma") or {})
-    if isinstance(merged.get("harma"), HarmaConfig):
-        harma_fields = merged["harma"].to_dict()
+    stored = merged.get("harma")
+    # Anything but fields (e.g. "harma": "paper") is left for TrainConfig to name.
+    harma_fields = stored.to_dict() if isinstance(stored, HarmaConfig) else (
+        dict(stored or {}) if isinstance(stored, Mapping | None) else None)
     types = {cli_name: (_type_name(f), is_harma) for cli_name, f, is_harma in _config_fields()}
     for key, text in vars(namespace).items():
         if not key.startswith("field:"):
@@ -146,7 +255,8 @@ def _merge_overrides(base: dict[str, Any], namespace: argparse.Namespace) -> dic
         except (ValueError, json.JSONDecodeError) as error:
             raise ValueError(f"--{cli_name}: {error}") from None
         if is_harma:
-            harma_fields[cli_name.removeprefix("harma.")] = value
+            if harma_fields is not None:
+                harma_fields[cli_name.removeprefix("harma.")] = value
         else:
             merged[cli_name] = value
     if harma_fields:
@@ -167,6 +277,24 @@ def _check_resume_folder(parser: argparse.ArgumentParser, namespace: argparse.Na
             f"--resume {namespace.resume} continues the run in '{run_dir}', but --output_dir names "
             f"'{config.output_dir}': drop --output_dir (a run is resumed where it is)"
         )
+
+
+def _base_recipe(defaults: TrainConfig | Mapping[str, Any] | str | os.PathLike | None,
+                 namespace: argparse.Namespace) -> dict[str, Any]:
+    """The recipe the ``--field`` overrides apply to: ``defaults`` updated by the ``--config``
+    file or, with ``--resume`` alone, the run's stored ``config.json`` (when there is one)."""
+    base = _defaults_dict(defaults)
+    if namespace.config:
+        with errors_named("--config"):
+            base.update(read_config_file(namespace.config))
+    elif namespace.resume:
+        run = Path(namespace.resume) if isinstance(namespace.resume, str) else Path(
+            _merge_overrides(base, namespace).get("output_dir") or TrainConfig.output_dir
+        )
+        run_dir = run.parent if run.suffix == ".pt" else run
+        if (run_dir / CONFIG_NAME).is_file():
+            base = read_config_file(run_dir / CONFIG_NAME)
+    return base
 
 
 @dataclass(frozen=True)
@@ -197,19 +325,9 @@ def parse_args(
     if "--demo" in arguments:
         parser.error("--demo has its own entry point now: python examples/demo.py (or python -m harma.training.demo)")
     namespace = parser.parse_args(arguments)
-    base = _defaults_dict(defaults)
-    if namespace.config:
-        base.update(read_config_file(namespace.config))
-    elif namespace.resume:
-        run = Path(namespace.resume) if isinstance(namespace.resume, str) else Path(
-            _merge_overrides(base, namespace).get("output_dir") or TrainConfig.output_dir
-        )
-        run_dir = run.parent if run.suffix == ".pt" else run
-        if (run_dir / CONFIG_NAME).is_file():
-            base = read_config_file(run_dir / CONFIG_NAME)
     try:
-        config = TrainConfig.from_dict(_merge_overrides(base, namespace))
-    except ValueError as error:
+        config = TrainConfig.from_dict(_merge_overrides(_base_recipe(defaults, namespace), namespace))
+    except BAD_INPUT as error:
         parser.error(str(error))
     _check_resume_folder(parser, namespace, config)
     return ParsedArgs(
@@ -238,13 +356,10 @@ def main(
     if args.print_config:
         print(json.dumps(args.config.to_dict(), indent=2))
         return {}
-    try:
-        return train(args.config, resume=args.resume, overwrite=args.overwrite,
-                     stop_after_epoch=args.stop_after_epoch)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        # A bad path or recipe is the user's to fix: one clear line, no traceback.
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except NonFiniteError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(3) from None
+    with exit_on_bad_input():
+        try:
+            return train(args.config, resume=args.resume, overwrite=args.overwrite,
+                         stop_after_epoch=args.stop_after_epoch)
+        except NonFiniteError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(3) from None

@@ -45,7 +45,7 @@ from ..inject import count_parameters
 from ..io import copy_atomically, nonfinite_tensors
 from ..losses import HarmaLoss
 from ..retrieval import RetrievalEvaluator
-from .config import TrainConfig
+from .config import TrainConfig, cuda_problem
 from .curves import plot_training_curves
 from .data import ImageReadError, TokenizingCollate, build_datasets
 from .models import build_model, build_tokenizer, check_init_adapters, check_pretrained_source
@@ -63,6 +63,7 @@ from .state import (
     STATE_NAME,
     STATE_VERSION,
     check_output_dir,
+    check_writable_folder,
     holds_no_checkpoint,
     leftover_temporary_files,
     read_state,
@@ -109,8 +110,9 @@ def _resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
     """The device ``config.device`` names; ``auto`` is this process's GPU, or the CPU."""
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"device={config.device!r} but CUDA is not available")
+    problem = cuda_problem(config.device if config.device != "auto" else "cuda")
+    if problem:
+        raise ValueError(f"TrainConfig.device: {problem}")
     if config.device.startswith("cuda:"):
         return torch.device(config.device)
     return torch.device("cuda", local_rank)
@@ -228,9 +230,11 @@ class Trainer:
         self._log_plan()
 
     def _build_datasets(self) -> None:
-        # Datasets first: a wrong path fails before minutes of model loading. Every rank checks.
+        # Inputs and the output folder first: a wrong path fails before minutes of model loading.
+        # Every rank checks.
         error: BaseException | None = None
         try:
+            check_writable_folder(self.output_dir)
             self.train_set, self.val_set, self.test_set = build_datasets(self.config)
             check_pretrained_source(self.config.pretrained)
             check_init_adapters(self.config.init_adapters)  # TrainConfig allows it with method harma only
@@ -689,7 +693,8 @@ def train(
 
     A run folder that holds no checkpoint yet (the run failed before its first epoch ended)
     can be started again with the same call, with or without ``resume``; temporary files that an
-    interrupted write left there are removed.
+    interrupted write left there are removed. ``resume`` of a folder that does not exist (the
+    run was killed before it created it) starts the run, saying so.
 
     Raises:
         FileExistsError: a fresh run in a non-empty ``output_dir``.
@@ -699,13 +704,22 @@ def train(
         NonFiniteError: the run diverged (see ``TrainConfig.nonfinite``); the files of the last
             finished epoch stay as they were.
     """
+    if stop_after_epoch is not None and (
+        isinstance(stop_after_epoch, bool) or not isinstance(stop_after_epoch, int) or stop_after_epoch < 1
+    ):
+        raise ValueError(f"stop_after_epoch must be an integer >= 1, got {stop_after_epoch!r}")
     output_dir = Path(config.output_dir)
     state: dict[str, Any] | None = None
     if resume:
         path = state_path(resume, output_dir)
         output_dir = path.parent
         config = config.replace(output_dir=str(output_dir))
-        if not path.is_file() and output_dir.is_dir() and holds_no_checkpoint(output_dir):
+        if not path.is_file() and not output_dir.exists():
+            # Killed before its folder existed (a requeue script passes --resume every time).
+            _log(f"[harma] '{output_dir}' does not exist yet: nothing to resume, starting the run from "
+                 f"the beginning")
+            resume = False
+        elif not path.is_file() and output_dir.is_dir() and holds_no_checkpoint(output_dir):
             # The run stopped before its first checkpoint: there is nothing to lose by starting it.
             _log(f"[harma] '{output_dir}' has no checkpoint yet: starting the run from the beginning")
             resume = False

@@ -222,15 +222,22 @@ def test_the_rsitmd_layout_keeps_its_labels_and_nwpu_labels_are_its_classes(root
     assert RetrievalEvalDataset(rsitmd["test"], root).labels is None
 
 
-def test_an_image_listed_twice_is_one_image_with_all_its_captions(tmp_path):
-    path = write_json(tmp_path / "test.json", [{"image": "a.png", "caption": ["one", "two"]},
-                                               {"image": "b.png", "caption": ["three"]},
-                                               {"image": "./a.png", "caption": ["four"]}])
-    dataset = read_caption_dataset(path, image_root=tmp_path)
-    assert [(image.image, image.captions) for image in dataset.images] == [("a.png", ("one", "two", "four")),
+def test_an_image_of_several_caption_entries_is_one_image_and_a_repeated_image_entry_is_refused(tmp_path):
+    rows = write_json(tmp_path / "train.json", [{"image": "a.png", "caption": "one"},
+                                                {"image": "b.png", "caption": "three"},
+                                                {"image": "./a.png", "caption": "four"}])
+    dataset = read_caption_dataset(rows, image_root=tmp_path, split="train")
+    assert [(image.image, image.captions) for image in dataset.images] == [("a.png", ("one", "four")),
                                                                          ("b.png", ("three",))]
-    evaluation = RetrievalEvalDataset(dataset, check_files=False)
-    assert evaluation.txt2img == [0, 0, 0, 1] and evaluation.img2txt == [[0, 1, 2], [3]]
+    repeated = write_json(tmp_path / "test.json", [{"image": "a.png", "caption": ["one", "two"]},
+                                                   {"image": "./a.png", "caption": ["four"]}])
+    with pytest.raises(ValueError, match=r"entry 1: image './a.png' is listed again \(entry 0 lists 'a.png'\)"):
+        read_caption_dataset(repeated, image_root=tmp_path)
+    karpathy = write_json(tmp_path / "k.json", {"images": [
+        {"filename": "a.png", "split": "test", "sentences": [{"raw": "one"}]},
+        {"filename": "a.png", "split": "test", "sentences": [{"raw": "two"}]}]})
+    with pytest.raises(ValueError, match=r"images\[1\]: image 'a.png' is listed again \(images\[0\] lists"):
+        read_caption_dataset(karpathy, split="test")
 
 
 # --------------------------------------------------------------------------- detection
@@ -432,7 +439,7 @@ def test_run_splits_read_any_format_and_hold_out_a_validation_split(root, tmp_pa
     assert val_set.describe()["carved"]["seed"] == 1 and test_set.describe()["format"] == "csv"
     with pytest.raises(ValueError, match="give val_file or val_fraction, not both"):
         config.replace(val_file=str(files["val"]))
-    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"val_fraction must be a number in \[0, 1\)"):
         config.replace(val_fraction=1.5)
     with pytest.raises(ValueError, match="data_format must be one of"):
         config.replace(data_format="coco")

@@ -240,6 +240,22 @@ def test_malformed_entries(tmp_path: Path, entries, dataset_class, pattern: str)
     assert "broken.json" in str(error.value)
 
 
+def test_an_eval_file_listing_an_image_twice_is_refused_naming_both_entries(tmp_path: Path) -> None:
+    # The protocol scores each entry as one gallery image: a repeated image would be a second,
+    # identical gallery item that counts as wrong for the other entry's captions.
+    entries = [{"image": "a/x.png", "caption": ["one"]}, {"image": "b.png", "caption": ["two"]},
+               {"image": "./a//x.png", "caption": ["three"]}]
+    annotation_file = write_json(tmp_path / "test.json", entries)
+    write_images(tmp_path, ["a/x.png", "b.png"])
+    for check_files in (True, False):
+        with pytest.raises(ValueError, match=r"annotation file '.*test\.json', entry 2: image './a//x\.png' is "
+                                             r"listed again \(entry 0 lists 'a/x\.png'\).*merge"):
+            RetrievalEvalDataset(annotation_file, tmp_path, check_files=check_files)
+    entries[2]["image"] = "c.png"
+    write_images(tmp_path, ["c.png"])
+    assert RetrievalEvalDataset(write_json(tmp_path / "test.json", entries), tmp_path).num_images == 3
+
+
 def test_load_annotations_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="absent.json"):
         load_annotations(tmp_path / "absent.json")

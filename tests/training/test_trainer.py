@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -363,6 +364,105 @@ def test_bad_configuration_is_named():
         parse_args(["--epochs", "many"])
     with pytest.raises(SystemExit):
         parse_args(["--no-such-option", "1"])
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"weight_decay": "x"}, r"weight_decay must be a number \(float\), got 'x' \(str\)"),
+    ({"train_files": 5}, r"train_files must be a list of strings, got 5 \(int\)"),
+    ({"train_files": ["a.json", 5]}, r"train_files must be a list of strings, got \['a.json', 5\]"),
+    ({"harma": "paper"}, r"harma must be a HarmaConfig or an object of its fields \(e\.g\. "
+                         r"\{\"sharing\": \"paper\"\}\), got 'paper' \(str\)"),
+    ({"augment": "false"}, r"augment must be true or false \(bool\), got 'false' \(str\)"),
+    ({"epochs": 2.5}, r"epochs must be an integer \(int\), got 2\.5 \(float\)"),
+    ({"epochs": True}, r"epochs must be an integer \(int\), got True \(bool\)"),
+    ({"seed": "1"}, r"seed must be an integer \(int\), got '1' \(str\)"),
+    ({"device": 5}, r"device must be a string \(str\), got 5 \(int\)"),
+    ({"model": ""}, r"model must be a non-empty string"),
+    ({"output_dir": None}, r"output_dir must be a string \(str\), got None"),
+    ({"val_file": 3}, r"val_file must be a string \(str\) or null, got 3 \(int\)"),
+    ({"model_config": [1]}, r"model_config must be an object \(dict\) or null, got \[1\] \(list\)"),
+    ({"betas": [0.9, "a"]}, r"betas must be a list of numbers, got \[0\.9, 'a'\]"),
+    ({"betas": "0.9,x"}, r"betas must be a list of numbers, got '0\.9,x'"),
+    ({"lora_targets": [1]}, r"lora_targets must be a list of strings, got \[1\]"),
+    ({"max_grad_norm": "1"}, r"max_grad_norm must be a number \(float\) or null, got '1' \(str\)"),
+    ({"harma": {"bottleneck": "x"}}, r"HarmaConfig\.bottleneck must be a positive integer, got 'x'"),
+])
+def test_wrongly_typed_config_values_name_the_field_and_the_type(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(fields)
+
+
+@pytest.mark.parametrize(("field", "value", "valid"), [
+    ("lr", float("inf"), "a finite number > 0"),
+    ("lr", float("nan"), "a finite number > 0"),
+    ("lr", 0.0, "a finite number > 0"),
+    ("weight_decay", float("nan"), "a finite number >= 0"),
+    ("weight_decay", -0.1, "a finite number >= 0"),
+    ("max_grad_norm", float("nan"), r"null or a finite number > 0"),
+    ("max_grad_norm", float("inf"), r"null or a finite number > 0"),
+    ("max_grad_norm", 0.0, r"null or a finite number > 0"),
+    ("margin", float("nan"), "a finite number >= 0"),
+    ("margin", float("inf"), "a finite number >= 0"),
+    ("margin", -0.2, "a finite number >= 0"),
+    ("gamma", float("nan"), "a finite number >= 0"),
+    ("gamma", -1.0, "a finite number >= 0"),
+    ("affiliation_weight", float("nan"), "a finite number >= 0"),
+    ("affiliation_weight", float("inf"), "a finite number >= 0"),
+    ("affiliation_weight", -1.0, "a finite number >= 0"),
+    ("lora_alpha", float("inf"), "a finite number > 0"),
+    ("lora_alpha", 0.0, "a finite number > 0"),
+    ("lora_dropout", 5.0, r"a number in \[0, 1\)"),
+    ("lora_dropout", 1.0, r"a number in \[0, 1\)"),
+    ("lora_dropout", float("nan"), r"a number in \[0, 1\)"),
+    ("temperature_init", 0.0, r"a number in \[0\.001, 0\.5\]"),
+    ("temperature_init", float("nan"), r"a number in \[0\.001, 0\.5\]"),
+    ("eps", 0.0, "a finite number > 0"),
+    ("eps", float("nan"), "a finite number > 0"),
+    ("warmup_fraction", float("nan"), r"a number in \[0, 1\)"),
+    ("warmup_fraction", 1.0, r"a number in \[0, 1\)"),
+    ("betas", (0.9, float("nan")), r"two numbers in \[0, 1\)"),
+    ("betas", (0.9, 1.0), r"two numbers in \[0, 1\)"),
+    ("betas", (0.9,), r"two numbers in \[0, 1\)"),
+    ("seed", -1, r"an integer in \[0, 2\*\*63\)"),
+    ("seed", 2**64, r"an integer in \[0, 2\*\*63\)"),
+    ("epochs", 0, "an integer >= 1"),
+    ("num_workers", -1, "an integer >= 0"),
+    ("threads", 0, r"null or an integer >= 1"),
+    ("max_steps_per_epoch", 0, r"null or an integer >= 1"),
+    ("device", "cuda:x", r"auto, cpu, cuda or cuda:N"),
+])
+def test_non_finite_and_out_of_range_values_name_the_field_and_the_valid_range(field, value, valid):
+    with pytest.raises(ValueError, match=rf"TrainConfig: {field} must be {valid}, got "):
+        TrainConfig(**{field: value})
+
+
+def test_every_numeric_field_has_a_checked_range():
+    # A numeric field added later without a range would accept NaN again.
+    from harma.training.config import RANGES
+
+    numeric = {f.name for f in dataclasses.fields(TrainConfig)
+               if f.type.removesuffix(" | None") in ("int", "float", "tuple[float, float]")}
+    assert numeric == set(RANGES)
+    for name in numeric - {"betas"}:
+        with pytest.raises(ValueError, match=rf"TrainConfig: {name} must be "):
+            TrainConfig(**{name: float("nan")})
+
+
+def test_a_config_file_with_a_bad_value_is_one_error_line_naming_the_field(tmp_path, capsys):
+    config_file = tmp_path / "recipe.json"
+    for fields, field in (({"weight_decay": "x"}, "weight_decay"), ({"harma": "paper"}, "harma"),
+                          ({"lr": 1e999}, "lr")):
+        config_file.write_text(json.dumps(fields))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--config", str(config_file)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"TrainConfig: {field} must be" in err[0] and "error:" in err[0], err
+    for arguments, field in ((["--lr", "inf"], "lr"), (["--lora_dropout", "5"], "lora_dropout")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(arguments)
+        assert exit_info.value.code == 2
+        assert f"TrainConfig: {field} must be" in capsys.readouterr().err
 
 
 def test_resume_alone_reads_the_stored_config(data, tmp_path):
