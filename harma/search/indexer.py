@@ -108,6 +108,12 @@ def _start_or_resume(index_dir: Path, record: dict[str, Any]) -> None:
     atomic_write_json(path, record)
 
 
+def _start_or_resume_all(targets: Sequence[tuple[Path, str | None, str | None]],
+                         records: Sequence[dict[str, Any]]) -> None:
+    for (index_dir, _, _), record in zip(targets, records, strict=True):
+        _start_or_resume(index_dir, record)
+
+
 def _shard_complete(index_dir: Path, shard: int) -> bool:
     return shard_files(index_dir, shard)["embeddings"].is_file()
 
@@ -275,8 +281,14 @@ def build_index(source: ImageSource, spec: ModelSpec, out: str | os.PathLike,
     spec = _absolute_spec(spec)
     targets = index_targets(spec, Path(out))
     records = [_build_record(spec, adapters, name, source, options.shard_size) for _, adapters, name in targets]
-    for (index_dir, _, _), record in zip(targets, records, strict=True):
-        _start_or_resume(index_dir, record)
+    # Rank 0 starts the build (writes build.json) before the other ranks check it: a rank that
+    # looked while rank 0 was writing would see a folder holding files but no build yet.
+    if get_rank() == 0:
+        _start_or_resume_all(targets, records)
+    if is_distributed():
+        barrier()
+    if get_rank() != 0:
+        _start_or_resume_all(targets, records)
     n_shards = math.ceil(len(source.items) / options.shard_size)
     pending = {shard: [t for t, (index_dir, _, _) in enumerate(targets) if not _shard_complete(index_dir, shard)]
                for shard in _my_shards(n_shards, options.part)}

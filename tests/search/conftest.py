@@ -1,67 +1,18 @@
 """A small archive for the search tests: a tiny random open_clip backbone saved as a weights file
 (so that every process rebuilds the same model), two HarMA adapter files, and generated images
-that differ in colour and pattern."""
+that differ in colour and pattern. The helpers are in ``search_support``."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from search_support import Archive, adapter_file, run_search, write_images
 
-import harma
 from harma.io import write_safetensors
-from harma.search.cli import main
 from harma.training.models import build_backbone, tiny_clip_config
-
-REPO = Path(__file__).resolve().parents[2]
-ADAPTER_LAYOUT = harma.HarmaConfig(bottleneck=16, heads=2, mini_bottleneck=8, mini_heads=2)
-
-
-@dataclass
-class Archive:
-    root: Path
-    images: Path
-    config: Path
-    backbone: Path
-    adapters: Path
-    other_adapters: Path
-
-    def model_args(self, adapters: Path | None | str = "default") -> list[str]:
-        args = ["--model", "tiny", "--model_config", str(self.config), "--pretrained", str(self.backbone)]
-        chosen = self.adapters if adapters == "default" else adapters
-        return args + (["--adapters", str(chosen)] if chosen is not None else [])
-
-
-def write_images(folder: Path, count: int, seed: int = 0) -> None:
-    """``count`` PNG images in two class folders, each with a distinct colour and stripes."""
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        target = folder / ("fields" if i % 2 else "roofs")
-        target.mkdir(parents=True, exist_ok=True)
-        pixels = np.zeros((36, 44, 3), dtype=np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        pixels[:: 2 + i % 5] = rng.integers(0, 255, 3, dtype=np.uint8)
-        Image.fromarray(pixels).save(target / f"img{i:03d}.png")
-
-
-def adapter_file(model: torch.nn.Module, path: Path, seed: int) -> Path:
-    harma.inject_harma_adapters(model, ADAPTER_LAYOUT)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in harma.adapter_parameters(model):
-            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-    harma.save_adapters(model, path)
-    harma.remove_harma_adapters(model)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -77,33 +28,6 @@ def archive(tmp_path_factory) -> Archive:
     write_images(root / "images", 24)
     (root / "images" / "roofs" / "img000.txt").write_text("red roofs beside a road\nmany houses\n")
     return Archive(root, root / "images", root / "config.json", root / "backbone.safetensors", adapters, other)
-
-
-def run_search(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m harma.search ARGS`` run in this process (the same code as the command line,
-    without a new interpreter's start-up): its exit status and what it printed."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            main(list(args))
-        except SystemExit as error:
-            code = error.code if isinstance(error.code, int) else 1
-    result = subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
-    if check and code != 0:
-        raise AssertionError(f"exit {code}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def run_search_process(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m harma.search ARGS`` in a fresh process, with this tree first on the path."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "harma.search", *args], capture_output=True, text=True,
-                            env=env, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="session")

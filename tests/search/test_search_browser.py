@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from processes import free_port
+from search_support import REPO
 
 from harma.search import Searcher
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_search, write_images
 from PIL import Image
 from processes import spawn_on_free_port
+from search_support import REPO, run_search, write_images
 
 import harma.search.indexer as indexer
 from harma.search import (

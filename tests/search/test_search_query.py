@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_search
+from search_support import run_search
 
 import harma.search.ann as ann
 from harma.search import EmbeddingStore, Searcher, build_faiss_index, exact_search, read_manifest

@@ -10,8 +10,8 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_search
 from PIL import Image
+from search_support import run_search
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
