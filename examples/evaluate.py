@@ -49,7 +49,7 @@ from torch import nn
 import harma
 from harma.named_adapters import check_adapter_name
 from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
-from harma.training import TrainConfig, format_metrics_table, load_trained_weights
+from harma.training import TrainConfig, apply_precision, format_metrics_table, load_trained_weights
 from harma.training.data import RetrievalEvalDataset, test_transform
 from harma.training.gallery import GALLERY_SUFFIXES, build_gallery_from_embeddings
 from harma.training.gallery_render import write_gallery
@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="autocast dtype on CUDA")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="autocast dtype on CUDA (default: with --run the run's precision and TF32, else fp32)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     gallery = parser.add_argument_group("gallery: what the model retrieved for sample queries")
     gallery.add_argument("--gallery", action="append", default=[], metavar="FILE",
@@ -164,7 +164,7 @@ def resolve(args: argparse.Namespace) -> dict:
     setup = {
         "model": args.model, "pretrained": args.pretrained, "model_config": None,
         "image_size": args.image_size, "annotation": args.annotation, "image_root": args.image_root,
-        "weights": args.adapters,
+        "weights": args.adapters, "precision": args.precision, "tf32": None,
     }
     if args.model_config:
         text = args.model_config
@@ -179,6 +179,7 @@ def resolve(args: argparse.Namespace) -> dict:
             "model": config.model, "pretrained": config.pretrained, "model_config": config.model_config,
             "image_size": config.image_size, "annotation": split_file, "image_root": config.image_root,
             "weights": str(run / f"{args.checkpoint}.safetensors"),
+            "precision": config.precision, "tf32": config.tf32,
         }
         setup = {key: setup[key] if setup[key] is not None else value for key, value in from_run.items()}
     if args.official_checkpoint and args.pretrained is None:
@@ -239,7 +240,8 @@ def build_evaluator(args: argparse.Namespace, setup: dict, dataset: RetrievalEva
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    # The run's settings, so that its embeddings are computed as the run computed them.
+    autocast = apply_precision(setup["precision"] or "fp32", setup["tf32"], device)
     evaluator = RetrievalEvaluator.from_dataset(
         dataset, build_tokenizer(setup["model"], setup["model_config"]), batch_size=args.batch_size,
         num_workers=args.num_workers, device=device, autocast_dtype=autocast, progress=not args.json,
