@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -140,6 +141,14 @@ def add_floor_ratios(rows: list[dict]) -> None:
         row["above_limit"] = row["time_vs_floor"] / row["flops_vs_floor"] - 1 if floor else None
 
 
+def write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` whole to a temporary file, then move it into place: a run killed while
+    writing leaves the previous table, never half of one."""
+    temporary = Path(f"{path}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def markdown(rows: list[dict], device_name: str, args: argparse.Namespace) -> str:
     lines = [
         f"{args.model}, batch {args.batch_size}, image {args.image_size}px, {args.steps} timed steps after "
@@ -214,14 +223,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{method:>5} {precision}: {row['images_per_s']:.1f} images/s", flush=True)
             if args.json:  # after every configuration: a run cut short keeps what it measured
                 add_floor_ratios(rows)
-                with open(args.json, "w", encoding="utf-8") as handle:
-                    json.dump({"device": device_name, "rows": rows, "args": vars(args)}, handle, indent=2)
+                write_json(args.json, {"device": device_name, "rows": rows, "args": vars(args)})
     add_floor_ratios(rows)
     print()
     print(markdown(rows, device_name, args))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"device": device_name, "rows": rows, "args": vars(args)}, handle, indent=2)
+        write_json(args.json, {"device": device_name, "rows": rows, "args": vars(args)})
     return rows
 
 
