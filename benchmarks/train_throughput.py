@@ -211,26 +211,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         device_name = f"CPU ({torch.get_num_threads()} threads)"
 
-    rows = []
+    rows, failed = [], []
     for precision in precisions:
         for method in methods:
-            row = measure(method, precision, args, device)
+            try:
+                row = measure(method, precision, args, device)
+            except Exception as error:  # e.g. out of memory: the other configurations still run
+                failed.append({"method": method, "precision": precision, "error": f"{type(error).__name__}: {error}"})
+                print(f"{method:>5} {precision}: failed: {failed[-1]['error']}", flush=True)
+            else:
+                rows.append(row)
+                print(f"{method:>5} {precision}: {row['images_per_s']:.1f} images/s", flush=True)
             # The previous configuration's model and optimizer state must not count in the next peak.
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            rows.append(row)
-            print(f"{method:>5} {precision}: {row['images_per_s']:.1f} images/s", flush=True)
             if args.json:  # after every configuration: a run cut short keeps what it measured
                 add_floor_ratios(rows)
-                write_json(args.json, {"device": device_name, "rows": rows, "args": vars(args)})
+                write_json(args.json, {"device": device_name, "rows": rows, "failed": failed, "args": vars(args)})
     add_floor_ratios(rows)
     print()
     print(markdown(rows, device_name, args))
-    if args.json:
-        write_json(args.json, {"device": device_name, "rows": rows, "args": vars(args)})
+    if failed:
+        raise SystemExit(f"{len(failed)} configuration(s) failed: " + "; ".join(
+            f"{f['method']} {f['precision']}: {f['error']}" for f in failed))
     return rows
-
 
 if __name__ == "__main__":
     main()
