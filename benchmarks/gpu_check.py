@@ -351,9 +351,10 @@ def prepare_data(plan: Plan, data: Path, out: Path) -> dict[str, Any]:
         names.update(entry["image"] for entry in entries)
     tasks = [(str(images), name) for name in sorted(names)]
     if len(tasks) > 200:
-        from multiprocessing import Pool
+        import multiprocessing
 
-        with Pool(min(16, os.cpu_count() or 1)) as pool:
+        # Spawned, not forked: this process has started CUDA (and its threads) by now.
+        with multiprocessing.get_context("spawn").Pool(min(16, os.cpu_count() or 1)) as pool:
             pool.map(_write_image, tasks, chunksize=64)
     else:
         for task in tasks:
