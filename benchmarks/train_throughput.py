@@ -42,7 +42,7 @@ import torch
 
 from harma import HarmaConfig
 from harma.losses import HarmaLoss
-from harma.training import METHODS, TrainConfig, build_model, build_optimizer
+from harma.training import METHODS, TrainConfig, apply_precision, build_model, build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapter_overhead import make_strict_floor, matmul_flops  # noqa: E402  (the sibling benchmark's floor)
@@ -205,8 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"unknown method or precision: {unknown}")
     if device.type == "cuda":
         # Same setting as harma.training's default (tf32=True): fp32 storage, TF32 tensor-core matmuls.
-        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
-        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+        apply_precision("fp32", not args.no_tf32, device)
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"CPU ({torch.get_num_threads()} threads)"
