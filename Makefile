@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo search-demo chromium test lint docs clean
+.PHONY: install demo search-demo chromium gpu-prep test lint docs clean
 
 $(BIN)/.harma-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ docs: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# What the GPU check carries to a GPU machine: wheels of the packages it lacks, RSITMD annotation
+# files (benchmarks/gpu_prep.py; docs/performance.md). From a worktree elsewhere, give SHARED_DATA.
+SHARED_DATA ?= ../shared/data
+gpu-prep:
+	$(PYTHON) benchmarks/gpu_prep.py --shared-data $(SHARED_DATA)
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info

@@ -66,7 +66,7 @@ from torch import nn
 import harma
 from harma.named_adapters import check_adapter_name
 from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
-from harma.training import TrainConfig, format_metrics_table, load_trained_weights
+from harma.training import TrainConfig, apply_precision, format_metrics_table, load_trained_weights
 from harma.training.captions import CAPTION_FORMATS, CaptionDataset, read_caption_dataset
 from harma.training.cli import BAD_INPUT as COMMAND_LINE_BAD_INPUT
 from harma.training.cli import (
@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=integer_at_least(1), default=128)
     parser.add_argument("--num_workers", type=integer_at_least(0), default=4)
     parser.add_argument("--device", type=device_option, default="auto", help="auto | cuda | cuda:N | cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="autocast dtype on CUDA")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="autocast dtype on CUDA (default: with --run the run's precision and TF32, else fp32)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     gallery = parser.add_argument_group("gallery: what the model retrieved for sample queries")
     gallery.add_argument("--gallery", action="append", default=[], metavar="FILE",
@@ -233,7 +233,7 @@ def resolve(args: argparse.Namespace) -> dict:
     setup = {
         "model": args.model, "pretrained": args.pretrained, "model_config": args.model_config,
         "image_size": args.image_size, "annotation": args.annotation, "image_root": args.image_root,
-        "weights": args.adapters,
+        "weights": args.adapters, "precision": args.precision, "tf32": None,
     }
     if args.run:
         run = Path(args.run)
@@ -248,6 +248,7 @@ def resolve(args: argparse.Namespace) -> dict:
             "model": config.model, "pretrained": config.pretrained, "model_config": config.model_config,
             "image_size": config.image_size, "annotation": split_file, "image_root": config.image_root,
             "weights": str(run / f"{args.checkpoint}.safetensors"),
+            "precision": config.precision, "tf32": config.tf32,
         }
         setup = {key: setup[key] if setup[key] is not None else value for key, value in from_run.items()}
         setup["run_config"] = config
@@ -317,13 +318,14 @@ def load_weights(args: argparse.Namespace, setup: dict, model: nn.Module) -> tup
     return model, "backbone only (zero-shot)"
 
 
-def encoding_options(args: argparse.Namespace) -> dict:
+def encoding_options(args: argparse.Namespace, setup: dict) -> dict:
     """Device, autocast dtype, batch size, workers and progress bars of every evaluator."""
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    # The run's settings, so that its embeddings are computed as the run computed them.
+    autocast = apply_precision(setup["precision"] or "fp32", setup["tf32"], device)
     return {"batch_size": args.batch_size, "num_workers": args.num_workers, "device": device,
             "autocast_dtype": autocast, "progress": not args.json}
 
@@ -332,7 +334,7 @@ def build_evaluator(args: argparse.Namespace, setup: dict, dataset: RetrievalEva
                     model: nn.Module) -> tuple[RetrievalEvaluator | None, nn.Module]:
     """The evaluator of the split (None without one), and ``model`` moved to the device in eval
     mode."""
-    options = encoding_options(args)
+    options = encoding_options(args, setup)
     evaluator = None if dataset is None else RetrievalEvaluator.from_dataset(
         dataset, build_tokenizer(setup["model"], setup["model_config"]), **options
     )
@@ -346,7 +348,7 @@ def build_zero_shot(args: argparse.Namespace, setup: dict) -> ZeroShotSuite | No
     return ZeroShotSuite(
         args.zero_shot, test_transform(image_size_of(setup)), build_tokenizer(setup["model"], setup["model_config"]),
         templates=args.templates, class_names=args.class_names, class_prompts=args.class_prompts,
-        combine=args.prompt_combine, **encoding_options(args),
+        combine=args.prompt_combine, **encoding_options(args, setup),
     )
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from harma._precision import tf32_disabled
 from harma.distributed import all_gather_no_grad, get_rank, get_world_size
 from harma.encoding import BatchEncoder, encoders_of, kept_modes, shard_bounds
 
@@ -283,7 +284,7 @@ def retrieval_metrics_from_embeddings(
     """Retrieval recalls from embeddings, without building the similarity matrix.
 
     Similarities are dot products (cosines when ``normalize``), computed in float32 or wider
-    in tiles of ``chunk_size`` captions by at most ``chunk_size`` images; peak extra memory
+    (on CUDA with TF32 switched off for these products, whatever the process set) in tiles of ``chunk_size`` captions by at most ``chunk_size`` images; peak extra memory
     is about ``6 * chunk_size**2`` bytes for float32 (tile, comparison mask, counts) plus the
     normalised copies of the inputs. When ``n_images * n_texts <= chunk_size**2`` the matrix
     is computed in one piece (one matmul). Otherwise every score is computed once, plus once
@@ -328,28 +329,28 @@ def retrieval_metrics_from_embeddings(
         texts = F.normalize(texts, dim=-1)
     n_images, n_texts = images.shape[0], texts.shape[0]
     indices = txt2img_tensor(txt2img, n_images, n_texts, images.device)
+    # Scores in full float32 even where TF32 is on for training: TF32's 10-bit mantissa moves
+    # many ranks among near-equal scores, and a run's metrics must not depend on that switch.
+    with tf32_disabled():
+        ranks = _score_ranks(images, texts, indices, chunk_size, ties)
+    metrics = ranks_to_metrics(ranks)
+    return (metrics, ranks) if return_ranks else metrics
+
+
+def _score_ranks(images: Tensor, texts: Tensor, indices: Tensor, chunk_size: int, ties: str) -> RetrievalRanks:
+    """The ranks of `retrieval_metrics_from_embeddings` from prepared embeddings."""
+    n_images, n_texts = images.shape[0], texts.shape[0]
     if n_images * n_texts <= chunk_size * chunk_size:
         # The whole matrix fits in one tile's memory: one matmul instead of two passes.
         scores = images @ texts.t()
-        ranks = _tile_ranks(
-            lambda rows, cols: scores[rows, cols], n_images, n_texts, indices, n_images, n_texts, ties
-        )
-    else:
-        # Tiles are chunk_size captions wide and proportionally fewer images high: pass 1 of
-        # _tile_ranks recomputes only the tiles holding (image, own caption) pairs, and when
-        # the captions are grouped by image that is about one tile row per tile column.
-        row_tile = min(chunk_size, -(-chunk_size * n_images // n_texts))
-        ranks = _tile_ranks(
-            lambda rows, cols: images[rows] @ texts[cols].t(),
-            n_images,
-            n_texts,
-            indices,
-            row_tile,
-            chunk_size,
-            ties,
-        )
-    metrics = ranks_to_metrics(ranks)
-    return (metrics, ranks) if return_ranks else metrics
+        return _tile_ranks(lambda rows, cols: scores[rows, cols], n_images, n_texts, indices, n_images, n_texts, ties)
+    # Tiles are chunk_size captions wide and proportionally fewer images high: pass 1 of
+    # _tile_ranks recomputes only the tiles holding (image, own caption) pairs, and when
+    # the captions are grouped by image that is about one tile row per tile column.
+    row_tile = min(chunk_size, -(-chunk_size * n_images // n_texts))
+    return _tile_ranks(
+        lambda rows, cols: images[rows] @ texts[cols].t(), n_images, n_texts, indices, row_tile, chunk_size, ties
+    )
 
 
 class RetrievalEvaluator(BatchEncoder):

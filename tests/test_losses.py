@@ -329,6 +329,35 @@ def test_low_precision_inputs(dtype: torch.dtype) -> None:
     assert output.loss.item() == pytest.approx(reference.loss.item(), rel=1e-4)
 
 
+def test_losses_compute_in_float32_under_autocast(monkeypatch) -> None:
+    """Autocast lowers matrix products to bf16 (on the CPU as on CUDA); the losses switch it off
+    for theirs: float32 logits, and the values and gradients of the plain float32 call."""
+    images, texts = (x.float() for x in random_batch(16, seed=9))
+    ids, labels = torch.arange(16) // 2, torch.arange(16) % 4
+    criterion = HarmaLoss(affiliation_weight=1.0)
+    logit_dtypes = []
+    log_softmax = F.log_softmax
+    monkeypatch.setattr(F, "log_softmax", lambda x, *a, **k: logit_dtypes.append(x.dtype) or log_softmax(x, *a, **k))
+
+    def run(autocast: bool) -> tuple[torch.Tensor, ...]:
+        leaf = images.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = criterion(leaf, texts, ids, labels)
+            # autocast is on here: a product outside the loss is lowered (the test would be void otherwise)
+            assert (leaf @ texts.t()).dtype == (torch.bfloat16 if autocast else torch.float32)
+        output.loss.backward()
+        return output.contrastive, output.triplet, output.affiliation, leaf.grad
+
+    plain, under_autocast = run(False), run(True)
+    assert logit_dtypes == [torch.float32] * 4  # both directions of the contrastive loss, twice
+    for got, expected in zip(under_autocast, plain, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = contrastive_loss(image_embeds=images, text_embeds=texts, image_ids=ids, temperature=0.07)
+    assert alone.dtype == torch.float32 and alone.item() == contrastive_loss(images, texts, ids, 0.07).item()
+
+
 def test_shape_errors() -> None:
     with pytest.raises(ValueError, match="same shape"):
         contrastive_loss(torch.randn(3, 4), torch.randn(2, 4), None, 0.1)

@@ -29,7 +29,7 @@ from .config import METHODS, PRECISIONS, RESUMABLE_CHANGES, TrainConfig
 from .models import build_backbone, build_model, build_tokenizer, load_backbone_weights
 from .optim import LinearWarmupDecay, build_optimizer, parameter_groups
 from .report import format_metrics_table
-from .trainer import Trainer, train
+from .trainer import Trainer, apply_precision, train
 from .weights import load_trained_weights, save_trained_weights
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "LinearWarmupDecay",
     "TrainConfig",
     "Trainer",
+    "apply_precision",
     "build_backbone",
     "build_model",
     "build_optimizer",

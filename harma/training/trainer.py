@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from .._precision import set_tf32
 from ..distributed import (
     barrier,
     cleanup_distributed,
@@ -76,7 +77,7 @@ from .state import (
 )
 from .weights import load_trainable_state, load_trained_weights, save_trained_weights, trainable_state
 
-__all__ = ["EpochStats", "NonFiniteError", "Trainer", "train"]
+__all__ = ["EpochStats", "NonFiniteError", "Trainer", "apply_precision", "train"]
 
 
 def _log(message: str) -> None:
@@ -118,13 +119,38 @@ def _resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def apply_precision(precision: str, tf32: bool | None, device: torch.device) -> torch.dtype | None:
+    """Apply a run's numeric settings on ``device`` and return its autocast dtype.
+
+    The same settings make training, its evaluations and a later ``examples/evaluate.py --run``
+    compute the same embeddings. Retrieval scores are computed in full float32 whatever this
+    sets (`harma.retrieval.retrieval_metrics_from_embeddings`).
+
+    Args:
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (`TrainConfig.precision`).
+        tf32: on CUDA, let float32 matrix products and convolutions run in TF32 (True) or not
+            (False), process-wide; None leaves PyTorch's setting as it is. Ignored elsewhere.
+        device: where the model runs.
+
+    Returns:
+        The autocast dtype: None for fp32, else ``torch.bfloat16`` or ``torch.float16``.
+
+    Raises:
+        ValueError: an unknown ``precision``.
+    """
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of {tuple(dtypes)}, got {precision!r}")
+    if tf32 is not None and device.type == "cuda":
+        set_tf32(tf32)
+    return dtypes[precision]
+
+
 def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``config.precision`` (None for fp32)."""
-    if config.precision == "fp32":
-        return None
     if config.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    return torch.bfloat16 if config.precision == "bf16" else torch.float16
+    return apply_precision(config.precision, None, device)
 
 
 def _plot_curves(output_dir: Path) -> bool:
@@ -220,8 +246,7 @@ class Trainer:
                 leftover.unlink(missing_ok=True)  # an interrupted write of an earlier start
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = self.config.tf32
-            torch.backends.cudnn.allow_tf32 = self.config.tf32
+        apply_precision(self.config.precision, self.config.tf32, self.device)
         self._build_datasets()
         if fresh:
             self._prepare_folder()

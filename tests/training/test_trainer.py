@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from harma.retrieval import RetrievalEvaluator
 from harma.training import (
     LinearWarmupDecay,
     TrainConfig,
+    apply_precision,
     build_model,
     load_trained_weights,
     main,
@@ -483,3 +485,22 @@ def test_evaluate_script_reproduces_the_run_results(reference_run, capsys):
     metrics = module.main(["--run", str(output_dir), "--json", "--num_workers", "0"])
     assert metrics == results["test"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results["test"]
+
+
+def test_evaluate_script_applies_the_run_precision_and_tf32(reference_run, tmp_path, monkeypatch):
+    output_dir, results = reference_run
+    run = tmp_path / "run"
+    shutil.copytree(output_dir, run)
+    config = TrainConfig.from_json_file(run / "config.json")
+    config.replace(precision="bf16", tf32=False).save(run / "config.json")
+    module = load_repo_script("examples/evaluate.py", cached=False)
+    applied = []
+    monkeypatch.setattr(module, "apply_precision", lambda *args: applied.append(args) or apply_precision(*args))
+    # bf16 autocast is for CUDA: on the CPU the run's metrics come back unchanged.
+    assert module.main(["--run", str(run), "--json", "--num_workers", "0", "--device", "cpu"]) == results["test"]
+    module.main(["--run", str(run), "--json", "--num_workers", "0", "--device", "cpu", "--precision", "fp32"])
+    module.main(["--model", config.model, "--model_config", json.dumps(config.model_config), "--annotation",
+                 str(config.test_file), "--image_root", str(config.image_root), "--json", "--num_workers", "0",
+                 "--device", "cpu"])
+    cpu = torch.device("cpu")
+    assert applied == [("bf16", False, cpu), ("fp32", False, cpu), ("fp32", None, cpu)]
