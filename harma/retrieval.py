@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from harma._checks import check_finite, index_vector, reject_nonfinite
 from harma._precision import tf32_disabled
 from harma.distributed import all_gather_no_grad, get_rank, get_world_size
 from harma.encoding import BatchEncoder, encoders_of, kept_modes, shard_bounds
@@ -68,34 +69,11 @@ class RetrievalRanks:
 
 def txt2img_tensor(txt2img: Any, n_images: int, n_texts: int, device: torch.device) -> Tensor:
     """Validate ``txt2img`` against the score-matrix shape; return it as a LongTensor."""
-    if isinstance(txt2img, Tensor):
-        indices = txt2img.detach()
-    else:
-        array = np.ascontiguousarray(txt2img)
-        if array.dtype == object:
-            raise ValueError("txt2img must be a flat sequence of integer image indices")
-        indices = torch.from_numpy(array) if array.size else torch.zeros(0, dtype=torch.long)
-    if indices.ndim != 1:
-        raise ValueError(
-            f"txt2img must be 1-D (one image index per caption); got shape {tuple(indices.shape)}"
-        )
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise ValueError(f"txt2img must hold integer image indices; got dtype {indices.dtype}")
-    if indices.shape[0] != n_texts:
-        raise ValueError(
-            f"txt2img has {indices.shape[0]} entries but there are {n_texts} captions (text columns); "
-            "need exactly one image index per caption"
-        )
     if n_images == 0:
         raise ValueError("there are no images (0 image rows)")
-    indices = indices.to(device=device, dtype=torch.long)
-    out_of_range = (indices < 0) | (indices >= n_images)
-    if bool(out_of_range.any()):
-        caption = int(out_of_range.nonzero()[0, 0])
-        raise ValueError(
-            f"txt2img[{caption}] = {int(indices[caption])} points at a missing image: there are "
-            f"{n_images} images (valid indices 0..{n_images - 1})"
-        )
+    indices = index_vector(txt2img, name="txt2img", length=n_texts, bound=n_images, device=device, kind="image",
+                           per="caption", rows="captions (text columns)", outside="points at a missing image",
+                           targets="images")
     captions_per_image = torch.bincount(indices, minlength=n_images)
     uncaptioned = (captions_per_image == 0).nonzero().flatten().tolist()
     if uncaptioned:
@@ -206,27 +184,8 @@ def _as_score_tensor(scores: Any) -> Tensor:
         tensor = tensor.double()
     elif tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()  # CPU comparisons on half types are slow; the upcast is exact.
-    # The sum is a cheap screen: it is finite unless some score is NaN or infinite (or the
-    # sum overflows, which the full check then clears).
-    if not bool(torch.isfinite(tensor.sum())):
-        _reject_nonfinite(tensor, "scores")
+    check_finite(tensor, "scores", "retrieval")
     return tensor
-
-
-def _reject_nonfinite(tensor: Tensor, name: str) -> None:
-    """Raise a `ValueError` saying how many values of ``tensor`` are NaN or infinite, and where
-    the first one is (``name[row, column]``)."""
-    bad = ~torch.isfinite(tensor)
-    count = int(bad.sum())
-    if count == 0:
-        return
-    nans = int(torch.isnan(tensor).sum())
-    first = ", ".join(str(i) for i in bad.nonzero()[0].tolist())
-    raise ValueError(
-        f"{name} contain {count} NaN or infinite value(s) ({nans} NaN, {count - nans} infinite) of "
-        f"{tensor.numel()}, the first at {name}[{first}]; retrieval needs finite values (did the "
-        f"model diverge?)"
-    )
 
 
 def retrieval_metrics(
@@ -319,8 +278,8 @@ def retrieval_metrics_from_embeddings(
         )
     if images.device != texts.device:
         raise ValueError(f"image_embeds is on {images.device} but text_embeds is on {texts.device}")
-    _reject_nonfinite(images, "image_embeds")
-    _reject_nonfinite(texts, "text_embeds")
+    reject_nonfinite(images, "image_embeds", "retrieval")
+    reject_nonfinite(texts, "text_embeds", "retrieval")
     if texts.dtype != images.dtype:
         common = torch.promote_types(images.dtype, texts.dtype)
         images, texts = images.to(common), texts.to(common)

@@ -121,7 +121,7 @@ def test_bad_logits_and_labels_are_named():
         harma.classification_metrics(torch.randn(4), [0, 1, 2, 0])
     bad = logits.clone()
     bad[1, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"1 NaN or infinite value\(s\) of 12, the first at logits\[1, 2\]"):
+    with pytest.raises(ValueError, match=r"1 NaN or infinite value\(s\) \(1 NaN, 0 infinite\) of 12, the first at logits\[1, 2\]"):
         harma.classification_metrics(bad, [0, 1, 2, 0])
 
 
