@@ -46,6 +46,21 @@ def index_vector(values: Any, *, name: str, length: int, bound: int, device: tor
     return indices
 
 
+def score_matrix(values: Any, name: str, shape: str, task: str) -> Tensor:
+    """``values`` as a 2-D floating-point tensor (integers as float64, half precision as float32:
+    CPU comparisons on half types are slow and the upcast is exact), checked finite. ``shape``
+    names the axes in the message (``"(n_images, n_texts)"``)."""
+    tensor = values.detach() if isinstance(values, Tensor) else torch.from_numpy(np.ascontiguousarray(values))
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D {shape} matrix; got shape {tuple(tensor.shape)}")
+    if not tensor.dtype.is_floating_point:
+        tensor = tensor.double()
+    elif tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    check_finite(tensor, name, task)
+    return tensor
+
+
 def reject_nonfinite(tensor: Tensor, name: str, task: str) -> None:
     """Raise a `ValueError` saying how many values of ``tensor`` are NaN or infinite and where
     the first is (``name[row, column]``), for ``task`` (``"retrieval"``); nothing if all are finite."""

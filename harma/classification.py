@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ._checks import check_finite, index_vector
+from ._checks import check_finite, index_vector, score_matrix
 from .distributed import all_gather_no_grad, get_rank, get_world_size
 from .encoding import BatchEncoder, encoders_of, kept_modes, shard_bounds
 from .io import atomic_write
@@ -105,19 +105,11 @@ def _check_labels(labels: Any, n_images: int, n_classes: int, device: torch.devi
 def _dense_scores(logits: Tensor | np.ndarray, labels: Any, ties: str) -> tuple[Tensor, Tensor]:
     """Checked ``(scores, labels)`` of a dense score matrix."""
     _check_ties(ties)
-    scores = logits.detach() if isinstance(logits, Tensor) else torch.from_numpy(np.ascontiguousarray(logits))
-    if scores.ndim != 2:
-        raise ValueError(f"logits must be a 2-D (n_images, n_classes) matrix; got shape {tuple(scores.shape)}")
-    if not scores.dtype.is_floating_point:
-        scores = scores.double()
-    elif scores.dtype in (torch.float16, torch.bfloat16):
-        scores = scores.float()  # CPU comparisons on half types are slow; the upcast is exact.
+    scores = score_matrix(logits, "logits", "(n_images, n_classes)", "classification")
     n_images, n_classes = scores.shape
     if n_classes == 0:
         raise ValueError("logits have no class column")
-    indices = _check_labels(labels, n_images, n_classes, scores.device)
-    check_finite(scores, "logits", "classification")
-    return scores, indices
+    return scores, _check_labels(labels, n_images, n_classes, scores.device)
 
 
 def _tiles(scores: Tensor) -> range:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from harma._checks import check_finite, index_vector, reject_nonfinite
+from harma._checks import index_vector, reject_nonfinite, score_matrix
 from harma._precision import tf32_disabled
 from harma.distributed import all_gather_no_grad, get_rank, get_world_size
 from harma.encoding import BatchEncoder, encoders_of, kept_modes, shard_bounds
@@ -177,15 +177,7 @@ def ranks_to_metrics(ranks: RetrievalRanks) -> dict[str, float]:
 
 
 def _as_score_tensor(scores: Any) -> Tensor:
-    tensor = scores.detach() if isinstance(scores, Tensor) else torch.from_numpy(np.ascontiguousarray(scores))
-    if tensor.ndim != 2:
-        raise ValueError(f"scores must be a 2-D (n_images, n_texts) matrix; got shape {tuple(tensor.shape)}")
-    if not tensor.dtype.is_floating_point:
-        tensor = tensor.double()
-    elif tensor.dtype in (torch.float16, torch.bfloat16):
-        tensor = tensor.float()  # CPU comparisons on half types are slow; the upcast is exact.
-    check_finite(tensor, "scores", "retrieval")
-    return tensor
+    return score_matrix(scores, "scores", "(n_images, n_texts)", "retrieval")
 
 
 def retrieval_metrics(
