@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -64,30 +63,34 @@ import torch
 from torch import nn
 
 import harma
-from harma.named_adapters import check_adapter_name
 from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
-from harma.training import TrainConfig, apply_precision, format_metrics_table, load_trained_weights
-from harma.training.captions import CAPTION_FORMATS, CaptionDataset, read_caption_dataset
-from harma.training.cli import BAD_INPUT as COMMAND_LINE_BAD_INPUT
-from harma.training.cli import (
-    device_option,
-    errors_named,
-    exit_on_bad_input,
-    integer_at_least,
-    json_object_option,
-)
+from harma.training import TrainConfig, apply_precision, format_metrics_table
+from harma.training.captions import CaptionDataset, read_caption_dataset
 from harma.training.data import ImageReadError, RetrievalEvalDataset, read_run_split, test_transform
 from harma.training.gallery import GALLERY_SUFFIXES, build_gallery_from_embeddings
 from harma.training.gallery_render import write_gallery
-from harma.training.models import build_backbone, build_tokenizer, native_image_size
+from harma.training.model_options import (
+    add_model_arguments,
+    add_runtime_arguments,
+    load_adapter_weights,
+    parse_adapters,
+    resolve_image_size,
+)
+from harma.training.models import build_backbone, build_tokenizer
+from harma.training.options import BAD_INPUT as COMMAND_LINE_BAD_INPUT
+from harma.training.options import (
+    add_caption_arguments,
+    caption_reader_options,
+    errors_named,
+    exit_on_bad_input,
+    integer_at_least,
+    resolve_device,
+)
 from harma.training.state import check_writable_folder
 from harma.training.zero_shot import ZeroShotSuite, format_zero_shot_table
 
 BAD_INPUT = (*COMMAND_LINE_BAD_INPUT, KeyError, TypeError)
 """Errors that are the user's to fix: one ``error:`` line and exit status 2, no traceback."""
-
-READER_OPTIONS = ("csv_img_key", "csv_caption_key", "csv_separator", "hf_image_key", "hf_caption_key")
-"""Options of `harma.training.captions.read_caption_dataset` that the command line passes on."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,35 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", help="a training output folder: backbone, splits and checkpoint from it")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
                         help="with --run: which saved weights (default best, chosen on validation)")
-    parser.add_argument("--split", choices=("test", "val", "train"), default="test",
-                        help="which split: of --run (val, test), or of an --annotation file holding several")
-    parser.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 or ViT-B-32-quickgelu")
-    parser.add_argument("--pretrained", help="open_clip tag or local weights file of the backbone")
-    parser.add_argument("--model_config", type=json_object_option,
-                        help="open_clip.CLIP arguments as JSON (or a JSON file)")
-    parser.add_argument("--image_size", type=integer_at_least(1), help="input side in pixels (default: the model's)")
-    parser.add_argument("--adapters", action="append", default=[], metavar="[NAME=]PATH",
-                        help="a .safetensors file written by harma (adapters, LoRA or full); or NAME=PATH, "
-                        "repeatable: HarMA adapter files loaded as named sets of one backbone, each "
-                        "evaluated in turn")
+    add_model_arguments(parser)  # --adapters NAME=PATH, repeated: each named set is evaluated in turn
     parser.add_argument("--official-checkpoint", dest="official_checkpoint",
                         help="a checkpoint of the authors' implementation (checkpoint_best.pth)")
     parser.add_argument("--annotation", help="annotation file of any caption format (docs/data.md), or a folder "
                         "written by a Hugging Face dataset's save_to_disk")
     parser.add_argument("--image_root", help="folder the annotation image paths are relative to")
-    captions = parser.add_argument_group("caption formats (docs/data.md)")
-    captions.add_argument("--format", choices=CAPTION_FORMATS, help="format of --annotation (default: detected)")
-    captions.add_argument("--csv-img-key", dest="csv_img_key", help="CSV/TSV column of the image paths "
-                          "(default filepath)")
-    captions.add_argument("--csv-caption-key", dest="csv_caption_key", help="CSV/TSV column of the captions "
-                          "(default title)")
-    captions.add_argument("--csv-separator", dest="csv_separator", help="CSV/TSV separator (default: tab, or a "
-                          "comma when the header line is comma-separated)")
-    captions.add_argument("--hf-image-key", dest="hf_image_key", help="image column of a Hugging Face dataset")
-    captions.add_argument("--hf-caption-key", dest="hf_caption_key", help="caption column of a Hugging Face dataset")
-    parser.add_argument("--batch_size", type=integer_at_least(1), default=128)
-    parser.add_argument("--num_workers", type=integer_at_least(0), default=4)
-    parser.add_argument("--device", type=device_option, default="auto", help="auto | cuda | cuda:N | cpu")
+    add_caption_arguments(parser, split_default="test", split_help="which split: of --run (val, test), or of an "
+                          "--annotation file holding several")
+    add_runtime_arguments(parser)
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                         help="autocast dtype on CUDA (default: with --run the run's precision and TF32, else fp32)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -161,46 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_adapter_argument(text: str) -> tuple[str | None, str]:
-    """``(NAME, PATH)`` of an ``--adapters NAME=PATH`` value, ``(None, PATH)`` of a bare path.
-
-    The text before the first ``=`` is a name only when it holds no path separator, so
-    ``runs/lr=1e-4/best.safetensors`` stays a path.
-    """
-    name, equals, path = text.partition("=")
-    if not equals or "/" in name or os.sep in name:
-        return None, text
-    return name, path
-
-
-def parse_adapters(parser: argparse.ArgumentParser, values: list[str]) -> str | dict[str, str] | None:
-    """The ``--adapters`` values: None (none given), one bare path (a str, evaluated as before),
-    or ``{name: path}`` (several, or any named: HarMA adapter sets on one backbone)."""
-    if not values:
-        return None
-    pairs = [split_adapter_argument(value) for value in values]
-    if len(pairs) == 1 and pairs[0][0] is None:
-        return pairs[0][1]
-    named: dict[str, str] = {}
-    for value, (name, path) in zip(values, pairs, strict=True):
-        if name is None:
-            parser.error(f"--adapters {value}: give each of several adapter files as NAME=PATH")
-        try:
-            check_adapter_name(name)
-        except ValueError as error:
-            parser.error(f"--adapters {value}: {name!r} cannot name an adapter set: {error}")
-        if not path:
-            parser.error(f"--adapters {value}: no file after '{name}='")
-        if name in named:
-            parser.error(f"--adapters: the name {name!r} is given twice ({named[name]} and {path})")
-        named[name] = path
-    return named
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.adapters = parse_adapters(parser, args.adapters)
+    try:
+        args.adapters = parse_adapters(args.adapters)
+    except ValueError as error:
+        parser.error(str(error))
     if args.adapters and args.official_checkpoint:
         parser.error("give --adapters or --official-checkpoint, not both")
     if isinstance(args.adapters, dict) and len(args.adapters) > 1 and args.gallery:
@@ -258,10 +208,7 @@ def resolve(args: argparse.Namespace) -> dict:
 
 
 def image_size_of(setup: dict) -> int:
-    image_size = setup["image_size"]
-    if image_size is None:
-        image_size = native_image_size(setup["model"], setup["model_config"])
-    return image_size
+    return resolve_image_size(setup["model"], setup["model_config"], setup["image_size"])
 
 
 def read_split(args: argparse.Namespace, setup: dict) -> CaptionDataset:
@@ -269,9 +216,7 @@ def read_split(args: argparse.Namespace, setup: dict) -> CaptionDataset:
     out again, the same images)."""
     if args.annotation is None and "run_config" in setup:
         return read_run_split(setup["run_config"], args.split)
-    options = {name: getattr(args, name) for name in READER_OPTIONS if getattr(args, name) is not None}
-    return read_caption_dataset(setup["annotation"], args.format, split=args.split, image_root=setup["image_root"],
-                                **options)
+    return read_caption_dataset(setup["annotation"], image_root=setup["image_root"], **caption_reader_options(args))
 
 
 def build_split_and_backbone(args: argparse.Namespace, setup: dict) -> tuple[RetrievalEvalDataset | None, nn.Module]:
@@ -289,19 +234,6 @@ def build_split_and_backbone(args: argparse.Namespace, setup: dict) -> tuple[Ret
     return dataset, model
 
 
-def load_named_adapters(model: nn.Module, named: dict[str, str]) -> None:
-    """Load each HarMA adapter file into ``model`` as the set of its name; errors name the file."""
-    for name, path in named.items():
-        # A local path only: harma.load_adapters would read a missing "org/name" as a Hub id.
-        if not Path(path).exists():
-            raise FileNotFoundError(f"--adapters {name}={path}: no harma adapter file or folder at '{path}'")
-        try:
-            harma.load_adapters(model, path, adapter_name=name)
-        except ValueError as error:
-            raise ValueError(f"--adapters {name}={path}: {error} (named adapters must be HarMA adapter files; "
-                             f"a LoRA or full fine-tuning file is evaluated alone, as a bare --adapters PATH)") from None
-
-
 def load_weights(args: argparse.Namespace, setup: dict, model: nn.Module) -> tuple[nn.Module, str]:
     """``model`` with what was asked loaded into it, and a description of that source."""
     weights = setup["weights"]
@@ -309,21 +241,15 @@ def load_weights(args: argparse.Namespace, setup: dict, model: nn.Module) -> tup
         with errors_named(f"--official-checkpoint {args.official_checkpoint}"):
             report = harma.load_official_checkpoint(model, args.official_checkpoint)
         return model, f"official checkpoint {args.official_checkpoint} (temperature {report.temperature})"
+    model = load_adapter_weights(model, weights)
     if isinstance(weights, dict):
-        load_named_adapters(model, weights)
         return model, "adapters " + ", ".join(f"{name}={path}" for name, path in weights.items())
-    if weights:
-        with errors_named(f"--adapters {weights}"):
-            return load_trained_weights(model, weights), f"weights {weights}"
-    return model, "backbone only (zero-shot)"
+    return model, f"weights {weights}" if weights else "backbone only (zero-shot)"
 
 
 def encoding_options(args: argparse.Namespace, setup: dict) -> dict:
     """Device, autocast dtype, batch size, workers and progress bars of every evaluator."""
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
     # The run's settings, so that its embeddings are computed as the run computed them.
     autocast = apply_precision(setup["precision"] or "fp32", setup["tf32"], device)
     return {"batch_size": args.batch_size, "num_workers": args.num_workers, "device": device,

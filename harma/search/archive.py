@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
+from ..training.options import resolve_device
 from .ann import load_faiss_index
 from .encoder import SearchModel
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
@@ -118,16 +120,18 @@ class Searcher:
 
     @classmethod
     def open(cls, paths: Sequence[str | os.PathLike] | str | os.PathLike, *,
-             overrides: Mapping[str, Any] | None = None, device: str = "cpu", use_faiss: bool = True) -> Searcher:
+             overrides: Mapping[str, Any] | None = None, device: str | torch.device = "cpu",
+             use_faiss: bool = True) -> Searcher:
         """Open the indexes at ``paths`` (see `find_indexes`) and build their model from the
         manifests.
 
         Args:
             overrides: `ModelSpec` fields given again (``pretrained`` of a moved file...); the
                 model they name must be the one the indexes were built with.
-            device: where the model runs.
+            device: where the model runs (``auto``: CUDA when available).
             use_faiss: search through the FAISS index of an index that has one.
         """
+        device = resolve_device(device) if isinstance(device, str) else device  # before anything is read
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         indexes = {name: SearchIndex(folder, use_faiss) for name, folder in find_indexes(paths).items()}
         manifests = {name: index.manifest for name, index in indexes.items()}

@@ -23,9 +23,9 @@ from ..training.model_options import (
     add_model_arguments,
     add_runtime_arguments,
     parse_adapters,
-    read_model_config,
     spec_from_args,
 )
+from ..training.options import device_option
 from .ann import build_faiss_index
 from .archive import Searcher
 from .indexer import IndexOptions, build_index
@@ -62,7 +62,7 @@ def _model_overrides(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model options (default: the manifest's; given again they must name "
                                       "the same model)")
     add_model_arguments(group)
-    group.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    group.add_argument("--device", type=device_option, default="cpu", help="cpu | cuda | cuda:N | auto")
     parser.add_argument("--exact", action="store_true", help="exact search even when a FAISS index exists")
 
 
@@ -154,7 +154,7 @@ def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.model_config is not None:
-        overrides["model_config"] = read_model_config(args.model_config)
+        overrides["model_config"] = args.model_config
     adapters = parse_adapters(args.adapters)
     if isinstance(adapters, dict):
         raise ValueError("--adapters NAME=PATH is for index; query an index of a named set by its folder")

@@ -30,6 +30,7 @@ from ..named_adapters import set_adapter
 from ..training.data import test_transform
 from ..training.model_options import ModelSpec, build_from_spec
 from ..training.models import build_backbone, build_tokenizer
+from ..training.options import resolve_device
 from .manifest import IndexMismatchError, Manifest, describe_model, same_backbone
 
 __all__ = ["SearchModel", "autocast_context", "is_harma_adapter_file", "set_name_for"]
@@ -64,12 +65,12 @@ class SearchModel:
         spec: the backbone's options (the tokenizer and the image size come from it).
         sets: ``{index name: adapter set name, or None for the model as it is, or "" for the
             backbone with every set bypassed}``.
-        device: where to run.
+        device: where to run (a name: `harma.training.options.resolve_device`, ``auto`` too).
     """
 
     def __init__(self, model: nn.Module, spec: ModelSpec, sets: Mapping[str, str | None],
                  device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
+        self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.spec = spec
         self.sets = dict(sets)

@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..distributed import barrier, get_rank, get_world_size, init_distributed_from_env, is_distributed
-from ..training.model_options import ModelSpec, build_from_spec, load_named_adapters, resolve_device
+from ..training.model_options import ModelSpec, build_from_spec, load_named_adapters
 from ..training.models import build_backbone, looks_like_path
+from ..training.options import resolve_device
 from .encoder import SearchModel
 from .manifest import MANIFEST_NAME, Manifest, adapter_fingerprint
 from .sources import ImageSource, ItemDataset, collate_items

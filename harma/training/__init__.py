@@ -6,6 +6,10 @@ The core (`harma`) never imports this package. What is here:
 - `harma.training.config`: the recipe, `TrainConfig`;
 - `harma.training.trainer`: the run, `Trainer` and `train`;
 - `harma.training.cli`: the command line of the example scripts (`main`, `parse_args`);
+- `harma.training.options`: what every command line shares (checked option values, the
+  `error:` line and exit status 2, the caption-format options);
+- `harma.training.model_options`: the model options of the command lines that run a trained
+  model (evaluation, archive search);
 - `harma.training.state`: the files of a run folder and the resume state;
 - `harma.training.weights`: the weight files a run writes (`save_trained_weights`,
   `load_trained_weights`);

@@ -6,126 +6,22 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from ..config import HarmaConfig
-from .config import TrainConfig, cuda_problem, is_device_name, read_config_file
-from .data import ImageReadError
+from .config import TrainConfig, read_config_file
+from .options import BAD_INPUT, errors_named, exit_on_bad_input, integer_at_least, read_json_object
 from .state import CONFIG_NAME
 from .trainer import NonFiniteError, train
 
-__all__ = [
-    "BAD_INPUT",
-    "ParsedArgs",
-    "device_option",
-    "errors_named",
-    "exit_on_bad_input",
-    "integer_at_least",
-    "json_object_option",
-    "main",
-    "parse_args",
-    "read_json_object",
-]
-
-BAD_INPUT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
-             ValueError)
-"""Errors that are the user's to fix (a recipe, a path, an input file): the command line prints
-one ``error:`` line and exits with status 2, no traceback."""
-
-
-# ------------------------------------------------------------------ shared by the command lines
-
-
-@contextlib.contextmanager
-def exit_on_bad_input() -> Iterator[None]:
-    """Inside, an error that is the user's to fix (`BAD_INPUT`) prints one ``error:`` line on
-    stderr and exits with status 2, without a traceback; an image that a DataLoader worker could
-    not read is named without the worker's traceback."""
-    try:
-        yield
-    except BAD_INPUT as error:
-        if isinstance(error, ImageReadError):
-            error = ImageReadError.without_worker_traceback(error)
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-@contextlib.contextmanager
-def errors_named(prefix: str) -> Iterator[None]:
-    """Inside, an error that is the user's to fix (`BAD_INPUT`) is raised again with ``prefix``
-    (the option and its value, e.g. ``"--adapters runs/x"``) in front of its message, with its
-    type where the type takes a message alone (`ValueError` otherwise)."""
-    try:
-        yield
-    except BAD_INPUT as error:
-        message = f"{prefix}: {error}"
-        try:
-            renamed = type(error)(message)
-        except TypeError:  # e.g. json.JSONDecodeError, which needs more than a message
-            renamed = ValueError(message)
-        raise renamed from None
-
-
-def integer_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: the integer a value gives, refused (naming it) below ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-def device_option(text: str) -> str:
-    """An argparse ``type``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, where CUDA (and device
-    ``N``) exists on this machine."""
-    if not is_device_name(text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    problem = cuda_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return text
-
-
-def read_json_object(text: str) -> dict[str, Any]:
-    """A JSON object given as text, or as the path of a JSON file holding one.
-
-    Raises:
-        ValueError: neither a JSON file nor valid JSON, or JSON that is not an object (named).
-    """
-    if Path(text).is_file():
-        return read_config_file(text)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{text!r} is neither a JSON file nor valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object, got a {type(value).__name__}: {text!r}")
-    return value
-
-
-def json_object_option(text: str) -> dict[str, Any]:
-    """An argparse ``type``: `read_json_object`, its errors as argument errors."""
-    try:
-        return read_json_object(text)
-    except (OSError, ValueError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-# ------------------------------------------------------------------ the training command line
+__all__ = ["ParsedArgs", "main", "parse_args"]
 
 
 def _type_name(config_field: dataclasses.Field) -> str:

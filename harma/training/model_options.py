@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..checkpoint import load_adapters
 from ..named_adapters import check_adapter_name
-from .models import build_backbone, looks_like_path
+from .models import build_backbone, looks_like_path, native_image_size
+from .options import device_option, errors_named, integer_at_least, json_object_option, read_json_object
 from .weights import load_trained_weights
 
 __all__ = [
@@ -35,10 +34,10 @@ __all__ = [
     "add_runtime_arguments",
     "build_from_spec",
     "file_sha256",
+    "load_adapter_weights",
     "load_named_adapters",
     "parse_adapters",
     "read_model_config",
-    "resolve_device",
     "resolve_image_size",
     "spec_from_args",
     "split_adapter_argument",
@@ -48,11 +47,13 @@ Adapters = str | dict[str, str] | None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--model``, ``--pretrained``, ``--model_config``, ``--image_size``, ``--adapters``."""
+    """``--model``, ``--pretrained``, ``--model_config`` (read into a dict), ``--image_size``,
+    ``--adapters`` (the raw values: `parse_adapters` reads them)."""
     parser.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 or ViT-B-32-quickgelu")
     parser.add_argument("--pretrained", help="open_clip tag or local weights file of the backbone")
-    parser.add_argument("--model_config", help="open_clip.CLIP arguments as JSON (or a JSON file)")
-    parser.add_argument("--image_size", type=int, help="input side in pixels (default: the model's)")
+    parser.add_argument("--model_config", type=json_object_option,
+                        help="open_clip.CLIP arguments as JSON (or a JSON file)")
+    parser.add_argument("--image_size", type=integer_at_least(1), help="input side in pixels (default: the model's)")
     parser.add_argument("--adapters", action="append", default=[], metavar="[NAME=]PATH",
                         help="a .safetensors file written by harma (adapters, LoRA or full); or NAME=PATH, "
                         "repeatable: HarMA adapter files loaded as named sets of one backbone")
@@ -60,10 +61,10 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 
 def add_runtime_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
                           batch_size: int = 128, num_workers: int = 4) -> None:
-    """``--batch_size``, ``--num_workers``, ``--device``."""
-    parser.add_argument("--batch_size", type=int, default=batch_size)
-    parser.add_argument("--num_workers", type=int, default=num_workers)
-    parser.add_argument("--device", default="auto", help="auto | cuda | cpu (or cuda:N)")
+    """``--batch_size``, ``--num_workers``, ``--device`` (checked: `harma.training.options`)."""
+    parser.add_argument("--batch_size", type=integer_at_least(1), default=batch_size)
+    parser.add_argument("--num_workers", type=integer_at_least(0), default=num_workers)
+    parser.add_argument("--device", type=device_option, default="auto", help="auto | cuda | cuda:N | cpu")
 
 
 def split_adapter_argument(text: str) -> tuple[str | None, str]:
@@ -108,46 +109,31 @@ def parse_adapters(values: list[str]) -> Adapters:
 
 
 def read_model_config(text: str | None) -> dict[str, Any] | None:
-    """``--model_config``: JSON text, or the path of a JSON file.
+    """``--model_config``: a JSON object as text, or the path of a JSON file holding one
+    (`harma.training.options.read_json_object`).
 
     Raises:
-        ValueError: neither a readable JSON file nor JSON text (the cause is named).
+        ValueError: neither a JSON file nor JSON text, or not an object (``--model_config: ``
+            and the cause).
     """
     if text is None:
         return None
-    source = Path(text).read_text(encoding="utf-8") if Path(text).is_file() else text
-    try:
-        config = json.loads(source)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--model_config is neither a JSON file nor JSON text: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"--model_config must be a JSON object, got {type(config).__name__}")
-    return config
+    with errors_named("--model_config"):
+        return read_json_object(text)
 
 
 def resolve_image_size(model: str, model_config: Mapping[str, Any] | None, image_size: int | None) -> int:
-    """The input side in pixels: ``image_size``, else the configuration's or the named model's."""
+    """The input side in pixels: ``image_size``, else the configuration's or the named model's
+    (`harma.training.models.native_image_size`).
+
+    Raises:
+        ValueError: no ``image_size`` and none known (an unknown model, a configuration without
+            ``vision_cfg.image_size``).
+    """
     if image_size is not None:
         return image_size
-    if model_config is not None:
-        return int(model_config["vision_cfg"]["image_size"])
-    import open_clip
-
-    config = open_clip.get_model_config(model.replace("/", "-"))
-    if config is None:
-        raise ValueError(f"unknown open_clip model {model!r}; see open_clip.list_models() for the names")
-    size = config["vision_cfg"]["image_size"]
+    size = native_image_size(model, model_config)
     return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
-def resolve_device(text: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device {text!r}: expected auto, cpu, cuda or cuda:N") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -215,6 +201,18 @@ def load_named_adapters(model: nn.Module, named: Mapping[str, str]) -> None:
                              f"PATH)") from None
 
 
+def load_adapter_weights(model: nn.Module, adapters: Adapters) -> nn.Module:
+    """``model`` with the ``--adapters`` weights in it: named HarMA adapter sets
+    (`load_named_adapters`), or one file harma wrote (`load_trained_weights`: HarMA adapters,
+    LoRA or full fine-tuning; errors start with ``--adapters PATH``); unchanged without any."""
+    if isinstance(adapters, dict):
+        load_named_adapters(model, adapters)
+    elif adapters:
+        with errors_named(f"--adapters {adapters}"):
+            return load_trained_weights(model, adapters)
+    return model
+
+
 def build_from_spec(spec: ModelSpec) -> nn.Module:
     """The backbone of ``spec`` with its trained weights loaded, in float32 on the CPU, eval mode.
 
@@ -225,8 +223,4 @@ def build_from_spec(spec: ModelSpec) -> nn.Module:
     if isinstance(spec.adapters, str) and not Path(spec.adapters).exists():
         raise FileNotFoundError(f"--adapters: no file at '{spec.adapters}'")
     model = build_backbone(spec.model, spec.pretrained, spec.model_config, spec.image_size)
-    if isinstance(spec.adapters, dict):
-        load_named_adapters(model, spec.adapters)
-    elif spec.adapters:
-        model = load_trained_weights(model, spec.adapters)
-    return model.eval()
+    return load_adapter_weights(model, spec.adapters).eval()

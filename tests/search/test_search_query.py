@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from search_support import run_search
 
 import harma.search.ann as ann
@@ -88,3 +89,33 @@ def test_bad_queries_are_named(built_index, tmp_path):
     assert missing.returncode == 2 and "no index at" in missing.stderr
     empty = run_search("query", str(built_index), "--text", "  ", check=False)
     assert empty.returncode == 2 and "empty" in empty.stderr
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--batch_size", "0"], "argument --batch_size: expected an integer >= 1, got '0'"),
+    (["--num_workers", "-1"], "argument --num_workers: expected an integer >= 0, got '-1'"),
+    (["--image_size", "0"], "argument --image_size: expected an integer >= 1, got '0'"),
+    (["--model_config", "{bad"], "argument --model_config: '{bad' is neither a JSON file nor valid JSON"),
+    (["--model_config", "[1]"], "argument --model_config: expected a JSON object, got a list"),
+    (["--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_bad_model_and_runtime_options_are_the_argument_errors_of_evaluate(archive, tmp_path, arguments, message):
+    # The options are defined once (harma.training.model_options): the messages are evaluate.py's.
+    result = run_search("index", "--images", str(archive.images), "--out", str(tmp_path / "index"),
+                        "--model", "tiny", *arguments, check=False)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
+    assert not (tmp_path / "index").exists()
+    if arguments[0] in ("--model_config", "--device", "--image_size"):
+        query = run_search("query", str(tmp_path), "--text", "x", *arguments, check=False)
+        assert query.returncode == 2 and message in query.stderr
+
+
+def test_query_takes_device_auto(built_index):
+    # 'auto' is CUDA when there is one, else the CPU (it was given to torch.device as it was).
+    auto = run_search("query", str(built_index), "--text", "red roofs", "--json", "--exact", "--device", "auto")
+    cpu = run_search("query", str(built_index), "--text", "red roofs", "--json", "--exact", "--device", "cpu")
+    if torch.cuda.is_available():  # float16 autocast on the GPU may order near ties otherwise
+        assert len(json.loads(auto.stdout)) == len(json.loads(cpu.stdout)) == 10
+    else:
+        assert json.loads(auto.stdout) == json.loads(cpu.stdout)
