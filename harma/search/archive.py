@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..training.captions import DatasetImage
 from ..training.options import resolve_device
 from .ann import load_faiss_index
 from .encoder import SearchModel
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
-from .sources import read_item_bytes
+from .sources import read_item_bytes, read_stored_image, stored_image_table
 from .store import EmbeddingStore
 
 __all__ = ["SearchIndex", "Searcher", "find_indexes", "open_index"]
@@ -39,6 +40,7 @@ class SearchIndex:
         self.store = EmbeddingStore(self.path, self.manifest.shards, self.manifest.dim)
         self.root = self.manifest.root
         self._faiss = load_faiss_index(self.path, self.manifest) if use_faiss and self.manifest.faiss else None
+        self._stored_images: Any = None  # a Hugging Face dataset's image column, opened on first use
 
     def __len__(self) -> int:
         return self.manifest.count
@@ -66,14 +68,27 @@ class SearchIndex:
         return self.store.metadata(item_id)
 
     def image_bytes(self, item_id: int) -> bytes:
-        """The encoded image of item ``item_id``, read from under the index's image root only.
+        """The encoded image of item ``item_id``, read from under the index's image root only, or
+        from the row of the Hugging Face dataset the index was built from.
 
         Raises:
             KeyError: no such item.
-            FileNotFoundError: the file is gone, or lies outside the image root (symlink out).
+            FileNotFoundError: the file (or the dataset's folder) is gone, or lies outside the
+                image root (symlink out).
+            ImportError: an image stored in a Hugging Face dataset, without ``datasets``.
         """
         entry = self.item(item_id)
-        return read_item_bytes(self.root, entry["path"], entry.get("span"))
+        if "row" not in entry:
+            return read_item_bytes(self.root, entry["path"], entry.get("span"))
+        if "hf_image_key" not in self.manifest.source:
+            raise FileNotFoundError(f"item {item_id} names a dataset row, but the index was built from no dataset")
+        if self._stored_images is None:
+            self._stored_images = stored_image_table(self.manifest.source)
+        row = entry["row"]
+        if not isinstance(row, int) or not 0 <= row < len(self._stored_images):  # a tampered index
+            raise FileNotFoundError(f"item {item_id} names row {row!r}, which the dataset does not have")
+        column = self.manifest.source["hf_image_key"]
+        return read_stored_image(DatasetImage(self._stored_images, row, column, entry["path"]), self.root)
 
 
 def find_indexes(paths: Sequence[str | os.PathLike]) -> dict[str, Path]:

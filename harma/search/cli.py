@@ -2,6 +2,7 @@
 
     python -m harma.search index --images DIR --out INDEX --model ViT-B-32 --pretrained W.pt \\
         --adapters best.safetensors
+    python -m harma.search index --annotation dataset_ucm.json --split test --image_root imgs ...
     python -m harma.search query INDEX --text "a bridge over a river" --top-k 10 --json
     python -m harma.search serve INDEX --port 8000
 
@@ -12,6 +13,7 @@ Bad input (a missing folder, an index built with another model, an unknown item.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -25,7 +27,7 @@ from ..training.model_options import (
     parse_adapters,
     spec_from_args,
 )
-from ..training.options import device_option
+from ..training.options import add_caption_arguments, caption_reader_options, device_option
 from .ann import build_faiss_index
 from .archive import Searcher
 from .indexer import IndexOptions, build_index
@@ -43,9 +45,13 @@ def _index_parser(commands: argparse._SubParsersAction) -> None:
                                  allow_abbrev=False)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="a folder tree of images (a caption file x.txt beside x.jpg is read)")
-    source.add_argument("--annotation", help="an annotation file (RSITMD/RSICD layout) naming the images")
+    source.add_argument("--annotation", help="a caption dataset of any format (docs/data.md): an annotation file, "
+                        "or a folder written by a Hugging Face dataset's save_to_disk")
     source.add_argument("--webdataset", nargs="+", metavar="TAR", help="webdataset tar shards, or their folder")
-    parser.add_argument("--image_root", help="with --annotation: the folder its image paths are relative to")
+    parser.add_argument("--image_root", help="with --annotation: the folder its image paths are relative to "
+                        "(default: the annotation's folder)")
+    add_caption_arguments(parser, split_default=None, split_help="with --annotation: the split to index of a "
+                          "dataset holding several (Karpathy, NWPU, a DatasetDict); default: a file of one split, whole")
     parser.add_argument("--out", required=True, help="the index folder (one subfolder per named adapter set)")
     add_model_arguments(parser)
     add_runtime_arguments(parser)
@@ -101,10 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _source(args: argparse.Namespace) -> ImageSource:
+    reader_options = caption_reader_options(args)
+    if args.annotation:
+        return annotation_source(args.annotation, args.image_root, **reader_options)
+    given = [name for name, value in reader_options.items() if value is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} says how to read --annotation: give it with --annotation")
     if args.images:
         return folder_source(args.images)
-    if args.annotation:
-        return annotation_source(args.annotation, args.image_root)
     return webdataset_source(args.webdataset[0] if len(args.webdataset) == 1 else args.webdataset)
 
 
@@ -178,8 +188,19 @@ def run_query(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+def _check_servable(searcher: Searcher) -> None:
+    """Refuse to serve indexes whose images are stored in a Hugging Face dataset without the
+    package that reads them (every image request would fail)."""
+    for name, index in searcher.indexes.items():
+        if "hf_image_key" in index.manifest.source and importlib.util.find_spec("datasets") is None:
+            raise ImportError(f"index {name!r} serves the images stored in the Hugging Face dataset "
+                              f"'{index.manifest.source['annotation']}': that needs the datasets package: "
+                              f"pip install 'harma[datasets]'")
+
+
 def run_serve(args: argparse.Namespace) -> None:
     searcher = Searcher.open(args.index, overrides=overrides_of(args), device=args.device, use_faiss=not args.exact)
+    _check_servable(searcher)
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels,
                           max_k=args.max_k)
     serve(searcher, host=args.host, port=args.port, limits=limits)

@@ -211,9 +211,10 @@ class SearchService:
         name, entry = self.item(index, item_id)
         try:
             data = self.searcher.indexes[name].image_bytes(entry["id"])
-        except (FileNotFoundError, ValueError, OSError):
+        except (FileNotFoundError, ValueError, OSError, ImportError):  # ImportError: a dataset without datasets
             raise BadQuery(404, f"the image of item {entry['id']} is not available") from None
-        media = mimetypes.guess_type(entry.get("member") or entry["path"])[0]
+        # A dataset row's name need not say its format: it is sent as PNG.
+        media = None if "row" in entry else mimetypes.guess_type(entry.get("member") or entry["path"])[0]
         if media in BROWSER_IMAGE_TYPES:
             return data, media
         return self._encode(self._decoded(data), "PNG"), "image/png"

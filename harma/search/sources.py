@@ -1,5 +1,6 @@
 """What an index is built from: a list of items (an image, its key, optional captions and label)
-read from a folder tree, an annotation file, or webdataset tar shards.
+read from a folder tree, a caption dataset of any format (`harma.training.captions`), or
+webdataset tar shards.
 
 Every reader returns an `ImageSource`: the items in a fixed order (the same order on every run
 and every process, so a resumed or distributed run splits the same list), and the folder the
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..training.data import load_annotations
+from ..training.captions import CaptionedImage, DatasetImage, dataset_image_table, read_caption_dataset
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -33,6 +34,7 @@ __all__ = [
     "webdataset_source",
     "open_image",
     "read_item_bytes",
+    "read_stored_image",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
@@ -51,6 +53,8 @@ class ImageItem:
         span: ``(offset, size)`` in bytes of that member's data in the tar file.
         captions: captions that came with the image (possibly none).
         label: class name or label, or None.
+        stored: for an image stored in a Hugging Face dataset, its row (`DatasetImage`); the
+            item's ``path`` is then the image's name, and its metadata holds the ``row``.
     """
 
     key: str
@@ -59,12 +63,15 @@ class ImageItem:
     span: tuple[int, int] | None = None
     captions: tuple[str, ...] = ()
     label: str | None = None
+    stored: DatasetImage | None = field(default=None, compare=False, repr=False)
 
     def metadata(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"key": self.key, "path": self.path}
         if self.member is not None:
             entry["member"] = self.member
             entry["span"] = list(self.span or ())
+        if self.stored is not None:
+            entry["row"] = self.stored.row
         if self.captions:
             entry["captions"] = list(self.captions)
         if self.label is not None:
@@ -132,37 +139,57 @@ def _caption_file(image: Path) -> tuple[str, ...]:
     return ()
 
 
-def annotation_source(annotation: str | os.PathLike, image_root: str | os.PathLike | None = None) -> ImageSource:
-    """The images of an annotation file in the RSITMD/RSICD layout (a JSON list of entries with
-    ``image`` and ``caption``: a string per entry or a list per image), in order of first
-    appearance; an image's captions are gathered from all its entries.
+def annotation_source(annotation: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                      format: str | None = None, *, split: str | None = None, **reader_options: Any) -> ImageSource:
+    """The images of a caption dataset in any format `harma.training.captions.read_caption_dataset`
+    reads (the RSITMD/RSICD layout, Karpathy, NWPU-Captions, CSV/TSV, or a folder a Hugging Face
+    dataset's ``save_to_disk`` wrote), in file order, each with all its captions and its label
+    (the label's name where the file gives one).
 
-    ``image_root`` defaults to the annotation file's folder. Entries whose image lies outside it
-    (absolute paths, ``..``) are skipped and listed.
+    ``format``, ``split`` and ``reader_options`` (``csv_img_key``, ``csv_caption_key``,
+    ``csv_separator``, ``hf_image_key``, ``hf_caption_key``) are those of `read_caption_dataset`;
+    ``split`` names the split of a file holding several (None reads a file of one split whole).
+    ``image_root`` defaults to the annotation's folder. Entries whose image lies outside it
+    (absolute paths, ``..``) are skipped and listed. Images stored in the dataset itself are
+    items of their row (key ``row N``), read from the dataset's folder when indexed and served.
+
+    Raises:
+        TypeError: ``annotation`` is no path (an in-memory dataset: save it with
+            ``save_to_disk`` and give the folder, from which its images are served).
+        FileNotFoundError, ValueError, ImportError: as `read_caption_dataset` (naming the file,
+            the entry and the fault).
     """
+    if not isinstance(annotation, str | os.PathLike):
+        raise TypeError(f"annotation_source reads a file or a folder, not a {type(annotation).__name__}: save a "
+                        f"Hugging Face dataset with save_to_disk and give the folder (its images are served from it)")
     annotation = Path(annotation)
-    entries = load_annotations(annotation, required_keys=("image",))
     root = Path(image_root) if image_root is not None else annotation.parent
-    order: dict[str, dict[str, Any]] = {}
-    skipped = []
-    for index, entry in enumerate(entries):
-        image = entry["image"]
-        if not isinstance(image, str) or not image:
-            raise ValueError(f"annotation file '{annotation}', entry {index}: 'image' must be a non-empty "
-                             f"path string, got {image!r}")
-        if not _inside(root / image, root) or Path(image).is_absolute():
-            skipped.append((image, f"entry {index}: outside the image root '{root}'"))
-            continue
-        gathered = order.setdefault(image, {"captions": [], "label": None})
-        captions = entry.get("caption", [])
-        gathered["captions"].extend([captions] if isinstance(captions, str) else list(captions))
-        label = entry.get("label_name", entry.get("label"))
-        if label is not None and gathered["label"] is None:
-            gathered["label"] = str(label)
-    items = [ImageItem(Path(image).as_posix(), Path(image).as_posix(), captions=tuple(map(str, value["captions"])),
-                       label=value["label"]) for image, value in order.items()]
-    return ImageSource(items, root, "annotation",
-                       {"annotation": str(annotation), "image_root": str(root)}, skipped)
+    dataset = read_caption_dataset(annotation, format, split=split, image_root=root, **reader_options)
+    items, skipped = [], []
+    for image in dataset.images:
+        item = _caption_item(image, root)
+        if item is None:
+            skipped.append((image.name, f"{image.where}: outside the image root '{root}'"))
+        else:
+            items.append(item)
+    description = {"annotation": str(annotation), "image_root": str(root), "format": dataset.format,
+                   "split": split, **{name: value for name, value in reader_options.items() if value is not None}}
+    stored = next((item.stored for item in items if item.stored is not None), None)
+    if stored is not None:
+        description["hf_image_key"] = stored.column  # the column the images are served from
+    return ImageSource(items, root, "annotation", description, skipped)
+
+
+def _caption_item(image: CaptionedImage, root: Path) -> ImageItem | None:
+    """The item of a caption dataset's image; None for a path outside ``root``."""
+    label = image.label_name if image.label_name is not None else None if image.label is None else str(image.label)
+    if isinstance(image.image, DatasetImage):
+        return ImageItem(f"row {image.image.row}", image.name, captions=image.captions, label=label,
+                         stored=image.image)
+    path = Path(image.image)
+    if path.is_absolute() or not _inside(root / path, root):
+        return None
+    return ImageItem(path.as_posix(), path.as_posix(), captions=image.captions, label=label)
 
 
 def webdataset_source(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> ImageSource:
@@ -255,6 +282,34 @@ def read_item_bytes(root: Path, item_path: str, span: Sequence[int] | None = Non
     return data
 
 
+def read_stored_image(image: DatasetImage, root: Path) -> bytes:
+    """The encoded bytes of an image stored in a Hugging Face dataset's row; a row that holds
+    only a file name is read from under ``root`` (`read_item_bytes`).
+
+    Raises:
+        FileNotFoundError: the row holds no image, or its file is not under ``root``.
+    """
+    stored = image.stored()
+    if stored.get("bytes") is not None:
+        return stored["bytes"]
+    if stored.get("path"):
+        return read_item_bytes(root, stored["path"])
+    raise FileNotFoundError(f"row {image.row} of the dataset holds no image")
+
+
+def stored_image_table(description: dict[str, Any]) -> Any:
+    """The encoded image column of the Hugging Face dataset that an `annotation_source`
+    ``description`` (as a manifest records it) names, opened again from its folder."""
+    return dataset_image_table(description["annotation"], description.get("split"), description["hf_image_key"])
+
+
+def read_source_item(root: Path, item: ImageItem) -> bytes:
+    """The encoded image of an item: `read_stored_image` or `read_item_bytes`."""
+    if item.stored is not None:
+        return read_stored_image(item.stored, root)
+    return read_item_bytes(root, item.path, item.span)
+
+
 class ImageTooLargeError(ValueError):
     """An image has more pixels than allowed (refused before it is decoded)."""
 
@@ -300,7 +355,7 @@ class ItemDataset(Dataset):
         position = self.positions[index]
         item = self.source.items[position]
         try:
-            data = read_item_bytes(self.source.root, item.path, item.span)
+            data = read_source_item(self.source.root, item)
             return self.transform(open_image(data, self.max_pixels)), position, None
         except (OSError, ValueError) as error:
             return None, position, str(error)

@@ -54,6 +54,7 @@ __all__ = [
     "DatasetImage",
     "carve_split",
     "check_csv_separator",
+    "dataset_image_table",
     "detect_caption_format",
     "load_annotations",
     "read_caption_dataset",
@@ -84,10 +85,15 @@ class DatasetImage:
     def __init__(self, table: Any, row: int, column: str, name: str, image_root: Path | None = None) -> None:
         self.table, self.row, self.column, self.name, self.image_root = table, row, column, name, image_root
 
+    def stored(self) -> dict[str, Any]:
+        """The row's entry as the dataset stores it: ``{"bytes": encoded image or None, "path":
+        file name or None}``."""
+        return self.table[self.row][self.column] or {"bytes": None, "path": None}
+
     def open(self) -> Image.Image:
         """The image as PIL opened it (not converted); a path-only entry is read from the disk,
         relative to ``image_root``."""
-        stored = self.table[self.row][self.column]
+        stored = self.stored()
         if stored.get("bytes") is not None:
             return Image.open(io.BytesIO(stored["bytes"]))
         return Image.open(Path(self.image_root or "") / stored["path"])
@@ -568,7 +574,7 @@ def _hf_images(datasets: Any, dataset: Any, column: str, image_root: Path | None
     if not isinstance(dataset.features[column], datasets.Image):
         values = list(dataset[column])
         return values, values
-    table = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    table = _encoded_images(datasets, dataset, column)
     names = _hf_names(dataset, column)
     if not grouped:  # one row per image: nothing to read now
         return [DatasetImage(table, row, column, names[row], image_root) for row in range(len(table))], \
@@ -606,8 +612,14 @@ def _read_hf_rows(captions_column: list[Any], image_column: str, caption_column:
     return grouper.result()
 
 
-def _read_hf(obj: Any, split: str | None, image_root: Path | None, image_key: str | None,
-             caption_key: str | None) -> tuple[tuple[CaptionedImage, ...], str]:
+def _encoded_images(datasets: Any, dataset: Any, column: str) -> Any:
+    """The image column alone, its images left encoded (``{"bytes", "path"}`` per row)."""
+    return dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+
+
+def _open_hf(obj: Any, split: str | None) -> tuple[Any, Any, str]:
+    """``(the datasets module, the datasets.Dataset of split, its label)`` of a dataset or of
+    the folder ``save_to_disk`` wrote."""
     try:
         datasets = importlib.import_module("datasets")
     except ImportError as error:
@@ -618,6 +630,29 @@ def _read_hf(obj: Any, split: str | None, image_root: Path | None, image_key: st
         label = str(obj)
         obj = datasets.load_from_disk(str(obj))
     dataset, label = _hf_split(datasets, obj, split, label)
+    return datasets, dataset, label
+
+
+def dataset_image_table(source: PathLike, split: str | None, column: str) -> Any:
+    """The images of one split of a saved Hugging Face dataset, left encoded: the table that the
+    split's `DatasetImage` entries read (``DatasetImage(table, row, column, name)``), opened
+    again later from the folder (archive search serves the images it indexed from it).
+
+    Raises:
+        FileNotFoundError: no dataset in the folder.
+        ValueError: no such split, or no image column ``column`` (the columns are named).
+        ImportError: without the ``datasets`` package.
+    """
+    datasets, dataset, label = _open_hf(source, split)
+    if not isinstance(dataset.features.get(column), datasets.Image):
+        raise ValueError(f"Hugging Face dataset '{label}': no image column {column!r}; its columns are "
+                         f"{list(dataset.column_names)}")
+    return _encoded_images(datasets, dataset, column)
+
+
+def _read_hf(obj: Any, split: str | None, image_root: Path | None, image_key: str | None,
+             caption_key: str | None) -> tuple[tuple[CaptionedImage, ...], str]:
+    datasets, dataset, label = _open_hf(obj, split)
     image_column = _hf_column(dataset, _HF_IMAGE_KEYS, image_key, "image", "hf_image_key", label)
     caption_column = _hf_column(dataset, _HF_CAPTION_KEYS, caption_key, "caption", "hf_caption_key", label)
     captions = list(dataset[caption_column])
