@@ -4,7 +4,8 @@ JSON API or a web page.
 
 The core (`harma`) never imports this package. What is here:
 
-- `harma.search.sources`: what is indexed (a folder tree, an annotation file, webdataset shards);
+- `harma.search.sources`: what is indexed (a folder tree, a caption dataset of any format,
+  webdataset shards);
 - `harma.search.indexer`: `build_index`, resumable and torchrun-aware;
 - `harma.search.store`: the index files and exact search over memory-mapped float16 shards;
 - `harma.search.ann`: an approximate FAISS index with its measured recall (optional extra);
