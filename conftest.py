@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 import torch
 from sybil import Sybil
 from sybil.parsers.markdown import PythonCodeBlockParser, SkipParser
@@ -41,3 +42,13 @@ pytest_collect_file = Sybil(
     setup=enter_page,
     teardown=leave_page,
 ).pytest()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skipped block is reported at its line of the page, not inside pytest."""
+    outcome = yield
+    report = outcome.get_result()
+    example = getattr(item, "example", None)
+    if example is not None and report.skipped and isinstance(report.longrepr, tuple):
+        report.longrepr = (str(example.path), example.line, report.longrepr[2])
