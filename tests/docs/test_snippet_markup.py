@@ -42,3 +42,17 @@ def test_the_markup_check_sees_a_misplaced_skip():
     text = '<!-- skip: next "needs data" -->\n```bash\nls\n```\n\n```python\nx = 1\n```\n'
     [(_, info, _)] = list(skips_and_next_fence(text))
     assert info == "bash"
+
+
+MAX_CODE_LINE = 85  # what the docs' content column shows at 1280 px (.ci/check_api_pages.py)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_no_code_line_is_wider_than_the_page_shows(page: Path):
+    inside, wide = False, []
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        if FENCE.match(line.lstrip()):
+            inside = not inside
+        elif inside and len(line) > MAX_CODE_LINE:
+            wide.append(f"{page.name}:{number}: {len(line)} characters")
+    assert not wide, "code lines wider than the page: " + "; ".join(wide)
