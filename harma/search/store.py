@@ -74,6 +74,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as indented JSON with sorted keys, replacing ``path`` atomically."""
     atomic_write_bytes(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
