@@ -30,7 +30,8 @@ chromium:
 test: install
 	$(BIN)/python -m pytest -q
 
-docs: install
+# The page checker lays every page out in headless Chromium at 1280 px (tables, code lines).
+docs: install chromium
 	$(BIN)/python -m pip install --quiet -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 	$(BIN)/python .ci/check_api_pages.py site

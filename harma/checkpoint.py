@@ -39,6 +39,21 @@ from .named_adapters import (
     unwrap_model,
 )
 
+# The API (its page lists these, in this order); the other functions serve the package.
+__all__ = [
+    "save_adapters",
+    "load_adapters",
+    "push_adapters_to_hub",
+    "read_adapter_file",
+    "AdapterFile",
+    "load_adapter_state",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ADAPTER_WEIGHTS_NAME",
+    "ADAPTER_CONFIG_NAME",
+    "MODEL_CARD_NAME",
+]
+
 FORMAT_NAME = "harma.adapters"
 # 2: the config records placement, adapter_mask, attention_passes, attention_attribute and
 # causal_towers. Version 1 files lack them and load with their defaults (the reference layout).

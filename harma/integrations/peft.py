@@ -7,11 +7,11 @@ Importing this module registers HarMA as a peft method, so that ``get_peft_model
 from peft import PeftModel, get_peft_model
 from harma.integrations.peft import HarmaPeftConfig
 
-peft_model = get_peft_model(model, HarmaPeftConfig())            # reference layout
+peft_model = get_peft_model(model, HarmaPeftConfig())     # reference layout
 peft_model.print_trainable_parameters()
-...                                                              # train
+...                                                       # train
 peft_model.save_pretrained("adapters/")
-loaded = PeftModel.from_pretrained(fresh_model, "adapters/")     # import this module first
+loaded = PeftModel.from_pretrained(fresh_model, "adapters/")   # after importing this
 ```
 
 The tuner delegates to ``harma.inject_harma_adapters``: the patched model is the same as

@@ -3,13 +3,15 @@
 Layout of an index folder (every file is replaced atomically; a shard is complete when its
 embeddings file exists, which is written last)::
 
-    manifest.json                 the model, the source, the shards, the count (written last)
-    build.json                    the options of the build in progress (a resumed run must match)
-    embeddings/emb-00000.npy      float16 (n, d), L2-normalised rows, readable by numpy
-    metadata/meta-00000.jsonl     one JSON object per row: position, key, path, captions, label
-    failures/fail-00000.jsonl     the shard's unreadable images: position, key, path, reason
-    failures.jsonl                all unreadable images (the report)
-    faiss.index                   optional approximate index (faiss-cpu)
+    manifest.json              the model, the source, the shards, the count; written last
+    build.json                 the options of the build in progress (a resumed run must
+                               match them)
+    embeddings/emb-00000.npy   float16 (n, d), L2-normalised rows, readable by numpy
+    metadata/meta-00000.jsonl  one JSON object per row: position, key, path, captions,
+                               label
+    failures/fail-00000.jsonl  the shard's unreadable images: position, key, path, reason
+    failures.jsonl             all unreadable images (the report)
+    faiss.index                optional approximate index (faiss-cpu)
 
 Rows are numbered over the shards in order: the row number is the item's ``id``.
 """
@@ -72,6 +74,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as indented JSON with sorted keys, replacing ``path`` atomically."""
     atomic_write_bytes(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
