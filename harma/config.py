@@ -12,6 +12,8 @@ SHARING_MODES = ("reference", "paper", "none")
 PLACEMENTS = ("mlp", "attention", "attention+mlp")
 ADAPTER_MASKS = ("none", "tower")
 ATTENTION_PASSES = (1, 2)
+LAYOUT_PRESETS = ("reference", "paper", "plus")
+"""Names of the layouts `HarmaConfig.preset` builds (one classmethod each)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,18 @@ class HarmaConfig:
     def positions(self) -> tuple[str, ...]:
         """The sublayers adapted in each block, in the order the block runs them."""
         return ("attention", "mlp") if self.placement == "attention+mlp" else (self.placement,)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> HarmaConfig:
+        """The named layout (`LAYOUT_PRESETS`: ``"reference"``, ``"paper"`` or ``"plus"``) with
+        ``overrides`` applied, e.g. from a config file's ``"harma": "plus"``.
+
+        Raises:
+            ValueError: no preset of that name.
+        """
+        if name not in LAYOUT_PRESETS:
+            raise ValueError(f"no HarMA layout preset named {name!r}; the presets are {LAYOUT_PRESETS}")
+        return getattr(cls, name)(**overrides)
 
     @classmethod
     def reference(cls, **overrides: Any) -> HarmaConfig:

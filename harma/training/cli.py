@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..config import HarmaConfig
+from ..config import LAYOUT_PRESETS, HarmaConfig
 from .config import TrainConfig, read_config_file
 from .options import BAD_INPUT, errors_named, exit_on_bad_input, integer_at_least, read_json_object
 from .state import CONFIG_NAME
@@ -109,6 +109,9 @@ def _build_parser(prog: str | None, description: str | None) -> argparse.Argumen
     parser.add_argument("--stop-after-epoch", type=integer_at_least(1), default=None, metavar="N",
                         help="stop after N epochs as if interrupted (continue with --resume)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    parser.add_argument("--harma", dest="harma_preset", choices=LAYOUT_PRESETS, default=None,
+                        help="adapter layout preset (plus: the recommended layout for new runs; reference: "
+                        "the authors'); --harma.FIELD values apply on top of it")
     group = parser.add_argument_group("recipe fields (override the config file)")
     for cli_name, config_field, _ in _config_fields():
         flags = [f"--{cli_name}"]
@@ -137,7 +140,11 @@ def _defaults_dict(defaults: TrainConfig | Mapping[str, Any] | str | os.PathLike
 def _merge_overrides(base: dict[str, Any], namespace: argparse.Namespace) -> dict[str, Any]:
     merged = dict(base)
     stored = merged.get("harma")
-    # Anything but fields (e.g. "harma": "paper") is left for TrainConfig to name.
+    if getattr(namespace, "harma_preset", None) is not None:
+        stored = namespace.harma_preset
+    if isinstance(stored, str) and stored in LAYOUT_PRESETS:
+        stored = HarmaConfig.preset(stored)
+    # Anything else (e.g. "harma": 5) is left for TrainConfig to name.
     harma_fields = stored.to_dict() if isinstance(stored, HarmaConfig) else (
         dict(stored or {}) if isinstance(stored, Mapping | None) else None)
     types = {cli_name: (_type_name(f), is_harma) for cli_name, f, is_harma in _config_fields()}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import HarmaConfig
+from ..config import LAYOUT_PRESETS, HarmaConfig
 from ..io import atomic_write_text, check_readable_file
 from ..losses import TEMPERATURE_MAX, TEMPERATURE_MIN
 from .captions import CAPTION_FORMATS, check_csv_separator
@@ -173,7 +173,8 @@ class TrainConfig:
         "reference train augmentation (random resized crop, flip, 2 random ops); false: resize only"))
     # Method
     method: str = field(default="harma", metadata=_help("harma | lora | full"))
-    harma: HarmaConfig = field(default=HarmaConfig(), metadata=_help("adapter layout (method harma)"))
+    harma: HarmaConfig = field(default=HarmaConfig(), metadata=_help(
+        "adapter layout (method harma): HarmaConfig fields, or a preset name: reference, paper, plus"))
     init_adapters: str | None = field(default=None, metadata=_help(
         "a harma adapter file or folder whose weights the trained HarMA adapters start from; its "
         "layout must equal `harma` (method harma)"))
@@ -228,6 +229,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.harma, Mapping):
             object.__setattr__(self, "harma", HarmaConfig.from_dict(dict(self.harma)))
+        elif isinstance(self.harma, str) and self.harma in LAYOUT_PRESETS:
+            object.__setattr__(self, "harma", HarmaConfig.preset(self.harma))
         for name in SEQUENCE_FIELDS:
             object.__setattr__(self, name, _split_text(name, getattr(self, name)))
         self._check_types()
@@ -240,8 +243,9 @@ class TrainConfig:
         but bools), so that a wrong JSON value is named before any comparison fails on it."""
         if not isinstance(self.harma, HarmaConfig):
             raise ValueError(
-                f"TrainConfig: harma must be a HarmaConfig or an object of its fields (e.g. "
-                f'{{"sharing": "paper"}}), got {self.harma!r} ({type(self.harma).__name__})'
+                f"TrainConfig: harma must be a HarmaConfig, an object of its fields (e.g. "
+                f'{{"sharing": "paper"}}) or a layout preset {LAYOUT_PRESETS}, got {self.harma!r} '
+                f"({type(self.harma).__name__})"
             )
         for config_field in dataclasses.fields(self):
             if config_field.name == "harma":

@@ -372,8 +372,9 @@ def test_bad_configuration_is_named():
     ({"weight_decay": "x"}, r"weight_decay must be a number \(float\), got 'x' \(str\)"),
     ({"train_files": 5}, r"train_files must be a list of strings, got 5 \(int\)"),
     ({"train_files": ["a.json", 5]}, r"train_files must be a list of strings, got \['a.json', 5\]"),
-    ({"harma": "paper"}, r"harma must be a HarmaConfig or an object of its fields \(e\.g\. "
-                         r"\{\"sharing\": \"paper\"\}\), got 'paper' \(str\)"),
+    ({"harma": "papers"}, r"harma must be a HarmaConfig, an object of its fields \(e\.g\. "
+                          r"\{\"sharing\": \"paper\"\}\) or a layout preset \('reference', 'paper', 'plus'\), "
+                          r"got 'papers' \(str\)"),
     ({"augment": "false"}, r"augment must be true or false \(bool\), got 'false' \(str\)"),
     ({"epochs": 2.5}, r"epochs must be an integer \(int\), got 2\.5 \(float\)"),
     ({"epochs": True}, r"epochs must be an integer \(int\), got True \(bool\)"),
@@ -452,7 +453,7 @@ def test_every_numeric_field_has_a_checked_range():
 
 def test_a_config_file_with_a_bad_value_is_one_error_line_naming_the_field(tmp_path, capsys):
     config_file = tmp_path / "recipe.json"
-    for fields, field in (({"weight_decay": "x"}, "weight_decay"), ({"harma": "paper"}, "harma"),
+    for fields, field in (({"weight_decay": "x"}, "weight_decay"), ({"harma": "papers"}, "harma"),
                           ({"lr": 1e999}, "lr")):
         config_file.write_text(json.dumps(fields))
         with pytest.raises(SystemExit) as exit_info:
@@ -504,3 +505,15 @@ def test_evaluate_script_applies_the_run_precision_and_tf32(reference_run, tmp_p
                  "--device", "cpu"])
     cpu = torch.device("cpu")
     assert applied == [("bf16", False, cpu), ("fp32", False, cpu), ("fp32", None, cpu)]
+
+
+def test_a_layout_preset_names_the_adapter_layout_in_files_and_on_the_command_line(tmp_path, capsys):
+    assert TrainConfig(harma="plus").harma == harma.HarmaConfig.plus()
+    config_file = tmp_path / "recipe.json"
+    config_file.write_text(json.dumps({"harma": "paper"}))
+    assert parse_args(["--config", str(config_file)]).config.harma == harma.HarmaConfig.paper()
+    parsed = parse_args(["--config", str(config_file), "--harma", "plus", "--harma.layers", "-1"])
+    assert parsed.config.harma == harma.HarmaConfig.plus(layers=(-1,))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--harma", "papers"])
+    assert exit_info.value.code == 2 and "invalid choice: 'papers'" in capsys.readouterr().err
