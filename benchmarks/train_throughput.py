@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ import torch
 
 from harma import HarmaConfig
 from harma.losses import HarmaLoss
-from harma.training import METHODS, TrainConfig, build_model, build_optimizer
+from harma.training import METHODS, TrainConfig, apply_precision, build_model, build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapter_overhead import make_strict_floor, matmul_flops  # noqa: E402  (the sibling benchmark's floor)
@@ -140,6 +141,14 @@ def add_floor_ratios(rows: list[dict]) -> None:
         row["above_limit"] = row["time_vs_floor"] / row["flops_vs_floor"] - 1 if floor else None
 
 
+def write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` whole to a temporary file, then move it into place: a run killed while
+    writing leaves the previous table, never half of one."""
+    temporary = Path(f"{path}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def markdown(rows: list[dict], device_name: str, args: argparse.Namespace) -> str:
     lines = [
         f"{args.model}, batch {args.batch_size}, image {args.image_size}px, {args.steps} timed steps after "
@@ -196,34 +205,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"unknown method or precision: {unknown}")
     if device.type == "cuda":
         # Same setting as harma.training's default (tf32=True): fp32 storage, TF32 tensor-core matmuls.
-        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
-        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+        apply_precision("fp32", not args.no_tf32, device)
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"CPU ({torch.get_num_threads()} threads)"
 
-    rows = []
+    rows, failed = [], []
     for precision in precisions:
         for method in methods:
-            row = measure(method, precision, args, device)
+            try:
+                row = measure(method, precision, args, device)
+            except Exception as error:  # e.g. out of memory: the other configurations still run
+                failed.append({"method": method, "precision": precision, "error": f"{type(error).__name__}: {error}"})
+                print(f"{method:>5} {precision}: failed: {failed[-1]['error']}", flush=True)
+            else:
+                rows.append(row)
+                print(f"{method:>5} {precision}: {row['images_per_s']:.1f} images/s", flush=True)
             # The previous configuration's model and optimizer state must not count in the next peak.
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            rows.append(row)
-            print(f"{method:>5} {precision}: {row['images_per_s']:.1f} images/s", flush=True)
             if args.json:  # after every configuration: a run cut short keeps what it measured
                 add_floor_ratios(rows)
-                with open(args.json, "w", encoding="utf-8") as handle:
-                    json.dump({"device": device_name, "rows": rows, "args": vars(args)}, handle, indent=2)
+                write_json(args.json, {"device": device_name, "rows": rows, "failed": failed, "args": vars(args)})
     add_floor_ratios(rows)
     print()
     print(markdown(rows, device_name, args))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"device": device_name, "rows": rows, "args": vars(args)}, handle, indent=2)
+    if failed:
+        raise SystemExit(f"{len(failed)} configuration(s) failed: " + "; ".join(
+            f"{f['method']} {f['precision']}: {f['error']}" for f in failed))
     return rows
-
 
 if __name__ == "__main__":
     main()

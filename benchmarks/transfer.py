@@ -1214,6 +1214,33 @@ def summary_text(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_page(results: dict[str, Any]) -> str:
+    """The results page written next to the JSON: a title of its own, the table, and the
+    summary's facts as lists under headings (one run-on paragraph otherwise)."""
+    meta = results["_meta"]
+    scenario = meta.get("scenario", "new-vocabulary").replace("-", " ")
+    methods = [LABELS[method] for method in METHODS if method in results]
+    only = f" ({', '.join(methods)})" if len(methods) < 3 else ""
+    lines = summary_text(results).splitlines()
+    grids = [line for line in lines if line.startswith("- ")]
+    checks = [line for line in lines if line.startswith(("Target check", "Shift check"))]
+    settings = [line for line in lines if line not in grids and line not in checks]
+    forgetting = ", with forgetting" if meta.get("forgetting") else ""
+    parts = [
+        f"# Transfer benchmark: {scenario}, {meta['mode']} mode{only}{forgetting}",
+        "Raw results of `benchmarks/transfer.py` (target-domain test split, mean ± std over "
+        "seeds); how to read them: [the transfer benchmark](transfer_benchmark.md).",
+        markdown_table(results).rstrip("\n"),
+        "## Settings\n\n" + "\n".join(f"- {line}" for line in settings),
+        "## Validation mR of each learning rate (seed 0)\n\n" + "\n".join(grids),
+    ]
+    if checks:
+        parts.append("## Checks\n\n" + "\n".join(f"- {line}" for line in checks))
+    if meta.get("forgetting"):
+        parts.append("## Forgetting (source domain)\n\n" + forgetting_markdown(results).rstrip("\n"))
+    return "\n\n".join(parts) + "\n"
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -1462,7 +1489,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, results)
-        args.json.with_suffix(".md").write_text(table + "\n" + summary, encoding="utf-8")
+        args.json.with_suffix(".md").write_text(markdown_page(results), encoding="utf-8")
         log(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     plot_path = args.plot if args.plot is not None else (None if args.smoke else str(DEFAULT_PLOT))
     if plot_path and plot_path.lower() != "none":

@@ -187,6 +187,14 @@ def run(settings: transfer.Settings, data_dir: Path, names: Sequence[str], lrs: 
     return results
 
 
+def markdown_page(table: str) -> str:
+    """The results page written next to the JSON, with a title of its own."""
+    return ("# Transfer benchmark: ablations, one change at a time\n\n"
+            "Raw results of `benchmarks/transfer_ablations.py` (quick mode, new-vocabulary "
+            "scenario, mean ± std over seeds); how to read them: [what holds HarMA back]"
+            "(transfer_benchmark.md#what-holds-harma-back-one-change-at-a-time).\n\n" + table)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -215,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(transfer.json_safe(results), indent=1) + "\n", encoding="utf-8")
-        args.json.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
+        args.json.with_suffix(".md").write_text(markdown_page(table), encoding="utf-8")
         transfer.log(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     return results
 

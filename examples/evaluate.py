@@ -23,6 +23,15 @@ A checkpoint released by the HarMA authors (it holds the backbone too):
         --official-checkpoint harma_rsitmd_georsclip_mr523.pth \
         --annotation data/rsitmd/rsitmd_test.json --image_root data/rsitmd/images
 
+Any caption format harma reads (docs/data.md: the RSITMD/RSICD layout, Karpathy dataset_*.json,
+NWPU-Captions, open_clip CSV/TSV, a saved Hugging Face dataset); --split picks the split of a file
+that holds several (default test), --format names the format where it cannot be detected:
+
+    python examples/evaluate.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \
+        --annotation data/ucm/dataset_ucm.json --image_root data/ucm/imgs --split test
+    python examples/evaluate.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \
+        --annotation test.csv --csv-separator , --csv-img-key path --csv-caption-key text
+
 Without --adapters or --official-checkpoint the plain backbone is evaluated (zero-shot).
 --json prints the metrics as one JSON object instead of a table ({name: metrics} for named
 adapters).
@@ -47,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -55,16 +63,33 @@ import torch
 from torch import nn
 
 import harma
-from harma.named_adapters import check_adapter_name
 from harma.retrieval import RetrievalEvaluator, retrieval_metrics_from_embeddings
-from harma.training import TrainConfig, format_metrics_table, load_trained_weights
-from harma.training.data import ImageReadError, RetrievalEvalDataset, test_transform
+from harma.training import TrainConfig, apply_precision, format_metrics_table
+from harma.training.captions import CaptionDataset, read_caption_dataset
+from harma.training.data import ImageReadError, RetrievalEvalDataset, read_run_split, test_transform
 from harma.training.gallery import GALLERY_SUFFIXES, build_gallery_from_embeddings
 from harma.training.gallery_render import write_gallery
+from harma.training.model_options import (
+    add_model_arguments,
+    add_runtime_arguments,
+    load_adapter_weights,
+    parse_adapters,
+    resolve_image_size,
+)
 from harma.training.models import build_backbone, build_tokenizer
+from harma.training.options import BAD_INPUT as COMMAND_LINE_BAD_INPUT
+from harma.training.options import (
+    add_caption_arguments,
+    caption_reader_options,
+    errors_named,
+    exit_on_bad_input,
+    integer_at_least,
+    resolve_device,
+)
+from harma.training.state import check_writable_folder
 from harma.training.zero_shot import ZeroShotSuite, format_zero_shot_table
 
-BAD_INPUT = (FileNotFoundError, ValueError, KeyError, TypeError)
+BAD_INPUT = (*COMMAND_LINE_BAD_INPUT, KeyError, TypeError)
 """Errors that are the user's to fix: one ``error:`` line and exit status 2, no traceback."""
 
 
@@ -76,24 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", help="a training output folder: backbone, splits and checkpoint from it")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
                         help="with --run: which saved weights (default best, chosen on validation)")
-    parser.add_argument("--split", choices=("test", "val"), default="test", help="with --run: which split")
-    parser.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 or ViT-B-32-quickgelu")
-    parser.add_argument("--pretrained", help="open_clip tag or local weights file of the backbone")
-    parser.add_argument("--model_config", help="open_clip.CLIP arguments as JSON (or a JSON file)")
-    parser.add_argument("--image_size", type=int, help="input side in pixels (default: the model's)")
-    parser.add_argument("--adapters", action="append", default=[], metavar="[NAME=]PATH",
-                        help="a .safetensors file written by harma (adapters, LoRA or full); or NAME=PATH, "
-                        "repeatable: HarMA adapter files loaded as named sets of one backbone, each "
-                        "evaluated in turn")
+    add_model_arguments(parser)  # --adapters NAME=PATH, repeated: each named set is evaluated in turn
     parser.add_argument("--official-checkpoint", dest="official_checkpoint",
                         help="a checkpoint of the authors' implementation (checkpoint_best.pth)")
-    parser.add_argument("--annotation", help="val/test annotation file (entries with 'image' and 'caption' list)")
+    parser.add_argument("--annotation", help="annotation file of any caption format (docs/data.md), or a folder "
+                        "written by a Hugging Face dataset's save_to_disk")
     parser.add_argument("--image_root", help="folder the annotation image paths are relative to")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="autocast dtype on CUDA")
+    add_caption_arguments(parser, split_default="test", split_help="which split: of --run (val, test), or of an "
+                          "--annotation file holding several")
+    add_runtime_arguments(parser)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="autocast dtype on CUDA (default: with --run the run's precision and TF32, else fp32)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     gallery = parser.add_argument_group("gallery: what the model retrieved for sample queries")
     gallery.add_argument("--gallery", action="append", default=[], metavar="FILE",
@@ -103,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sample captions and sample images shown (each; default 8)")
     gallery.add_argument("--gallery-top-k", dest="gallery_top_k", type=int, default=5, metavar="K",
                          help="results shown per query (default 5)")
-    gallery.add_argument("--gallery-seed", dest="gallery_seed", type=int, default=0,
+    gallery.add_argument("--gallery-seed", dest="gallery_seed", type=integer_at_least(0), default=0,
                          help="seed of the sample of queries (default 0)")
     zero_shot = parser.add_argument_group("zero-shot scene classification")
     zero_shot.add_argument("--zero-shot", dest="zero_shot", action="append", default=[], metavar="ROOT",
@@ -126,46 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_adapter_argument(text: str) -> tuple[str | None, str]:
-    """``(NAME, PATH)`` of an ``--adapters NAME=PATH`` value, ``(None, PATH)`` of a bare path.
-
-    The text before the first ``=`` is a name only when it holds no path separator, so
-    ``runs/lr=1e-4/best.safetensors`` stays a path.
-    """
-    name, equals, path = text.partition("=")
-    if not equals or "/" in name or os.sep in name:
-        return None, text
-    return name, path
-
-
-def parse_adapters(parser: argparse.ArgumentParser, values: list[str]) -> str | dict[str, str] | None:
-    """The ``--adapters`` values: None (none given), one bare path (a str, evaluated as before),
-    or ``{name: path}`` (several, or any named: HarMA adapter sets on one backbone)."""
-    if not values:
-        return None
-    pairs = [split_adapter_argument(value) for value in values]
-    if len(pairs) == 1 and pairs[0][0] is None:
-        return pairs[0][1]
-    named: dict[str, str] = {}
-    for value, (name, path) in zip(values, pairs, strict=True):
-        if name is None:
-            parser.error(f"--adapters {value}: give each of several adapter files as NAME=PATH")
-        try:
-            check_adapter_name(name)
-        except ValueError as error:
-            parser.error(f"--adapters {value}: {name!r} cannot name an adapter set: {error}")
-        if not path:
-            parser.error(f"--adapters {value}: no file after '{name}='")
-        if name in named:
-            parser.error(f"--adapters: the name {name!r} is given twice ({named[name]} and {path})")
-        named[name] = path
-    return named
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.adapters = parse_adapters(parser, args.adapters)
+    try:
+        args.adapters = parse_adapters(args.adapters)
+    except ValueError as error:
+        parser.error(str(error))
     if args.adapters and args.official_checkpoint:
         parser.error("give --adapters or --official-checkpoint, not both")
     if isinstance(args.adapters, dict) and len(args.adapters) > 1 and args.gallery:
@@ -173,10 +158,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for path in args.gallery:
         if Path(path).suffix.lower() not in GALLERY_SUFFIXES:
             parser.error(f"--gallery {path}: the file name must end in one of {', '.join(GALLERY_SUFFIXES)}")
+        try:  # checked before the evaluation, not after it
+            check_writable_folder(Path(path).parent, "the folder")
+        except OSError as error:
+            parser.error(f"--gallery {path}: {error}")
+    if args.zero_shot_output:
+        try:  # checked before the evaluation, not after it
+            check_writable_folder(Path(args.zero_shot_output), "the folder")
+        except OSError as error:
+            parser.error(f"--zero-shot-output {args.zero_shot_output}: {error}")
     if args.gallery_queries < 1 or args.gallery_top_k < 1:
         parser.error("--gallery-queries and --gallery-top-k must be at least 1")
     if args.run is None:
-        required = ("model",) if args.zero_shot and args.annotation is None else ("model", "annotation", "image_root")
+        required = ("model",) if args.zero_shot and args.annotation is None else ("model", "annotation")
         missing = [name for name in required if getattr(args, name) is None]
         if missing:
             parser.error(f"without --run, give {', '.join('--' + name for name in missing)}")
@@ -192,48 +186,52 @@ def resolve(args: argparse.Namespace) -> dict:
     HarMA adapter files.
     """
     setup = {
-        "model": args.model, "pretrained": args.pretrained, "model_config": None,
+        "model": args.model, "pretrained": args.pretrained, "model_config": args.model_config,
         "image_size": args.image_size, "annotation": args.annotation, "image_root": args.image_root,
-        "weights": args.adapters,
+        "weights": args.adapters, "precision": args.precision, "tf32": None,
     }
-    if args.model_config:
-        text = args.model_config
-        setup["model_config"] = json.loads(Path(text).read_text() if Path(text).is_file() else text)
     if args.run:
         run = Path(args.run)
         config = TrainConfig.from_json_file(run / "config.json")
+        if args.annotation is None and args.split == "train":
+            raise ValueError("--run evaluates the run's val or test split; pass --annotation for a training file")
         split_file = config.test_file if args.split == "test" else config.val_file
-        if split_file is None:
+        held_out = args.split == "val" and config.val_fraction
+        if args.annotation is None and split_file is None and not held_out:
             raise ValueError(f"the run's config.json has no {args.split}_file; pass --annotation")
         from_run = {
             "model": config.model, "pretrained": config.pretrained, "model_config": config.model_config,
             "image_size": config.image_size, "annotation": split_file, "image_root": config.image_root,
             "weights": str(run / f"{args.checkpoint}.safetensors"),
+            "precision": config.precision, "tf32": config.tf32,
         }
         setup = {key: setup[key] if setup[key] is not None else value for key, value in from_run.items()}
+        setup["run_config"] = config
     if args.official_checkpoint and args.pretrained is None:
         setup["pretrained"] = None  # the released checkpoints hold the whole backbone
     return setup
 
 
 def image_size_of(setup: dict) -> int:
-    image_size = setup["image_size"]
-    if image_size is None:
-        if setup["model_config"] is not None:
-            image_size = setup["model_config"]["vision_cfg"]["image_size"]
-        else:
-            import open_clip
+    return resolve_image_size(setup["model"], setup["model_config"], setup["image_size"])
 
-            image_size = open_clip.get_model_config(setup["model"])["vision_cfg"]["image_size"]
-    return image_size
+
+def read_split(args: argparse.Namespace, setup: dict) -> CaptionDataset:
+    """The split to evaluate: --annotation's, or the run's (a held-out validation split is held
+    out again, the same images)."""
+    if args.annotation is None and "run_config" in setup:
+        return read_run_split(setup["run_config"], args.split)
+    return read_caption_dataset(setup["annotation"], image_root=setup["image_root"], **caption_reader_options(args))
 
 
 def build_split_and_backbone(args: argparse.Namespace, setup: dict) -> tuple[RetrievalEvalDataset | None, nn.Module]:
-    """The evaluation split (None without an annotation file), then the backbone (the split
-    first: a wrong image root fails before the model is built)."""
+    """The evaluation split (None when only zero-shot sets are evaluated), then the backbone (the
+    split first: a wrong image root fails before the model is built)."""
     image_size = image_size_of(setup)
-    dataset = (RetrievalEvalDataset(setup["annotation"], setup["image_root"], transform=test_transform(image_size))
-               if setup["annotation"] else None)
+    dataset = None
+    if setup["annotation"] is not None or "run_config" in setup:
+        dataset = RetrievalEvalDataset(read_split(args, setup), transform=test_transform(image_size))
+        setup["annotation"], setup["split_name"] = dataset.caption_dataset.source, dataset.caption_dataset.name
     if args.run and setup["pretrained"] is None:
         # A run from random initialisation built its backbone right after seeding.
         torch.manual_seed(TrainConfig.from_json_file(Path(args.run) / "config.json").seed)
@@ -241,40 +239,24 @@ def build_split_and_backbone(args: argparse.Namespace, setup: dict) -> tuple[Ret
     return dataset, model
 
 
-def load_named_adapters(model: nn.Module, named: dict[str, str]) -> None:
-    """Load each HarMA adapter file into ``model`` as the set of its name; errors name the file."""
-    for name, path in named.items():
-        # A local path only: harma.load_adapters would read a missing "org/name" as a Hub id.
-        if not Path(path).exists():
-            raise FileNotFoundError(f"--adapters {name}={path}: no harma adapter file or folder at '{path}'")
-        try:
-            harma.load_adapters(model, path, adapter_name=name)
-        except ValueError as error:
-            raise ValueError(f"--adapters {name}={path}: {error} (named adapters must be HarMA adapter files; "
-                             f"a LoRA or full fine-tuning file is evaluated alone, as a bare --adapters PATH)") from None
-
-
 def load_weights(args: argparse.Namespace, setup: dict, model: nn.Module) -> tuple[nn.Module, str]:
     """``model`` with what was asked loaded into it, and a description of that source."""
     weights = setup["weights"]
     if args.official_checkpoint:
-        report = harma.load_official_checkpoint(model, args.official_checkpoint)
+        with errors_named(f"--official-checkpoint {args.official_checkpoint}"):
+            report = harma.load_official_checkpoint(model, args.official_checkpoint)
         return model, f"official checkpoint {args.official_checkpoint} (temperature {report.temperature})"
+    model = load_adapter_weights(model, weights)
     if isinstance(weights, dict):
-        load_named_adapters(model, weights)
         return model, "adapters " + ", ".join(f"{name}={path}" for name, path in weights.items())
-    if weights:
-        return load_trained_weights(model, weights), f"weights {weights}"
-    return model, "backbone only (zero-shot)"
+    return model, f"weights {weights}" if weights else "backbone only (zero-shot)"
 
 
-def encoding_options(args: argparse.Namespace) -> dict:
+def encoding_options(args: argparse.Namespace, setup: dict) -> dict:
     """Device, autocast dtype, batch size, workers and progress bars of every evaluator."""
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    device = resolve_device(args.device)
+    # The run's settings, so that its embeddings are computed as the run computed them.
+    autocast = apply_precision(setup["precision"] or "fp32", setup["tf32"], device)
     return {"batch_size": args.batch_size, "num_workers": args.num_workers, "device": device,
             "autocast_dtype": autocast, "progress": not args.json}
 
@@ -283,7 +265,7 @@ def build_evaluator(args: argparse.Namespace, setup: dict, dataset: RetrievalEva
                     model: nn.Module) -> tuple[RetrievalEvaluator | None, nn.Module]:
     """The evaluator of the split (None without one), and ``model`` moved to the device in eval
     mode."""
-    options = encoding_options(args)
+    options = encoding_options(args, setup)
     evaluator = None if dataset is None else RetrievalEvaluator.from_dataset(
         dataset, build_tokenizer(setup["model"], setup["model_config"]), **options
     )
@@ -297,7 +279,7 @@ def build_zero_shot(args: argparse.Namespace, setup: dict) -> ZeroShotSuite | No
     return ZeroShotSuite(
         args.zero_shot, test_transform(image_size_of(setup)), build_tokenizer(setup["model"], setup["model_config"]),
         templates=args.templates, class_names=args.class_names, class_prompts=args.class_prompts,
-        combine=args.prompt_combine, **encoding_options(args),
+        combine=args.prompt_combine, **encoding_options(args, setup),
     )
 
 
@@ -371,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     evaluator, model = build_evaluator(args, setup, dataset, model)
     named = isinstance(setup["weights"], dict) and not args.official_checkpoint
-    names = list(setup["weights"]) if named else [Path(setup["annotation"] or "model").stem]
+    names = list(setup["weights"]) if named else [setup.get("split_name", "model")]
     rows: dict[str, dict[str, float]] = {}
     zero_shot: dict = {}
     for name in names:
@@ -382,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
         if evaluator is None:
             continue
         # Encoded once: the metrics and the gallery both come from these embeddings.
-        image_embeds, text_embeds = evaluator.encode(model)
+        with exit_on_bad_input():  # an unreadable image, named with its entry
+            image_embeds, text_embeds = evaluator.encode(model)
         rows[name] = retrieval_metrics_from_embeddings(
             image_embeds, text_embeds, evaluator.txt2img.to(image_embeds.device)
         )

@@ -18,6 +18,7 @@ from ._version import __version__
 from .config import HarmaConfig
 from .inject import get_harma_config, inject_harma_adapters
 from .io import (
+    NONFINITE_FILE_HINT,
     adapter_state_dict,
     architecture_fingerprint,
     atomic_write_text,
@@ -37,6 +38,21 @@ from .named_adapters import (
     undone_on_error,
     unwrap_model,
 )
+
+# The API (its page lists these, in this order); the other functions serve the package.
+__all__ = [
+    "save_adapters",
+    "load_adapters",
+    "push_adapters_to_hub",
+    "read_adapter_file",
+    "AdapterFile",
+    "load_adapter_state",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ADAPTER_WEIGHTS_NAME",
+    "ADAPTER_CONFIG_NAME",
+    "MODEL_CARD_NAME",
+]
 
 FORMAT_NAME = "harma.adapters"
 # 2: the config records placement, adapter_mask, attention_passes, attention_attribute and
@@ -313,8 +329,7 @@ def load_adapter_state(
     refused (`check_finite`) unless ``allow_nonfinite``."""
     model = unwrap_model(model)
     if not allow_nonfinite:
-        check_finite(tensors, source, hint="was the run that saved it diverging? Pass allow_nonfinite=True "
-                                            "to load it anyway")
+        check_finite(tensors, source, hint=NONFINITE_FILE_HINT)
     registry = adapter_registry(model)
     if adapter_name is None:
         adapter_name = registry.active if registry else DEFAULT_ADAPTER_NAME
@@ -345,17 +360,32 @@ def push_adapters_to_hub(
     commit_message: str = "Upload HarMA adapters",
 ) -> str:
     """Save the adapters (set ``adapter_name``, the active set when None) as a peft-style folder
-    and upload it to a Hub model repository.
+    and upload it to a Hub model repository (``"org/name"``; ``"hf-hub:org/name"`` as
+    `load_adapters` reads it works too).
+
+    Everything is checked, and the folder written, before the Hub is contacted: a bad
+    repository id or adapter set creates no repository.
 
     Returns:
         The URL of the commit.
+
+    Raises:
+        ValueError: ``repo_id`` is not a repository id, or the model has no adapter set
+            ``adapter_name`` (named, with the sets it has).
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    repo_id = repo_id.removeprefix("hf-hub:") if isinstance(repo_id, str) else repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"push_adapters_to_hub: {repo_id!r} is not a Hub repository id (org/name): "
+                         f"{error}") from None
     with tempfile.TemporaryDirectory() as folder:
         save_adapters(model, folder, adapter_name=adapter_name, base_model=base_model)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     return str(getattr(commit, "commit_url", commit))
 

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ._checks import check_finite, index_vector, score_matrix
+from ._precision import tf32_disabled
 from .distributed import all_gather_no_grad, get_rank, get_world_size
 from .encoding import BatchEncoder, encoders_of, kept_modes, shard_bounds
 from .io import atomic_write
@@ -95,62 +97,20 @@ def _ranks_and_predictions(scores: Tensor, labels: Tensor, pessimistic: bool) ->
 
 
 def _check_labels(labels: Any, n_images: int, n_classes: int, device: torch.device) -> Tensor:
-    if isinstance(labels, Tensor):
-        indices = labels.detach()
-    else:
-        array = np.ascontiguousarray(labels)
-        if array.dtype == object:
-            raise ValueError("labels must be a flat sequence of integer class indices")
-        indices = torch.from_numpy(array) if array.size else torch.zeros(0, dtype=torch.long)
-    if indices.ndim != 1:
-        raise ValueError(f"labels must be 1-D (one class index per image); got shape {tuple(indices.shape)}")
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise ValueError(f"labels must hold integer class indices; got dtype {indices.dtype}")
-    if indices.shape[0] != n_images:
-        raise ValueError(f"labels has {indices.shape[0]} entries but there are {n_images} images (score rows)")
     if n_images == 0:
         raise ValueError("there are no images (0 score rows)")
-    indices = indices.to(device=device, dtype=torch.long)
-    out_of_range = (indices < 0) | (indices >= n_classes)
-    if bool(out_of_range.any()):
-        image = int(out_of_range.nonzero()[0, 0])
-        raise ValueError(
-            f"labels[{image}] = {int(indices[image])} is not a class: there are {n_classes} classes "
-            f"(valid labels 0..{n_classes - 1})"
-        )
-    return indices
-
-
-def _check_finite(scores: Tensor, name: str) -> None:
-    # The sum is a cheap screen: finite unless some value is NaN or infinite (or it overflows).
-    if bool(torch.isfinite(scores.sum())):
-        return
-    bad = ~torch.isfinite(scores)
-    count = int(bad.sum())
-    if count:
-        first = ", ".join(str(i) for i in bad.nonzero()[0].tolist())
-        raise ValueError(
-            f"{name} contain {count} NaN or infinite value(s) of {scores.numel()}, the first at "
-            f"{name}[{first}]; classification needs finite values (did the model diverge?)"
-        )
+    return index_vector(labels, name="labels", length=n_images, bound=n_classes, device=device, kind="class",
+                        per="image", rows="images (score rows)", outside="is not a class", targets="classes")
 
 
 def _dense_scores(logits: Tensor | np.ndarray, labels: Any, ties: str) -> tuple[Tensor, Tensor]:
     """Checked ``(scores, labels)`` of a dense score matrix."""
     _check_ties(ties)
-    scores = logits.detach() if isinstance(logits, Tensor) else torch.from_numpy(np.ascontiguousarray(logits))
-    if scores.ndim != 2:
-        raise ValueError(f"logits must be a 2-D (n_images, n_classes) matrix; got shape {tuple(scores.shape)}")
-    if not scores.dtype.is_floating_point:
-        scores = scores.double()
-    elif scores.dtype in (torch.float16, torch.bfloat16):
-        scores = scores.float()  # CPU comparisons on half types are slow; the upcast is exact.
+    scores = score_matrix(logits, "logits", "(n_images, n_classes)", "classification")
     n_images, n_classes = scores.shape
     if n_classes == 0:
         raise ValueError("logits have no class column")
-    indices = _check_labels(labels, n_images, n_classes, scores.device)
-    _check_finite(scores, "logits")
-    return scores, indices
+    return scores, _check_labels(labels, n_images, n_classes, scores.device)
 
 
 def _tiles(scores: Tensor) -> range:
@@ -519,8 +479,9 @@ class ZeroShotEvaluator(BatchEncoder):
         position = start
         if stop > start:
             for embeds in self._image_batches(encoder, self.image_dataset, device, list(range(start, stop))):
-                scores = F.normalize(embeds, dim=-1) @ classifier.t()
-                _check_finite(scores, f"scores of images {position}..{position + len(scores) - 1}")
+                with tf32_disabled():  # scored in full float32, as retrieval scores are
+                    scores = F.normalize(embeds, dim=-1) @ classifier.t()
+                check_finite(scores, f"scores of images {position}..{position + len(scores) - 1}", "classification")
                 rank, prediction = _ranks_and_predictions(
                     scores, labels[position : position + len(scores)], self.ties == "pessimistic"
                 )

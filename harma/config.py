@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,8 @@ SHARING_MODES = ("reference", "paper", "none")
 PLACEMENTS = ("mlp", "attention", "attention+mlp")
 ADAPTER_MASKS = ("none", "tower")
 ATTENTION_PASSES = (1, 2)
+LAYOUT_PRESETS = ("reference", "paper", "plus")
+"""Names of the layouts `HarmaConfig.preset` builds (one classmethod each)."""
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,11 @@ class HarmaConfig:
             )
         for name in ("gate_init", "block_gate_init", "mini_gate_init"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"HarmaConfig.{name} must be a finite number, got {value!r}")
+        for name in ("batch_first", "freeze_backbone"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"HarmaConfig.{name} must be true or false (bool), got {getattr(self, name)!r}")
         if self.sharing not in SHARING_MODES:
             raise ValueError(
                 f"HarmaConfig.sharing must be one of {SHARING_MODES}, got {self.sharing!r}"
@@ -138,6 +144,9 @@ class HarmaConfig:
         if self.target_modules is not None:
             import re
 
+            if not isinstance(self.target_modules, str):
+                raise ValueError(f"HarmaConfig.target_modules must be None or a regular expression (str), "
+                                 f"got {self.target_modules!r}")
             try:
                 re.compile(self.target_modules)
             except re.error as error:
@@ -172,6 +181,18 @@ class HarmaConfig:
     def positions(self) -> tuple[str, ...]:
         """The sublayers adapted in each block, in the order the block runs them."""
         return ("attention", "mlp") if self.placement == "attention+mlp" else (self.placement,)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> HarmaConfig:
+        """The named layout (`LAYOUT_PRESETS`: ``"reference"``, ``"paper"`` or ``"plus"``) with
+        ``overrides`` applied, e.g. from a config file's ``"harma": "plus"``.
+
+        Raises:
+            ValueError: no preset of that name.
+        """
+        if name not in LAYOUT_PRESETS:
+            raise ValueError(f"no HarMA layout preset named {name!r}; the presets are {LAYOUT_PRESETS}")
+        return getattr(cls, name)(**overrides)
 
     @classmethod
     def reference(cls, **overrides: Any) -> HarmaConfig:

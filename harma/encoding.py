@@ -122,8 +122,9 @@ class BatchEncoder:
         autocast_dtype: torch.dtype | None,
         progress: bool,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for name, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if autocast_dtype not in AUTOCAST_DTYPES:
             raise ValueError(
                 f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype}"
@@ -163,7 +164,9 @@ class BatchEncoder:
         )
         for images in tqdm(loader, desc="encode images", disable=not self._show_progress()):
             with self._autocast(device):
-                yield encoder.encode_image(images.to(device, non_blocking=True)).float()
+                embeds = encoder.encode_image(images.to(device, non_blocking=True)).float()
+            # Yielded outside autocast: what the caller computes from it stays in float32.
+            yield embeds
 
     def _encode_text_list(
         self, encoder: Any, device: torch.device, texts: Sequence[str], desc: str = "encode captions"

@@ -34,6 +34,21 @@ from .named_adapters import (
     unwrap_model,
 )
 
+# The API (its page lists these, in this order); the other functions serve the package.
+__all__ = [
+    "inject_harma_adapters",
+    "adapter_parameters",
+    "adapter_named_parameters",
+    "disable_adapters",
+    "count_parameters",
+    "print_trainable_parameters",
+    "ParameterCount",
+    "find_towers",
+    "Tower",
+    "get_harma_config",
+    "is_patched",
+]
+
 _POSITION_HOOKS = {"mlp": apply_adapter_hook, "attention": apply_attention_adapter_hook}
 # Tried in order when HarmaConfig.attention_attribute is None: open_clip and timm blocks call
 # theirs "attn", Hugging Face encoder layers "self_attn".

@@ -202,6 +202,10 @@ def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return [name for name in tensors if name in bad]
 
 
+# What a loader that refuses a file holding NaN or infinite values adds to its message.
+NONFINITE_FILE_HINT = "was the run that saved it diverging? Pass allow_nonfinite=True to load it anyway"
+
+
 def check_finite(tensors: Mapping[str, torch.Tensor], source: str, *, hint: str = "") -> None:
     """Raise a `ValueError` when any of ``tensors`` (read from or meant for ``source``, e.g. a
     quoted file name) holds a NaN or an infinite value, naming how many tensors do and the

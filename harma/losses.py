@@ -3,14 +3,20 @@
 Shapes: a batch holds ``n`` image-caption pairs; ``image_embeds`` and ``text_embeds`` are
 ``(n, d)`` and row ``i`` of both belongs to pair ``i``. ``image_ids`` ``(n,)`` identifies the
 image of each pair (several captions of one image share an id). Embeddings may be raw: every
-loss L2-normalises them itself, in float32 or wider, so fp16/bf16 inputs are safe.
+loss L2-normalises them itself, in float32 or wider, so fp16/bf16 inputs are safe; inside
+``torch.autocast`` the losses switch autocast off for their own products, which autocast would
+otherwise lower to bf16/fp16 again (at temperature 0.07, neighbouring bf16 logits lie 0.0625 apart).
 
 See ``docs/losses.md`` for the formulas.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +36,23 @@ __all__ = [
 
 TEMPERATURE_MIN = 0.001
 TEMPERATURE_MAX = 0.5
+
+_Loss = TypeVar("_Loss", bound=Callable[..., Tensor])
+
+
+def _without_autocast(loss: _Loss) -> _Loss:
+    """Run ``loss`` with autocast off on the device of its first tensor argument, so that its
+    products stay in the float32 its inputs were upcast to."""
+
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs):
+        device_type = next(arg for arg in (*args, *kwargs.values()) if isinstance(arg, Tensor)).device.type
+        if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+            return loss(*args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return loss(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _upcast(tensor: Tensor) -> Tensor:
@@ -61,6 +84,12 @@ def _as_group_ids(ids: Tensor | None, batch_size: int, device: torch.device, nam
     return ids
 
 
+def _check_non_negative(name: str, value: float) -> None:
+    # A NaN option would show only as a NaN loss steps later.
+    if not (math.isfinite(float(value)) and float(value) >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def _normalized_pair(image_embeds: Tensor, text_embeds: Tensor) -> tuple[Tensor, Tensor]:
     _check_pair_batch(image_embeds, text_embeds)
     return F.normalize(_upcast(image_embeds), dim=-1), F.normalize(_upcast(text_embeds), dim=-1)
@@ -78,6 +107,7 @@ def _focal_weight(cost: Tensor, gamma: float) -> Tensor:
     return base.clamp_min(torch.finfo(base.dtype).tiny) ** gamma
 
 
+@_without_autocast
 def contrastive_loss(
     image_embeds: Tensor,
     text_embeds: Tensor,
@@ -112,6 +142,7 @@ def contrastive_loss(
     return (loss_image_to_text + loss_text_to_image) / 2
 
 
+@_without_autocast
 def adaptive_triplet_loss(
     image_embeds: Tensor,
     text_embeds: Tensor,
@@ -150,8 +181,7 @@ def adaptive_triplet_loss(
     Returns:
         0-dim tensor (cosine units, summed over negatives).
     """
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    _check_non_negative("gamma", gamma)
     images, texts = _normalized_pair(image_embeds, text_embeds)
     scores = images @ texts.t()
     positive_scores = scores.diagonal()
@@ -176,6 +206,7 @@ def adaptive_triplet_loss(
     return (weighted_caption.sum() + weighted_image.sum()) / 2
 
 
+@_without_autocast
 def affiliation_loss(
     image_embeds: Tensor,
     text_embeds: Tensor,
@@ -284,8 +315,8 @@ class HarmaLoss(nn.Module):
             raise ValueError(
                 f"temperature_init={temperature_init} is outside [{TEMPERATURE_MIN}, {TEMPERATURE_MAX}]"
             )
-        if affiliation_weight < 0:
-            raise ValueError(f"affiliation_weight must be >= 0, got {affiliation_weight}")
+        for name, value in (("margin", margin), ("gamma", gamma), ("affiliation_weight", affiliation_weight)):
+            _check_non_negative(name, value)
         self.temperature = nn.Parameter(
             torch.tensor(float(temperature_init)), requires_grad=learnable_temperature
         )

@@ -13,6 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The API (its page lists these, in this order); the other functions serve the package.
+__all__ = [
+    "MultimodalGatedAdapter",
+    "MiniAdapter",
+    "SelfAttention",
+    "compile_adapters",
+]
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the token axis, unmasked or causal.

@@ -25,6 +25,16 @@ from torch import nn
 from .config import HarmaConfig
 from .modules import MultimodalGatedAdapter
 
+# The API (its page lists these, in this order); the other functions serve the package.
+__all__ = [
+    "set_adapter",
+    "active_adapter",
+    "list_adapters",
+    "delete_adapter",
+    "mixed_adapter_batch",
+    "remove_harma_adapters",
+]
+
 DEFAULT_ADAPTER_NAME = "default"
 """The name of an adapter set when none is given; its parameters keep the reference names."""
 BASE_MODEL_NAME = "__base__"

@@ -24,6 +24,13 @@ from .named_adapters import (
     unwrap_model,
 )
 
+# The API (its page lists these, in this order); the other functions serve the package.
+__all__ = [
+    "load_official_checkpoint",
+    "OfficialCheckpoint",
+    "reference_key_to_harma",
+]
+
 _REFERENCE_BLOCK = re.compile(r"^(?P<block>(?:visual\.)?transformer\.resblocks\.\d+)\.(?P<rest>.+)$")
 _REFERENCE_TO_OURS = (
     ("gate1", "block_gate"),

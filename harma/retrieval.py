@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from harma._checks import index_vector, reject_nonfinite, score_matrix
+from harma._precision import tf32_disabled
 from harma.distributed import all_gather_no_grad, get_rank, get_world_size
 from harma.encoding import BatchEncoder, encoders_of, kept_modes, shard_bounds
 
@@ -67,34 +69,11 @@ class RetrievalRanks:
 
 def txt2img_tensor(txt2img: Any, n_images: int, n_texts: int, device: torch.device) -> Tensor:
     """Validate ``txt2img`` against the score-matrix shape; return it as a LongTensor."""
-    if isinstance(txt2img, Tensor):
-        indices = txt2img.detach()
-    else:
-        array = np.ascontiguousarray(txt2img)
-        if array.dtype == object:
-            raise ValueError("txt2img must be a flat sequence of integer image indices")
-        indices = torch.from_numpy(array) if array.size else torch.zeros(0, dtype=torch.long)
-    if indices.ndim != 1:
-        raise ValueError(
-            f"txt2img must be 1-D (one image index per caption); got shape {tuple(indices.shape)}"
-        )
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise ValueError(f"txt2img must hold integer image indices; got dtype {indices.dtype}")
-    if indices.shape[0] != n_texts:
-        raise ValueError(
-            f"txt2img has {indices.shape[0]} entries but there are {n_texts} captions (text columns); "
-            "need exactly one image index per caption"
-        )
     if n_images == 0:
         raise ValueError("there are no images (0 image rows)")
-    indices = indices.to(device=device, dtype=torch.long)
-    out_of_range = (indices < 0) | (indices >= n_images)
-    if bool(out_of_range.any()):
-        caption = int(out_of_range.nonzero()[0, 0])
-        raise ValueError(
-            f"txt2img[{caption}] = {int(indices[caption])} points at a missing image: there are "
-            f"{n_images} images (valid indices 0..{n_images - 1})"
-        )
+    indices = index_vector(txt2img, name="txt2img", length=n_texts, bound=n_images, device=device, kind="image",
+                           per="caption", rows="captions (text columns)", outside="points at a missing image",
+                           targets="images")
     captions_per_image = torch.bincount(indices, minlength=n_images)
     uncaptioned = (captions_per_image == 0).nonzero().flatten().tolist()
     if uncaptioned:
@@ -198,34 +177,7 @@ def ranks_to_metrics(ranks: RetrievalRanks) -> dict[str, float]:
 
 
 def _as_score_tensor(scores: Any) -> Tensor:
-    tensor = scores.detach() if isinstance(scores, Tensor) else torch.from_numpy(np.ascontiguousarray(scores))
-    if tensor.ndim != 2:
-        raise ValueError(f"scores must be a 2-D (n_images, n_texts) matrix; got shape {tuple(tensor.shape)}")
-    if not tensor.dtype.is_floating_point:
-        tensor = tensor.double()
-    elif tensor.dtype in (torch.float16, torch.bfloat16):
-        tensor = tensor.float()  # CPU comparisons on half types are slow; the upcast is exact.
-    # The sum is a cheap screen: it is finite unless some score is NaN or infinite (or the
-    # sum overflows, which the full check then clears).
-    if not bool(torch.isfinite(tensor.sum())):
-        _reject_nonfinite(tensor, "scores")
-    return tensor
-
-
-def _reject_nonfinite(tensor: Tensor, name: str) -> None:
-    """Raise a `ValueError` saying how many values of ``tensor`` are NaN or infinite, and where
-    the first one is (``name[row, column]``)."""
-    bad = ~torch.isfinite(tensor)
-    count = int(bad.sum())
-    if count == 0:
-        return
-    nans = int(torch.isnan(tensor).sum())
-    first = ", ".join(str(i) for i in bad.nonzero()[0].tolist())
-    raise ValueError(
-        f"{name} contain {count} NaN or infinite value(s) ({nans} NaN, {count - nans} infinite) of "
-        f"{tensor.numel()}, the first at {name}[{first}]; retrieval needs finite values (did the "
-        f"model diverge?)"
-    )
+    return score_matrix(scores, "scores", "(n_images, n_texts)", "retrieval")
 
 
 def retrieval_metrics(
@@ -283,7 +235,7 @@ def retrieval_metrics_from_embeddings(
     """Retrieval recalls from embeddings, without building the similarity matrix.
 
     Similarities are dot products (cosines when ``normalize``), computed in float32 or wider
-    in tiles of ``chunk_size`` captions by at most ``chunk_size`` images; peak extra memory
+    (on CUDA with TF32 switched off for these products, whatever the process set) in tiles of ``chunk_size`` captions by at most ``chunk_size`` images; peak extra memory
     is about ``6 * chunk_size**2`` bytes for float32 (tile, comparison mask, counts) plus the
     normalised copies of the inputs. When ``n_images * n_texts <= chunk_size**2`` the matrix
     is computed in one piece (one matmul). Otherwise every score is computed once, plus once
@@ -318,8 +270,8 @@ def retrieval_metrics_from_embeddings(
         )
     if images.device != texts.device:
         raise ValueError(f"image_embeds is on {images.device} but text_embeds is on {texts.device}")
-    _reject_nonfinite(images, "image_embeds")
-    _reject_nonfinite(texts, "text_embeds")
+    reject_nonfinite(images, "image_embeds", "retrieval")
+    reject_nonfinite(texts, "text_embeds", "retrieval")
     if texts.dtype != images.dtype:
         common = torch.promote_types(images.dtype, texts.dtype)
         images, texts = images.to(common), texts.to(common)
@@ -328,28 +280,28 @@ def retrieval_metrics_from_embeddings(
         texts = F.normalize(texts, dim=-1)
     n_images, n_texts = images.shape[0], texts.shape[0]
     indices = txt2img_tensor(txt2img, n_images, n_texts, images.device)
+    # Scores in full float32 even where TF32 is on for training: TF32's 10-bit mantissa moves
+    # many ranks among near-equal scores, and a run's metrics must not depend on that switch.
+    with tf32_disabled():
+        ranks = _score_ranks(images, texts, indices, chunk_size, ties)
+    metrics = ranks_to_metrics(ranks)
+    return (metrics, ranks) if return_ranks else metrics
+
+
+def _score_ranks(images: Tensor, texts: Tensor, indices: Tensor, chunk_size: int, ties: str) -> RetrievalRanks:
+    """The ranks of `retrieval_metrics_from_embeddings` from prepared embeddings."""
+    n_images, n_texts = images.shape[0], texts.shape[0]
     if n_images * n_texts <= chunk_size * chunk_size:
         # The whole matrix fits in one tile's memory: one matmul instead of two passes.
         scores = images @ texts.t()
-        ranks = _tile_ranks(
-            lambda rows, cols: scores[rows, cols], n_images, n_texts, indices, n_images, n_texts, ties
-        )
-    else:
-        # Tiles are chunk_size captions wide and proportionally fewer images high: pass 1 of
-        # _tile_ranks recomputes only the tiles holding (image, own caption) pairs, and when
-        # the captions are grouped by image that is about one tile row per tile column.
-        row_tile = min(chunk_size, -(-chunk_size * n_images // n_texts))
-        ranks = _tile_ranks(
-            lambda rows, cols: images[rows] @ texts[cols].t(),
-            n_images,
-            n_texts,
-            indices,
-            row_tile,
-            chunk_size,
-            ties,
-        )
-    metrics = ranks_to_metrics(ranks)
-    return (metrics, ranks) if return_ranks else metrics
+        return _tile_ranks(lambda rows, cols: scores[rows, cols], n_images, n_texts, indices, n_images, n_texts, ties)
+    # Tiles are chunk_size captions wide and proportionally fewer images high: pass 1 of
+    # _tile_ranks recomputes only the tiles holding (image, own caption) pairs, and when
+    # the captions are grouped by image that is about one tile row per tile column.
+    row_tile = min(chunk_size, -(-chunk_size * n_images // n_texts))
+    return _tile_ranks(
+        lambda rows, cols: images[rows] @ texts[cols].t(), n_images, n_texts, indices, row_tile, chunk_size, ties
+    )
 
 
 class RetrievalEvaluator(BatchEncoder):

@@ -210,6 +210,27 @@ def test_push_to_hub_uploads_the_peft_style_folder(monkeypatch):
     assert uploaded["config"]["base_model"] == "tiny"
 
 
+def test_push_to_hub_checks_everything_before_any_hub_call(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    def no_hub_call(*args, **kwargs):
+        raise AssertionError("the Hub was called before the inputs were checked")
+
+    for name in ("create_repo", "upload_folder", "create_commit", "upload_file", "repo_exists", "whoami"):
+        monkeypatch.setattr(HfApi, name, no_hub_call)
+        monkeypatch.setattr(huggingface_hub, name, no_hub_call)
+    model = trained_model()
+    with pytest.raises(ValueError, match=r"'nope'.*'default'"):
+        harma.push_adapters_to_hub(model, "someone/harma-tiny", adapter_name="nope")
+    with pytest.raises(ValueError, match="carries no HarMA adapters"):
+        harma.push_adapters_to_hub(tiny_open_clip(), "someone/harma-tiny")
+    for repo_id in ("not a repo id", "a/b/c", ""):
+        with pytest.raises(ValueError, match=rf"push_adapters_to_hub: {re.escape(repr(repo_id))} is not a Hub "
+                                             r"repository id \(org/name\)"):
+            harma.push_adapters_to_hub(model, repo_id)
+
+
 def nan_adapter_file(tmp_path: Path) -> tuple[nn.Module, Path, str]:
     """A trained model, its adapter file with one tensor turned NaN, and that tensor's name."""
     model = trained_model()

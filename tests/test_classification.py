@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from repo_scripts import load_repo_script
 from tiny_models import IMAGE_SIZE, perturb_adapters, tiny_hf_clip, tiny_hf_siglip, tiny_open_clip
 
 import harma
@@ -24,25 +25,8 @@ from harma.prompts import TEMPLATE_SETS
 
 
 def per_sample_loop(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The usual way: sort each image's scores, look for its class; count per class."""
-    n_classes = logits.shape[1]
-    top1 = top5 = 0
-    hits = [0] * n_classes
-    totals = [0] * n_classes
-    for row, label in zip(logits, labels, strict=True):
-        order = list(np.argsort(-row, kind="stable"))
-        totals[label] += 1
-        if order[0] == label:
-            top1 += 1
-            hits[label] += 1
-        if label in order[:5]:
-            top5 += 1
-    metrics = {"acc1": 100.0 * top1 / len(labels)}
-    if n_classes >= 5:
-        metrics["acc5"] = 100.0 * top5 / len(labels)
-    recalls = [100.0 * hit / total for hit, total in zip(hits, totals, strict=True) if total]
-    metrics["mean_per_class_recall"] = sum(recalls) / len(recalls)
-    return metrics
+    """The benchmark's independent reference: one sample at a time, plain Python and NumPy."""
+    return load_repo_script("benchmarks/classification_eval.py").per_sample_loop(logits, labels)
 
 
 @pytest.mark.parametrize(("n_images", "n_classes", "seed"), [(200, 45, 0), (57, 7, 1), (31, 3, 2), (10, 5, 3)])
@@ -121,7 +105,7 @@ def test_bad_logits_and_labels_are_named():
         harma.classification_metrics(torch.randn(4), [0, 1, 2, 0])
     bad = logits.clone()
     bad[1, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"1 NaN or infinite value\(s\) of 12, the first at logits\[1, 2\]"):
+    with pytest.raises(ValueError, match=r"1 NaN or infinite value\(s\) \(1 NaN, 0 infinite\) of 12, the first at logits\[1, 2\]"):
         harma.classification_metrics(bad, [0, 1, 2, 0])
 
 
@@ -182,6 +166,27 @@ def test_the_evaluator_equals_metrics_of_scores_computed_by_hand(combine):
     small_batches = ZeroShotEvaluator(images, labels, classnames, open_clip_tokenizer, templates="skyscript",
                                       combine=combine, batch_size=5, progress=False)
     assert small_batches.evaluate(model) == pytest.approx(result.metrics)
+
+
+def test_scores_are_float32_outside_autocast_whatever_the_encoding_precision(monkeypatch):
+    # On CUDA the evaluator encodes under autocast; the scores must not be computed there (bf16
+    # steps of about 0.001 at cosine 0.2 merge near ties). CPU autocast stands in for CUDA's.
+    import harma.classification as classification
+
+    monkeypatch.setattr(ZeroShotEvaluator, "_autocast",
+                        lambda self, device: torch.autocast("cpu", dtype=torch.bfloat16))
+    seen = []
+    ranks_and_predictions = classification._ranks_and_predictions
+
+    def recording(scores, labels, pessimistic):
+        seen.append((scores.dtype, torch.is_autocast_enabled("cpu")))
+        return ranks_and_predictions(scores, labels, pessimistic)
+
+    monkeypatch.setattr(classification, "_ranks_and_predictions", recording)
+    images, labels, classnames = small_set()
+    ZeroShotEvaluator(images, labels, classnames, open_clip_tokenizer, batch_size=5,
+                      progress=False).run(tiny_open_clip())
+    assert seen and set(seen) == {(torch.float32, False)}
 
 
 def hash_tokenizer(vocab: int, length: int):

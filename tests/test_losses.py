@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -328,6 +329,35 @@ def test_low_precision_inputs(dtype: torch.dtype) -> None:
     assert output.loss.item() == pytest.approx(reference.loss.item(), rel=1e-4)
 
 
+def test_losses_compute_in_float32_under_autocast(monkeypatch) -> None:
+    """Autocast lowers matrix products to bf16 (on the CPU as on CUDA); the losses switch it off
+    for theirs: float32 logits, and the values and gradients of the plain float32 call."""
+    images, texts = (x.float() for x in random_batch(16, seed=9))
+    ids, labels = torch.arange(16) // 2, torch.arange(16) % 4
+    criterion = HarmaLoss(affiliation_weight=1.0)
+    logit_dtypes = []
+    log_softmax = F.log_softmax
+    monkeypatch.setattr(F, "log_softmax", lambda x, *a, **k: logit_dtypes.append(x.dtype) or log_softmax(x, *a, **k))
+
+    def run(autocast: bool) -> tuple[torch.Tensor, ...]:
+        leaf = images.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = criterion(leaf, texts, ids, labels)
+            # autocast is on here: a product outside the loss is lowered (the test would be void otherwise)
+            assert (leaf @ texts.t()).dtype == (torch.bfloat16 if autocast else torch.float32)
+        output.loss.backward()
+        return output.contrastive, output.triplet, output.affiliation, leaf.grad
+
+    plain, under_autocast = run(False), run(True)
+    assert logit_dtypes == [torch.float32] * 4  # both directions of the contrastive loss, twice
+    for got, expected in zip(under_autocast, plain, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = contrastive_loss(image_embeds=images, text_embeds=texts, image_ids=ids, temperature=0.07)
+    assert alone.dtype == torch.float32 and alone.item() == contrastive_loss(images, texts, ids, 0.07).item()
+
+
 def test_shape_errors() -> None:
     with pytest.raises(ValueError, match="same shape"):
         contrastive_loss(torch.randn(3, 4), torch.randn(2, 4), None, 0.1)
@@ -335,3 +365,21 @@ def test_shape_errors() -> None:
         adaptive_triplet_loss(torch.randn(3), torch.randn(3))
     with pytest.raises(ValueError, match="image_ids has 2 entries"):
         contrastive_loss(torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1]), 0.1)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"margin": float("nan")}, "margin must be a finite number >= 0, got nan"),
+    ({"margin": -0.1}, "margin must be a finite number >= 0, got -0.1"),
+    ({"gamma": float("nan")}, "gamma must be a finite number >= 0, got nan"),
+    ({"gamma": float("inf")}, "gamma must be a finite number >= 0, got inf"),
+    ({"affiliation_weight": float("nan")}, "affiliation_weight must be a finite number >= 0, got nan"),
+    ({"temperature_init": float("nan")}, "temperature_init=nan is outside [0.001, 0.5]"),
+])
+def test_harma_loss_names_non_finite_or_negative_options_when_built(options, message) -> None:
+    # A NaN option would only show as a NaN loss steps later, blamed on the learning rate.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        HarmaLoss(**options)
+    if "gamma" in options:
+        image, text = torch.randn(2, 4), torch.randn(2, 4)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            adaptive_triplet_loss(image, text, gamma=options["gamma"])

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -327,6 +329,18 @@ def test_evaluator_validates_txt2img() -> None:
     images, captions, _ = toy_retrieval_set(3)
     with pytest.raises(ValueError, match="have no caption"):
         RetrievalEvaluator(images, captions[:2], [0, 0], toy_tokenizer)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+    ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
+    ({"num_workers": True}, "num_workers must be an integer >= 0, got True"),
+])
+def test_evaluator_names_a_bad_batch_size_or_worker_count_before_encoding(options, message) -> None:
+    images, captions, txt2img = toy_retrieval_set(3)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RetrievalEvaluator(images, captions, txt2img, toy_tokenizer, **options)
 
 
 def test_evaluator_from_dataset_uses_its_captions() -> None:

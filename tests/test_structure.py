@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "harma"
 MAX_FUNCTION_LINES = 100
-APPLICATION = "harma.training"
+APPLICATIONS = ("harma.training", "harma.search")
 
 
 def module_name(path: Path) -> str:
@@ -62,16 +62,22 @@ def functions(tree: ast.AST):
 
 
 def test_every_module_is_found():
-    assert "harma.inject" in MODULES and "harma.training.trainer" in MODULES
+    assert "harma.inject" in MODULES and "harma.training.trainer" in MODULES and "harma.search.cli" in MODULES
 
 
-@pytest.mark.parametrize("name", [name for name in MODULES if not name.startswith(APPLICATION)])
+def test_training_never_imports_search():
+    reached = {m for name in MODULES if name.startswith("harma.training")
+               for m in top_level_imports(name) if m.startswith("harma.search")}
+    assert not reached, reached
+
+
+@pytest.mark.parametrize("name", [name for name in MODULES if not name.startswith(APPLICATIONS)])
 def test_the_core_never_imports_the_application(name):
-    reached = {module for module in top_level_imports(name) if module.startswith(APPLICATION)}
+    reached = {module for module in top_level_imports(name) if module.startswith(APPLICATIONS)}
     for function in functions(parse(name)):
         for node in ast.walk(function):
             if isinstance(node, ast.Import | ast.ImportFrom):
-                reached.update(m for m in resolve(name, node) if m.startswith(APPLICATION))
+                reached.update(m for m in resolve(name, node) if m.startswith(APPLICATIONS))
     assert not reached, f"{name} imports {sorted(reached)}"
 
 

@@ -12,11 +12,12 @@ CONTEXT_LENGTH = 77
 
 
 def tiny_open_clip(seed: int = 0, quick_gelu: bool = False, vision_width: int = 64, layers: int = 2,
-                   text_width: int = 64) -> nn.Module:
+                   text_width: int = 64, model_class: type[nn.Module] | None = None) -> nn.Module:
+    """A 2-block open_clip CLIP (``model_class``: a subclass of ``open_clip.model.CLIP`` to build)."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     torch.manual_seed(seed)
-    return CLIP(
+    return (model_class or CLIP)(
         embed_dim=32,
         vision_cfg=CLIPVisionCfg(layers=layers, width=vision_width, head_width=16, patch_size=8,
                                  image_size=IMAGE_SIZE),

@@ -7,11 +7,11 @@ Importing this module registers HarMA as a peft method, so that ``get_peft_model
 from peft import PeftModel, get_peft_model
 from harma.integrations.peft import HarmaPeftConfig
 
-peft_model = get_peft_model(model, HarmaPeftConfig())            # reference layout
+peft_model = get_peft_model(model, HarmaPeftConfig())     # reference layout
 peft_model.print_trainable_parameters()
-...                                                              # train
+...                                                       # train
 peft_model.save_pretrained("adapters/")
-loaded = PeftModel.from_pretrained(fresh_model, "adapters/")     # import this module first
+loaded = PeftModel.from_pretrained(fresh_model, "adapters/")   # after importing this
 ```
 
 The tuner delegates to ``harma.inject_harma_adapters``: the patched model is the same as
@@ -109,6 +109,9 @@ _MERGE_ERROR = (
     "HarMA adapters cannot be merged into the base weights: they apply self-attention, GELU and gates to "
     "each block's MLP output. Keep the adapters, or call unload() to drop them"
 )
+# A config attribute (not a field, so never saved): its fingerprint was computed from a model by
+# harma, not read from a saved folder.
+_INFERRED_FINGERPRINT = "_harma_inferred_fingerprint"
 _WEIGHTED_ERROR = (
     "HarMA adapters cannot be combined by weights (add_weighted_adapter): self-attention, GELU and gates make "
     "a weighted sum of two sets' parameters compute neither set's function. Run the sets in turn "
@@ -173,14 +176,18 @@ class HarmaPeftConfig(PeftConfig):
         causal_towers: towers whose adapters attend causally with ``adapter_mask="tower"``, or
             None to detect them.
         fingerprint: each patched tower's name, depth and width. Filled in when the adapters are
-            injected and saved in ``adapter_config.json``; when set, loading checks that the
-            model has this architecture. Leave it None.
+            saved and written to ``adapter_config.json``; when read from a folder, loading checks
+            that the model has this architecture. Leave it None.
         modules_to_save: names of modules of the model (matched as peft matches them, e.g.
             ``["visual_projection", "text_projection"]`` of a Hugging Face CLIP) to train and
             save beside the adapters, each as a copy per adapter that replaces the module while
             that adapter is active (peft's ``modules_to_save``). The modules must be
             ``nn.Module``s: open_clip keeps its projections as bare parameters, which peft cannot
             wrap. Only a ``PeftModel`` restores them; ``load_peft_adapters`` refuses such folders.
+        init_weights: True (the default) starts every up-projection at zero, so that new adapters
+            compute exactly what the backbone does; False initialises them as the down-projections
+            are (peft's ``init_weights=False`` convention), for tests that need adapters which
+            change the output from the start.
 
     Example:
         ```python
@@ -197,6 +204,9 @@ class HarmaPeftConfig(PeftConfig):
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "modules trained and saved beside the adapters, as a copy per adapter"}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "False: random up-projections, so that new adapters change the output"}
     )
 
     def __post_init__(self) -> None:
@@ -322,6 +332,14 @@ class HarmaTunerLayer(MultimodalGatedAdapter, BaseTunerLayer):
         """Nothing: ``HarmaTuner.delete_adapter`` removes whole sets through harma."""
 
 
+def _initialise_away_from_identity(adapter: MultimodalGatedAdapter) -> None:
+    """Initialise the up-projections of ``adapter`` (and of its MMS) as ``nn.Linear`` does, so that
+    the adapter changes its block's output from the start."""
+    for up in (adapter.up, getattr(adapter.mini_adapter, "up", None)):
+        if up is not None:
+            up.reset_parameters()
+
+
 def _dropped_by_peft_filter(key: str, unwanted_adapter_names: Sequence[str]) -> bool:
     """Whether peft's ``get_peft_model_state_dict`` drops ``key`` before calling the tuner: it
     removes every key containing ``.<name>.`` (or ending in ``.<name>``) for the other adapters."""
@@ -368,9 +386,10 @@ class HarmaTuner(BaseTuner):
         config = self.peft_config[adapter_name]
         self._check_injectable(model, adapter_name, config, low_cpu_mem_usage)
         harma_config = config.to_harma_config()
-        fingerprint = architecture_fingerprint(model, harma_config)
-        if config.fingerprint is not None:
-            check_fingerprint(config.fingerprint, fingerprint, f"the HarMA adapters {adapter_name!r}")
+        if config.fingerprint is not None and not getattr(config, _INFERRED_FINGERPRINT, False):
+            # Read from a saved folder: the model must have the architecture the adapters were made for.
+            check_fingerprint(config.fingerprint, architecture_fingerprint(model, harma_config),
+                              f"the HarMA adapters {adapter_name!r}")
         first = not list_adapters(model)
         # A later set is added bypassed and frozen, every other flag as it was (peft's add_adapter).
         # Created in the backbone's dtype: peft then calls _cast_adapter_dtype with the user's choice.
@@ -380,12 +399,11 @@ class HarmaTuner(BaseTuner):
         for adapter in registry.modules[adapter_name]:
             adapter.harma_adapter_name = adapter_name
             adapter.harma_registry = registry
+            if not config.init_weights:
+                _initialise_away_from_identity(adapter)
         if first and config.inference_mode:
             # Through harma, so that its registry knows the active set is frozen.
             harma_set_adapter(model, adapter_name, inference_mode=True)
-        # Record the architecture in a copy (the user's config object is left as it was), so that
-        # save_pretrained writes it to adapter_config.json.
-        self.peft_config[adapter_name] = dataclasses.replace(config, fingerprint=fingerprint)
         self._update_targeted_module_names()
         # peft's own step for modules_to_save (a trainable copy per adapter of each named module).
         set_additional_trainable_modules(model=model, peft_config=config, model_config=BaseTuner.get_model_config(self),
@@ -588,6 +606,12 @@ class HarmaTuner(BaseTuner):
             raise ValueError(
                 f"the state dict to save lacks {len(missing)} adapter tensor(s), e.g. {missing[:3]}"
             )
+        # save_pretrained writes the config right after the weights: record the architecture they fit.
+        # The config stays the user's object (peft's convention); the mark lets the same object go on
+        # to a model of another architecture, where only a fingerprint read from a file is checked.
+        base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config.fingerprint = architecture_fingerprint(base_model, config.to_harma_config())
+        setattr(config, _INFERRED_FINGERPRINT, True)
         return selected
 
     @classmethod

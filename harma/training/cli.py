@@ -13,10 +13,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from ..config import HarmaConfig
+from ..config import LAYOUT_PRESETS, HarmaConfig
 from .config import TrainConfig, read_config_file
+from .options import BAD_INPUT, errors_named, exit_on_bad_input, integer_at_least, read_json_object
 from .state import CONFIG_NAME
 from .trainer import NonFiniteError, train
 
@@ -59,19 +60,18 @@ def _parse_field_value(type_name: str, text: str) -> Any:
     if base == "float":
         return float(text)
     if base == "dict":
-        if Path(text).is_file():
-            return read_config_file(text)
-        value = json.loads(text)
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a JSON object or a JSON file, got {text!r}")
-        return value
+        return read_json_object(text)
     if base.startswith("tuple["):
         items = _parse_list(text)
+        if text.strip().startswith("["):
+            # JSON values keep their types: TrainConfig and HarmaConfig check them as they check a
+            # config file's (no 1.7 -> 1, no true -> 1, no null -> "None").
+            return tuple(items)
         if "int" in base:
             return tuple(int(item) for item in items)
         if "float" in base:
             return tuple(float(item) for item in items)
-        return tuple(str(item) for item in items)
+        return tuple(items)
     return text
 
 
@@ -89,8 +89,16 @@ def _config_fields() -> list[tuple[str, dataclasses.Field, bool]]:
     return fields
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error:`` line: the usage of dozens of recipe
+    options printed first would bury it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _build_parser(prog: str | None, description: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog=prog,
         allow_abbrev=False,
         description=description or "Train HarMA adapters (or LoRA / full fine-tuning) on an open_clip CLIP.",
@@ -102,9 +110,12 @@ def _build_parser(prog: str | None, description: str | None) -> argparse.Argumen
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
                         help="continue a run: its folder or last_state.pt (default: output_dir)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty output_dir")
-    parser.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-after-epoch", type=integer_at_least(1), default=None, metavar="N",
                         help="stop after N epochs as if interrupted (continue with --resume)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    parser.add_argument("--harma", dest="harma_preset", choices=LAYOUT_PRESETS, default=None,
+                        help="adapter layout preset (plus: the recommended layout for new runs; reference: "
+                        "the authors'); --harma.FIELD values apply on top of it")
     group = parser.add_argument_group("recipe fields (override the config file)")
     for cli_name, config_field, _ in _config_fields():
         flags = [f"--{cli_name}"]
@@ -132,9 +143,14 @@ def _defaults_dict(defaults: TrainConfig | Mapping[str, Any] | str | os.PathLike
 
 def _merge_overrides(base: dict[str, Any], namespace: argparse.Namespace) -> dict[str, Any]:
     merged = dict(base)
-    harma_fields = dict(merged.get("harma") or {})
-    if isinstance(merged.get("harma"), HarmaConfig):
-        harma_fields = merged["harma"].to_dict()
+    stored = merged.get("harma")
+    if getattr(namespace, "harma_preset", None) is not None:
+        stored = namespace.harma_preset
+    if isinstance(stored, str) and stored in LAYOUT_PRESETS:
+        stored = HarmaConfig.preset(stored)
+    # Anything else (e.g. "harma": 5) is left for TrainConfig to name.
+    harma_fields = stored.to_dict() if isinstance(stored, HarmaConfig) else (
+        dict(stored or {}) if isinstance(stored, Mapping | None) else None)
     types = {cli_name: (_type_name(f), is_harma) for cli_name, f, is_harma in _config_fields()}
     for key, text in vars(namespace).items():
         if not key.startswith("field:"):
@@ -146,7 +162,8 @@ def _merge_overrides(base: dict[str, Any], namespace: argparse.Namespace) -> dic
         except (ValueError, json.JSONDecodeError) as error:
             raise ValueError(f"--{cli_name}: {error}") from None
         if is_harma:
-            harma_fields[cli_name.removeprefix("harma.")] = value
+            if harma_fields is not None:
+                harma_fields[cli_name.removeprefix("harma.")] = value
         else:
             merged[cli_name] = value
     if harma_fields:
@@ -167,6 +184,24 @@ def _check_resume_folder(parser: argparse.ArgumentParser, namespace: argparse.Na
             f"--resume {namespace.resume} continues the run in '{run_dir}', but --output_dir names "
             f"'{config.output_dir}': drop --output_dir (a run is resumed where it is)"
         )
+
+
+def _base_recipe(defaults: TrainConfig | Mapping[str, Any] | str | os.PathLike | None,
+                 namespace: argparse.Namespace) -> dict[str, Any]:
+    """The recipe the ``--field`` overrides apply to: ``defaults`` updated by the ``--config``
+    file or, with ``--resume`` alone, the run's stored ``config.json`` (when there is one)."""
+    base = _defaults_dict(defaults)
+    if namespace.config:
+        with errors_named("--config"):
+            base.update(read_config_file(namespace.config))
+    elif namespace.resume:
+        run = Path(namespace.resume) if isinstance(namespace.resume, str) else Path(
+            _merge_overrides(base, namespace).get("output_dir") or TrainConfig.output_dir
+        )
+        run_dir = run.parent if run.suffix == ".pt" else run
+        if (run_dir / CONFIG_NAME).is_file():
+            base = read_config_file(run_dir / CONFIG_NAME)
+    return base
 
 
 @dataclass(frozen=True)
@@ -197,19 +232,9 @@ def parse_args(
     if "--demo" in arguments:
         parser.error("--demo has its own entry point now: python examples/demo.py (or python -m harma.training.demo)")
     namespace = parser.parse_args(arguments)
-    base = _defaults_dict(defaults)
-    if namespace.config:
-        base.update(read_config_file(namespace.config))
-    elif namespace.resume:
-        run = Path(namespace.resume) if isinstance(namespace.resume, str) else Path(
-            _merge_overrides(base, namespace).get("output_dir") or TrainConfig.output_dir
-        )
-        run_dir = run.parent if run.suffix == ".pt" else run
-        if (run_dir / CONFIG_NAME).is_file():
-            base = read_config_file(run_dir / CONFIG_NAME)
     try:
-        config = TrainConfig.from_dict(_merge_overrides(base, namespace))
-    except ValueError as error:
+        config = TrainConfig.from_dict(_merge_overrides(_base_recipe(defaults, namespace), namespace))
+    except BAD_INPUT as error:
         parser.error(str(error))
     _check_resume_folder(parser, namespace, config)
     return ParsedArgs(
@@ -238,13 +263,10 @@ def main(
     if args.print_config:
         print(json.dumps(args.config.to_dict(), indent=2))
         return {}
-    try:
-        return train(args.config, resume=args.resume, overwrite=args.overwrite,
-                     stop_after_epoch=args.stop_after_epoch)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        # A bad path or recipe is the user's to fix: one clear line, no traceback.
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except NonFiniteError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(3) from None
+    with exit_on_bad_input():
+        try:
+            return train(args.config, resume=args.resume, overwrite=args.overwrite,
+                         stop_after_epoch=args.stop_after_epoch)
+        except NonFiniteError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(3) from None

@@ -5,16 +5,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..classification import COMBINE_MODES
-from ..config import HarmaConfig
-from ..io import atomic_write_text
+from ..config import LAYOUT_PRESETS, HarmaConfig
+from ..io import atomic_write_text, check_readable_file
+from ..losses import TEMPERATURE_MAX, TEMPERATURE_MIN
 from ..prompts import DEFAULT_TEMPLATES
+from .captions import CAPTION_FORMATS, check_csv_separator
 
 METHODS = ("harma", "lora", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -42,6 +46,103 @@ def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_sequence_of(kind: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list | tuple) and all(kind(item) for item in value)
+
+
+# What each annotation of a TrainConfig field accepts (without its "| None"), and how a message
+# names it. JSON gives lists where the fields hold tuples, and ints where they hold floats.
+FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "str": ("a string (str)", lambda value: isinstance(value, str)),
+    "int": ("an integer (int)", lambda value: isinstance(value, int) and not isinstance(value, bool)),
+    "float": ("a number (float)", _is_number),
+    "bool": ("true or false (bool)", lambda value: isinstance(value, bool)),
+    "dict": ("an object (dict)", lambda value: isinstance(value, Mapping)),
+    "tuple[str, ...]": ("a list of strings", _is_sequence_of(lambda item: isinstance(item, str))),
+    "tuple[float, float]": ("a list of numbers", _is_sequence_of(_is_number)),
+}
+SEQUENCE_FIELDS = ("train_files", "lora_targets", "betas", "zero_shot_sets", "extra_retrieval_files",
+                   "extra_retrieval_image_roots")
+# Sequence fields of paths: one given as text is one path (a path may hold a comma).
+_PATH_SEQUENCES = ("train_files", "zero_shot_sets", "extra_retrieval_files", "extra_retrieval_image_roots")
+
+
+def _split_text(name: str, value: Any) -> Any:
+    """A sequence field given as text: one path (training files, the sets a run follows), or
+    comma-separated parts (betas as numbers where they parse). Anything else is returned as it is, for the type check."""
+    if not isinstance(value, str):
+        return value
+    if name in _PATH_SEQUENCES:
+        return (value,)
+    parts = tuple(part.strip() for part in value.split(","))
+    if name == "betas":
+        try:
+            return tuple(float(part) for part in parts)
+        except ValueError:
+            return value
+    return parts
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field: ``low`` up to ``high``, each bound included unless
+    open. NaN is never in a range; an unbounded float range holds finite numbers only."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    high_text: str | None = None
+
+    def __contains__(self, value: Any) -> bool:
+        if not _is_number(value) or value != value or (not self.integer and not math.isfinite(value)):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def interval(self) -> str:
+        high = self.high_text or f"{self.high:g}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {high}{')' if self.high_open else ']'}"
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            kind = "an integer" if self.integer else "a finite number"
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'an integer' if self.integer else 'a number'} in {self.interval()}"
+
+
+_COUNT, _POSITIVE, _NON_NEGATIVE = Range(1, integer=True), Range(0, low_open=True), Range(0)
+_FRACTION = Range(0, 1, high_open=True)
+# Every numeric field and its valid values (a test checks that none is missing).
+RANGES: dict[str, Range] = {
+    **dict.fromkeys(("image_size", "max_words", "lora_rank", "epochs", "batch_size", "grad_accum_steps",
+                     "max_steps_per_epoch", "max_skipped_steps", "eval_every", "eval_batch_size",
+                     "threads"), _COUNT),
+    "num_workers": Range(0, integer=True),
+    "seed": Range(0, 2**63, high_open=True, integer=True, high_text="2**63"),
+    "lora_alpha": _POSITIVE,
+    "lora_dropout": _FRACTION,
+    "temperature_init": Range(TEMPERATURE_MIN, TEMPERATURE_MAX),
+    "margin": _NON_NEGATIVE,
+    "gamma": _NON_NEGATIVE,
+    "affiliation_weight": _NON_NEGATIVE,
+    "lr": _POSITIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "betas": _FRACTION,
+    "eps": _POSITIVE,
+    "warmup_fraction": _FRACTION,
+    "max_grad_norm": _POSITIVE,
+    "val_fraction": _FRACTION,
+    "val_seed": Range(0, 2**63, high_open=True, integer=True, high_text="2**63"),
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; defaults are the reference recipe (docs/training.md).
@@ -67,12 +168,27 @@ class TrainConfig:
     test_file: str | None = field(default=None, metadata=_help(
         "test annotation file; evaluated once, with the best checkpoint, at the end"))
     image_root: str = field(default="", metadata=_help("folder the annotation image paths are relative to"))
+    data_format: str | None = field(default=None, metadata=_help(
+        "caption format of the annotation files: rsitmd, karpathy, nwpu, csv or hf (none: detected)"))
+    csv_img_key: str = field(default="filepath", metadata=_help("CSV/TSV column of the image paths"))
+    csv_caption_key: str = field(default="title", metadata=_help("CSV/TSV column of the captions"))
+    csv_separator: str | None = field(default=None, metadata=_help(
+        "CSV/TSV separator (none: tab, or a comma when the header line is comma-separated)"))
+    hf_image_key: str | None = field(default=None, metadata=_help(
+        "Hugging Face dataset column of the images (none: image, filepath, filename, ...)"))
+    hf_caption_key: str | None = field(default=None, metadata=_help(
+        "Hugging Face dataset column of the captions (none: captions, caption, sentences, text, title)"))
+    val_fraction: float = field(default=0.0, metadata=_help(
+        "without val_file: hold out this fraction of the training images (with all their captions) "
+        "as the validation split"))
+    val_seed: int = field(default=0, metadata=_help("seed of the images held out by val_fraction"))
     max_words: int = field(default=30, metadata=_help("captions are cut to this many words"))
     augment: bool = field(default=True, metadata=_help(
         "reference train augmentation (random resized crop, flip, 2 random ops); false: resize only"))
     # Method
     method: str = field(default="harma", metadata=_help("harma | lora | full"))
-    harma: HarmaConfig = field(default=HarmaConfig(), metadata=_help("adapter layout (method harma)"))
+    harma: HarmaConfig = field(default=HarmaConfig(), metadata=_help(
+        "adapter layout (method harma): HarmaConfig fields, or a preset name: reference, paper, plus"))
     init_adapters: str | None = field(default=None, metadata=_help(
         "a harma adapter file or folder whose weights the trained HarMA adapters start from; its "
         "layout must equal `harma` (method harma)"))
@@ -131,7 +247,8 @@ class TrainConfig:
     zero_shot_combine: str = field(default="normalized_mean", metadata=_help(
         "how a class's prompt embeddings are combined: normalized_mean or raw_mean"))
     extra_retrieval_files: tuple[str, ...] = field(default=(), metadata=_help(
-        "other retrieval annotation files (val/test layout) evaluated like the val split before "
+        "other retrieval annotation files (any caption format; a file of several splits: its test split) "
+        "evaluated like the val split before "
         "training and at every validation; never used to choose the best epoch"))
     extra_retrieval_image_roots: tuple[str, ...] = field(default=(), metadata=_help(
         "image folder of each extra_retrieval_files entry, in the same order (empty: image_root for all)"))
@@ -146,68 +263,86 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.harma, Mapping):
             object.__setattr__(self, "harma", HarmaConfig.from_dict(dict(self.harma)))
-        for name in ("train_files", "lora_targets", "betas"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = [value] if name == "train_files" else value.split(",")
-            if not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(value))
-        for name in _MONITOR_SEQUENCES:
-            value = getattr(self, name)
-            if isinstance(value, str):  # one path
-                object.__setattr__(self, name, (value,))
-            elif isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
+        elif isinstance(self.harma, str) and self.harma in LAYOUT_PRESETS:
+            object.__setattr__(self, "harma", HarmaConfig.preset(self.harma))
+        for name in SEQUENCE_FIELDS:
+            object.__setattr__(self, name, _split_text(name, getattr(self, name)))
+        self._check_types()
+        for name in SEQUENCE_FIELDS:
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         self._validate()
         self._validate_monitors()
+
+    def _check_types(self) -> None:
+        """Every field has the type its annotation gives (ints count as floats, bools as nothing
+        but bools), so that a wrong JSON value is named before any comparison fails on it."""
+        if not isinstance(self.harma, HarmaConfig):
+            raise ValueError(
+                f"TrainConfig: harma must be a HarmaConfig, an object of its fields (e.g. "
+                f'{{"sharing": "paper"}}) or a layout preset {LAYOUT_PRESETS}, got {self.harma!r} '
+                f"({type(self.harma).__name__})"
+            )
+        for config_field in dataclasses.fields(self):
+            if config_field.name == "harma":
+                continue
+            value = getattr(self, config_field.name)
+            optional = config_field.type.endswith(" | None")
+            description, check = FIELD_TYPES[config_field.type.removesuffix(" | None")]
+            if not ((value is None and optional) or (value is not None and check(value))):
+                raise ValueError(
+                    f"TrainConfig: {config_field.name} must be {description}{' or null' if optional else ''}, "
+                    f"got {value!r} ({type(value).__name__})"
+                )
 
     def _validate(self) -> None:
         def fail(message: str) -> None:
             raise ValueError(f"TrainConfig: {message}")
 
-        if not isinstance(self.harma, HarmaConfig):
-            fail(f"harma must be a HarmaConfig or a dict of its fields, got {type(self.harma).__name__}")
-        if self.method not in METHODS:
-            fail(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.precision not in PRECISIONS:
-            fail(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            fail(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
-        if self.device not in ("auto", "cuda", "cpu") and not self.device.startswith("cuda:"):
-            fail(f"device must be auto, cuda or cpu, got {self.device!r}")
-        positive_ints = ("image_size", "epochs", "batch_size", "grad_accum_steps", "eval_every",
-                         "eval_batch_size", "max_words", "lora_rank", "max_skipped_steps")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_steps_per_epoch", "threads"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                fail(f"{name} must be a positive integer or None, got {value!r}")
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
-            fail(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            fail(f"lr must be a positive number, got {self.lr!r}")
-        if not 0 <= self.warmup_fraction < 1:
-            fail(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
-        if self.weight_decay < 0:
-            fail(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if len(self.betas) != 2 or not all(0 <= float(b) < 1 for b in self.betas):
-            fail(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            fail(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
-        if self.model_config is not None and not isinstance(self.model_config, Mapping):
-            fail(f"model_config must be a JSON object (dict) or None, got {type(self.model_config).__name__}")
+        for name, choices in (("method", METHODS), ("precision", PRECISIONS), ("nonfinite", NONFINITE_POLICIES)):
+            if getattr(self, name) not in choices:
+                fail(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if not is_device_name(self.device):
+            fail(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for config_field in dataclasses.fields(self):
+            valid, value = RANGES.get(config_field.name), getattr(self, config_field.name)
+            if valid is None or value is None:
+                continue
+            if config_field.name == "betas":
+                if len(value) != 2 or not all(beta in valid for beta in value):
+                    fail(f"betas must be two numbers in {valid.interval()}, got {list(value)!r}")
+            elif value not in valid:
+                optional = "null or " if config_field.type.endswith(" | None") else ""
+                fail(f"{config_field.name} must be {optional}{valid}, got {value!r}")
+        for name in ("model", "output_dir"):
+            if not getattr(self, name):
+                fail(f"{name} must be a non-empty string, got ''")
         if self.init_adapters is not None:
-            if not isinstance(self.init_adapters, str) or not self.init_adapters:
+            if not self.init_adapters:
                 fail(f"init_adapters must be the path of a harma adapter file or folder, or None, "
                      f"got {self.init_adapters!r}")
             if self.method != "harma":
                 fail(f"init_adapters starts HarMA adapters from a file: it needs method 'harma', "
                      f"not {self.method!r}")
-        if not self.lora_targets:
-            fail("lora_targets must name at least one module")
+        if not self.lora_targets or not all(self.lora_targets):
+            fail(f"lora_targets must name at least one module (no empty names), got {list(self.lora_targets)!r}")
+        self._validate_data()
+
+    def _validate_data(self) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"TrainConfig: {message}")
+
+        if self.data_format is not None and self.data_format not in CAPTION_FORMATS:
+            fail(f"data_format must be one of {CAPTION_FORMATS} or None, got {self.data_format!r}")
+        for name in ("csv_img_key", "csv_caption_key"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                fail(f"{name} must be a column name, got {getattr(self, name)!r}")
+        try:
+            check_csv_separator(self.csv_separator)
+        except ValueError as error:
+            fail(str(error))
+        if self.val_fraction and self.val_file:
+            fail(f"give val_file or val_fraction, not both (val_file={self.val_file!r}, "
+                 f"val_fraction={self.val_fraction})")
 
     def _validate_monitors(self) -> None:
         """The fields of the sets evaluated besides the validation split (`MONITOR_FIELDS`)."""
@@ -291,13 +426,38 @@ def _same_path(first: str, second: str) -> bool:
     return os.path.abspath(first) == os.path.abspath(second)
 
 
+def is_device_name(text: Any) -> bool:
+    """Whether ``text`` names a device a run or an evaluation may ask for: ``auto``, ``cpu``,
+    ``cuda`` or ``cuda:N``."""
+    return isinstance(text, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is not None
+
+
+def cuda_problem(device: str) -> str | None:
+    """Why this machine cannot give the device ``device`` names (an `is_device_name` name), or
+    None when it can (``auto`` and ``cpu`` always can)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"CUDA is not available on this machine: use cpu or auto, not {device!r}"
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        return f"{device!r} names a CUDA device this machine lacks (it has {count})"
+    return None
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: '{path}'")
+    """The fields of a JSON config file, without the keys starting with ``_``.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, PermissionError: the file cannot be read (named).
+        ValueError: not JSON, or not a JSON object (the file is named).
+    """
+    path = check_readable_file(path, "config file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"config file '{path}' is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file '{path}' must hold a JSON object of TrainConfig fields")

@@ -1,6 +1,11 @@
-"""Image-text retrieval data: annotation files, datasets and image transforms.
+"""Image-text retrieval data: caption datasets, PyTorch datasets and image transforms.
 
-Annotation layout (the RSITMD/RSICD files of the HarMA authors):
+Annotation files of every caption format (the RSITMD/RSICD layout of the HarMA authors,
+Karpathy-style ``dataset_*.json``, NWPU-Captions, open_clip CSV/TSV, Hugging Face datasets) are
+read by `harma.training.captions` into one form, a `CaptionDataset`; the datasets here turn it
+into training pairs (`RetrievalTrainDataset`) and evaluation splits (`RetrievalEvalDataset`).
+
+The RSITMD/RSICD layout:
 
 - train files: a JSON list of ``{"caption": str, "image": path, "image_id": int, "label": int,
   "label_name": str}``, one caption per entry, several entries per image. ``image_id``,
@@ -14,12 +19,12 @@ separately). See ``docs/data.md``.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import string
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,13 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from .captions import (
+    CaptionDataset,
+    DatasetImage,
+    carve_split,
+    load_annotations,
+    read_caption_dataset,
+)
 from .config import TrainConfig
 
 __all__ = [
@@ -42,9 +54,12 @@ __all__ = [
     "RetrievalTrainDataset",
     "TokenizingCollate",
     "build_datasets",
+    "check_caption_images",
     "check_image_files",
     "load_annotations",
     "preprocess_caption",
+    "read_run_split",
+    "read_run_splits",
     "test_transform",
     "train_transform",
 ]
@@ -92,66 +107,11 @@ def preprocess_caption(text: str, max_words: int = 30) -> str:
 
 # --------------------------------------------------------------------------- annotation files
 
-def load_annotations(path: PathLike, required_keys: Iterable[str] = ("image", "caption")) -> list[dict]:
-    """Read a JSON annotation file: a list of dicts, each holding at least ``required_keys``.
-
-    Raises FileNotFoundError if the file is absent and ValueError (naming the file, and the
-    entry index where one is at fault) if it is not JSON, not a list, or an entry is not an
-    object or lacks a required key.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: '{path}'")
-    try:
-        with path.open("r", encoding="utf-8") as handle:
-            annotations = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"annotation file '{path}' is not valid JSON: {error}") from error
-    if not isinstance(annotations, list):
-        raise ValueError(
-            f"annotation file '{path}' must hold a JSON list of entries, got {type(annotations).__name__}"
-        )
-    required = tuple(required_keys)
-    for index, entry in enumerate(annotations):
-        if not isinstance(entry, dict):
-            raise ValueError(
-                f"annotation file '{path}', entry {index}: expected an object, got {type(entry).__name__}"
-            )
-        missing = [key for key in required if key not in entry]
-        if missing:
-            raise ValueError(
-                f"annotation file '{path}', entry {index}: missing key(s) {missing}; "
-                f"the entry has {sorted(entry)}"
-            )
-    return annotations
-
-
-def _malformed(source: PathLike, index: int, problem: str) -> ValueError:
-    return ValueError(f"annotation file '{source}', entry {index}: {problem}")
-
-
-def _check_image_field(entry: dict, source: PathLike, index: int) -> str:
-    image = entry["image"]
-    if not isinstance(image, str) or not image:
-        raise _malformed(source, index, f"'image' must be a non-empty path string, got {image!r}")
-    return image
-
-
-def _clean_caption(caption: Any, max_words: int, source: PathLike, index: int, what: str = "'caption'") -> str:
-    if not isinstance(caption, str):
-        raise _malformed(source, index, f"{what} must be a string, got {type(caption).__name__}: {caption!r}")
+def _clean_caption(caption: str, max_words: int, dataset: CaptionDataset, place: str) -> str:
     cleaned = preprocess_caption(caption, max_words)
     if not cleaned:
-        raise _malformed(source, index, f"{what} {caption!r} is empty after preprocessing")
+        raise dataset.error(place, f"{caption!r} is empty after preprocessing")
     return cleaned
-
-
-def _optional_label(entry: dict, source: PathLike, index: int) -> int:
-    label = entry.get("label", -1)
-    # bool is an int subclass; a true/false label is a broken file, not class 1/0
-    if isinstance(label, bool) or not isinstance(label, int):
-        raise _malformed(source, index, f"'label' must be an integer, got {label!r}")
-    return label
 
 
 def check_image_files(
@@ -159,15 +119,17 @@ def check_image_files(
     image_root: PathLike,
     source: PathLike = "<annotations>",
     max_examples: int = 5,
+    places: Sequence[str] | None = None,
 ) -> list[Path]:
     """Verify that every image path exists under ``image_root``; return the joined paths.
 
     ``paths`` are the image fields of the annotation entries in order (repeats allowed; each
     distinct file is checked once), so a position in ``paths`` is an entry index of
-    ``source``. Raises FileNotFoundError naming ``source``, the image root, how many distinct
+    ``source``; ``places`` (one per path, such as ``images[3]`` or ``line 7``) names the entries
+    otherwise. Raises FileNotFoundError naming ``source``, the image root, how many distinct
     files of how many are missing and the first ``max_examples`` missing ones with the
-    index of the first entry that uses them. When none exists, the message says the image
-    root is probably wrong.
+    first entry that uses them. When none exists, the message says the image root is
+    probably wrong.
     """
     root = Path(image_root)
     full_paths = [root / path for path in paths]
@@ -198,8 +160,11 @@ def check_image_files(
                 f"'{flat_guess}' exists, so the image root already contains the sub-folder written "
                 f"in the annotations ('{paths[first_index]}'): pass its parent folder instead."
             )
-    lines.append("First missing (entry index: annotation path -> looked up at):")
-    lines.extend(f"  entry {index}: '{paths[index]}' -> '{path}'" for index, path in missing[:max_examples])
+    lines.append("First missing (entry: annotation path -> looked up at):")
+    lines.extend(
+        f"  {places[index] if places is not None else f'entry {index}'}: '{paths[index]}' -> '{path}'"
+        for index, path in missing[:max_examples]
+    )
     if len(missing) > max_examples:
         lines.append(f"  ... and {len(missing) - max_examples} more")
     raise FileNotFoundError("\n".join(lines))
@@ -219,9 +184,33 @@ class ImageReadError(ValueError):
         return cls(text)
 
 
-def _open_rgb(path: Path, where: str) -> Image.Image:
+def check_caption_images(dataset: CaptionDataset) -> list[Path | DatasetImage]:
+    """`check_image_files` for the images of a `CaptionDataset` (images stored in a Hugging Face
+    dataset need no check); returns `CaptionDataset.image_paths`."""
+    on_disk = [image for image in dataset.images if not isinstance(image.image, DatasetImage)]
+    if on_disk:
+        check_image_files([image.image for image in on_disk], dataset.image_root or Path(),
+                          source=dataset.source, places=[image.where for image in on_disk])
+    return dataset.image_paths()
+
+
+def _as_caption_dataset(annotations: PathLike | CaptionDataset, image_root: PathLike | None,
+                        split: str | None) -> CaptionDataset:
+    """A `CaptionDataset` as given (taking ``image_root`` if it has none), or read from a file."""
+    root = Path(image_root) if image_root not in (None, "") else None
+    if not isinstance(annotations, CaptionDataset):
+        return read_caption_dataset(annotations, split=split, image_root=root)
+    if root is None or annotations.image_root == root:
+        return annotations
+    if annotations.image_root is not None:
+        raise ValueError(f"two image roots for '{annotations.source}': '{annotations.image_root}' (read with it) "
+                         f"and '{root}' (given to the dataset); give one")
+    return dataclasses.replace(annotations, image_root=root)
+
+
+def _open_rgb(path: Path | DatasetImage, where: str) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with path.open() if isinstance(path, DatasetImage) else Image.open(path) as image:
             return image.convert("RGB")
     except Exception as error:  # PIL raises many types for damaged files; each is the file's fault
         raise ImageReadError(
@@ -237,100 +226,88 @@ def _apply(transform: ImageTransform | None, image: Image.Image) -> Any:
 # --------------------------------------------------------------------------- datasets
 
 class RetrievalTrainDataset(Dataset):
-    """Image-caption pairs for contrastive training, one item per annotation entry.
+    """Image-caption pairs for contrastive training, one item per caption.
+
+    ``annotation_files``: one or several annotation files of any caption format (read as
+    their ``train`` split, `harma.training.captions.read_caption_dataset`) or `CaptionDataset`
+    objects already read. Each image gives one pair per caption, image by image, captions in
+    file order (for the RSITMD layout: the file's entry order).
 
     ``__getitem__(i)`` returns ``(image, caption, image_index, label)``: the transformed image
     (with ``transform=None`` a float tensor ``(3, H, W)`` in [0, 1]), the preprocessed caption,
-    a contiguous id ``0 .. num_images - 1`` of the entry's image (captions of one image share
+    a contiguous id ``0 .. num_images - 1`` of the pair's image (captions of one image share
     it; used for the contrastive soft targets) and the integer scene label (-1 if absent).
 
-    Image identity is the image path: ids are given in order of first appearance over all
-    annotation files, so equal ``image_id`` values in two different files do not merge two
-    images. Within one file an ``image_id`` naming two different paths is an error.
+    Image identity is the image path joined to its root: ids are given in order of first
+    appearance over all files, so equal ``image_id`` values in two different files do not merge
+    two images. Within one file an ``image_id`` naming two different paths is an error.
 
-    Attributes: ``entries`` (the annotation dicts, all files concatenated), ``captions``
-    (preprocessed, per entry), ``image_indices`` (per entry), ``labels`` (per entry),
-    ``image_paths`` (per distinct image, indexed by image index), ``num_images``,
+    Attributes: ``caption_datasets`` (what was read, one per file), ``captions`` (preprocessed,
+    per pair), ``image_indices`` (per pair), ``labels`` (per pair), ``image_paths`` (per
+    distinct image, indexed by image index: a path, or a `DatasetImage`), ``num_images``,
     ``label_names`` (label -> name, from entries that carry both).
     """
 
     def __init__(
         self,
-        annotation_files: PathLike | Sequence[PathLike],
-        image_root: PathLike,
+        annotation_files: PathLike | CaptionDataset | Sequence[PathLike | CaptionDataset],
+        image_root: PathLike | None = None,
         transform: ImageTransform | None = None,
         max_words: int = 30,
         check_files: bool = True,
     ) -> None:
-        if isinstance(annotation_files, (str, os.PathLike)):
+        if isinstance(annotation_files, str | os.PathLike | CaptionDataset):
             annotation_files = [annotation_files]
         if not annotation_files:
             raise ValueError("RetrievalTrainDataset needs at least one annotation file")
-        self.annotation_files = [Path(path) for path in annotation_files]
-        self.image_root = Path(image_root)
+        self.caption_datasets = [_as_caption_dataset(item, image_root, "train") for item in annotation_files]
+        self.annotation_files = [Path(dataset.source) for dataset in self.caption_datasets]
+        self.image_root = Path(image_root) if image_root not in (None, "") else None
         self.transform = transform
         self.max_words = max_words
 
-        self.entries: list[dict] = []
-        # (annotation file, index in it) of every entry, for error messages
-        self.entry_origins: list[tuple[Path, int]] = []
         self.captions: list[str] = []
         self.image_indices: list[int] = []
         self.labels: list[int] = []
-        self.image_paths: list[Path] = []
+        self.image_paths: list[Path | DatasetImage] = []
         self.label_names: dict[int, str] = {}
-        index_of_path: dict[Path, int] = {}
+        # where each distinct image is first listed ("entry 3 of 'file.json'"), for error messages
+        self.image_places: list[str] = []
+        for dataset in self.caption_datasets:
+            self._add(dataset, check_files)
 
-        for source in self.annotation_files:
-            entries = load_annotations(source, required_keys=("image", "caption"))
-            if not entries:
-                raise ValueError(f"annotation file '{source}' holds no entries")
-            relative_paths = []
-            path_of_image_id: dict[Any, tuple[str, int]] = {}
-            for index, entry in enumerate(entries):
-                relative = _check_image_field(entry, source, index)
-                if isinstance(entry["caption"], list):
-                    raise _malformed(
-                        source, index,
-                        "'caption' is a list: this looks like a val/test file (use RetrievalEvalDataset); "
-                        "train entries hold one caption string each",
-                    )
-                self.captions.append(_clean_caption(entry["caption"], max_words, source, index))
-                label = _optional_label(entry, source, index)
+    def _add(self, dataset: CaptionDataset, check_files: bool) -> None:
+        paths = check_caption_images(dataset) if check_files else dataset.image_paths()
+        index_of_path = {path: index for index, path in enumerate(self.image_paths)}
+        for image, path in zip(dataset.images, paths, strict=True):
+            if path not in index_of_path:
+                index_of_path[path] = len(self.image_paths)
+                self.image_paths.append(path)
+                self.image_places.append(f"{image.where} of '{dataset.source}'")
+            label = -1 if image.label is None else image.label
+            if label >= 0 and image.label_name is not None:
+                self.label_names.setdefault(label, image.label_name)
+            for caption, place in zip(image.captions, image.caption_places, strict=True):
+                self.captions.append(_clean_caption(caption, self.max_words, dataset, place))
+                self.image_indices.append(index_of_path[path])
                 self.labels.append(label)
-                if label >= 0 and isinstance(entry.get("label_name"), str):
-                    self.label_names.setdefault(label, entry["label_name"])
-                if "image_id" in entry:
-                    seen = path_of_image_id.setdefault(entry["image_id"], (relative, index))
-                    if seen[0] != relative:
-                        raise _malformed(
-                            source, index,
-                            f"image_id {entry['image_id']!r} names '{relative}' but entry {seen[1]} "
-                            f"gave it to '{seen[0]}'",
-                        )
-                full_path = self.image_root / relative
-                if full_path not in index_of_path:
-                    index_of_path[full_path] = len(self.image_paths)
-                    self.image_paths.append(full_path)
-                self.image_indices.append(index_of_path[full_path])
-                relative_paths.append(relative)
-            if check_files:
-                check_image_files(relative_paths, self.image_root, source=source)
-            self.entries.extend(entries)
-            self.entry_origins.extend((source, index) for index in range(len(entries)))
 
     @property
     def num_images(self) -> int:
         return len(self.image_paths)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.captions)
 
     def __getitem__(self, index: int) -> tuple[Any, str, int, int]:
         image_index = self.image_indices[index]
-        source, entry = self.entry_origins[index]
-        image = _apply(self.transform, _open_rgb(self.image_paths[image_index], f"entry {entry} of '{source}'"))
+        image = _apply(self.transform, _open_rgb(self.image_paths[image_index], self.image_places[image_index]))
         return image, self.captions[index], image_index, self.labels[index]
+
+    def describe(self) -> dict[str, Any]:
+        """What the split was read from and its size, for run files."""
+        return {"sources": [dataset.describe() for dataset in self.caption_datasets],
+                "images": self.num_images, "pairs": len(self)}
 
     def __repr__(self) -> str:
         files = ", ".join(str(path) for path in self.annotation_files)
@@ -343,59 +320,45 @@ class RetrievalTrainDataset(Dataset):
 class RetrievalEvalDataset(Dataset):
     """Evaluation split: iterates over images; the captions are held as attributes.
 
+    ``annotation_file``: an annotation file of any caption format (its ``split``, `test` by
+    default; a file of one split is read whole) or a `CaptionDataset` already read. Images may
+    have any number of captions (at least one).
+
     ``__getitem__(i)`` returns ``(image, i)`` (image as in RetrievalTrainDataset). Captions of
     all images are flattened in file order: ``captions[j]`` is caption j, ``txt2img[j]`` its
     image index and ``img2txt[i]`` the caption indices of image i. ``labels`` is a list of
-    ints (-1 where an entry has none) or None when no entry has a label. ``image_paths`` are
-    the joined paths, one per entry.
+    ints (-1 where an image has none) or None when no image has a label. ``image_paths`` are
+    the joined paths (or `DatasetImage` objects), one per image; ``caption_dataset`` is what
+    was read.
     """
 
     def __init__(
         self,
-        annotation_file: PathLike,
-        image_root: PathLike,
+        annotation_file: PathLike | CaptionDataset,
+        image_root: PathLike | None = None,
         transform: ImageTransform | None = None,
         max_words: int = 30,
         check_files: bool = True,
+        split: str | None = "test",
     ) -> None:
-        self.annotation_file = Path(annotation_file)
-        self.image_root = Path(image_root)
+        dataset = self.caption_dataset = _as_caption_dataset(annotation_file, image_root, split)
+        self.annotation_file = Path(dataset.source)
+        self.image_root = dataset.image_root
         self.transform = transform
         self.max_words = max_words
-        source = self.annotation_file
 
-        self.entries: list[dict] = load_annotations(source, required_keys=("image", "caption"))
-        if not self.entries:
-            raise ValueError(f"annotation file '{source}' holds no entries")
-        relative_paths: list[str] = []
         self.captions: list[str] = []
         self.txt2img: list[int] = []
         self.img2txt: list[list[int]] = []
-        labels: list[int] = []
-        for image_index, entry in enumerate(self.entries):
-            relative_paths.append(_check_image_field(entry, source, image_index))
-            captions = entry["caption"]
-            if isinstance(captions, str):
-                raise _malformed(
-                    source, image_index,
-                    "'caption' is a single string: this looks like a train file (use RetrievalTrainDataset); "
-                    "val/test entries hold a list of captions",
-                )
-            if not isinstance(captions, list) or not captions:
-                raise _malformed(source, image_index, f"'caption' must be a non-empty list of strings, got {captions!r}")
-            caption_indices = []
-            for k, caption in enumerate(captions):
-                caption_indices.append(len(self.captions))
-                self.captions.append(_clean_caption(caption, max_words, source, image_index, f"caption {k}"))
+        for image_index, image in enumerate(dataset.images):
+            self.img2txt.append(list(range(len(self.captions), len(self.captions) + len(image.captions))))
+            for caption, place in zip(image.captions, image.caption_places, strict=True):
+                self.captions.append(_clean_caption(caption, max_words, dataset, place))
                 self.txt2img.append(image_index)
-            self.img2txt.append(caption_indices)
-            labels.append(_optional_label(entry, source, image_index))
-        has_labels = any("label" in entry for entry in self.entries)
-        self.labels: list[int] | None = labels if has_labels else None
-        if check_files:
-            self.image_paths = check_image_files(relative_paths, self.image_root, source=source)
-        else:
-            self.image_paths = [self.image_root / path for path in relative_paths]
+        has_labels = any(image.label is not None for image in dataset.images)
+        self.labels: list[int] | None = [-1 if image.label is None else image.label
+                                         for image in dataset.images] if has_labels else None
+        self.image_paths = check_caption_images(dataset) if check_files else dataset.image_paths()
 
     @property
     def num_images(self) -> int:
@@ -405,8 +368,12 @@ class RetrievalEvalDataset(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        where = f"entry {index} of '{self.annotation_file}'"
+        where = f"{self.caption_dataset.images[index].where} of '{self.caption_dataset.source}'"
         return _apply(self.transform, _open_rgb(self.image_paths[index], where)), index
+
+    def describe(self) -> dict[str, Any]:
+        """What the split was read from (and how it was carved) and its size, for run files."""
+        return self.caption_dataset.describe()
 
     def __repr__(self) -> str:
         return (
@@ -560,22 +527,60 @@ class TokenizingCollate:
         )
 
 
+def _reader_options(config: TrainConfig) -> dict[str, Any]:
+    return {"format": config.data_format, "image_root": config.image_root or None,
+            "csv_img_key": config.csv_img_key, "csv_caption_key": config.csv_caption_key,
+            "csv_separator": config.csv_separator, "hf_image_key": config.hf_image_key,
+            "hf_caption_key": config.hf_caption_key}
+
+
+def read_run_splits(
+    config: TrainConfig,
+) -> tuple[list[CaptionDataset], CaptionDataset | None, CaptionDataset | None]:
+    """The caption splits of a run: the train split of each of ``train_files``, the validation
+    split (the ``val`` split of ``val_file``, or ``val_fraction`` of the training images held out
+    with ``val_seed``, `carve_split`) and the ``test`` split of ``test_file`` (None where absent).
+
+    A held-out validation split is the same wherever it is read again (``examples/evaluate.py
+    --run RUN --split val``): it depends on the files, the fraction and the seed only.
+    """
+    if not config.train_files:
+        raise ValueError("TrainConfig.train_files is empty: give the training annotation file(s)")
+    train = [read_caption_dataset(path, split="train", **_reader_options(config)) for path in config.train_files]
+    if config.val_fraction:
+        train, val = carve_split(train, config.val_fraction, config.val_seed, split="val")
+    else:
+        val = read_run_split(config, "val")
+    return train, val, read_run_split(config, "test")
+
+
+def read_run_split(config: TrainConfig, split: str) -> CaptionDataset | None:
+    """The ``val`` or ``test`` split of a run's recipe (see `read_run_splits`), None where the
+    recipe has none; a held-out validation split is carved again from the training files."""
+    if split not in ("val", "test"):
+        raise ValueError(f"a run's evaluation split is val or test, not {split!r}")
+    options = _reader_options(config)
+    if split == "val" and config.val_fraction:
+        if not config.train_files:
+            raise ValueError("TrainConfig.train_files is empty: the validation images are held out of them")
+        train = [read_caption_dataset(path, split="train", **options) for path in config.train_files]
+        return carve_split(train, config.val_fraction, config.val_seed, split="val")[1]
+    path = config.val_file if split == "val" else config.test_file
+    return read_caption_dataset(path, split=split, **options) if path else None
+
+
 def build_datasets(
     config: TrainConfig,
 ) -> tuple[RetrievalTrainDataset, RetrievalEvalDataset | None, RetrievalEvalDataset | None]:
-    """Train, validation and test datasets; every image path is checked here, before any model
-    is built, so a wrong image root fails in seconds."""
-    if not config.train_files:
-        raise ValueError("TrainConfig.train_files is empty: give the training annotation file(s)")
-    if not config.image_root:
-        raise ValueError("TrainConfig.image_root is empty: give the folder the annotation image paths are relative to")
+    """Train, validation and test datasets of a run (`read_run_splits`); every image path is
+    checked here, before any model is built, so a wrong image root fails in seconds."""
+    train, val, test = read_run_splits(config)
     augment = train_transform if config.augment else test_transform
-    train_set = RetrievalTrainDataset(
-        list(config.train_files), config.image_root, transform=augment(config.image_size), max_words=config.max_words
-    )
+    train_set = RetrievalTrainDataset(train, transform=augment(config.image_size), max_words=config.max_words)
     eval_sets = [
-        RetrievalEvalDataset(path, config.image_root, transform=test_transform(config.image_size),
-                             max_words=config.max_words) if path else None
-        for path in (config.val_file, config.test_file)
+        RetrievalEvalDataset(split, transform=test_transform(config.image_size), max_words=config.max_words)
+        if split is not None else None
+        for split in (val, test)
     ]
     return train_set, eval_sets[0], eval_sets[1]
+

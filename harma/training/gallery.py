@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..retrieval import txt2img_tensor
+from .captions import DatasetImage
 
 __all__ = [
     "GALLERY_SUFFIXES",
@@ -37,7 +38,7 @@ __all__ = [
 
 GALLERY_SUFFIXES = (".html", ".htm", ".png")
 
-ImageSource = str | os.PathLike | Image.Image
+ImageSource = str | os.PathLike | Image.Image | DatasetImage
 
 # ------------------------------------------------------------------------------ the gallery
 

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..io import atomic_write, atomic_write_text
 from ..retrieval import METRIC_KEYS
+from .captions import DatasetImage
 from .gallery import GALLERY_SUFFIXES, ImageSource, RankedQuery, RetrievalGallery
 
 __all__ = ["render_gallery_html", "render_gallery_png", "write_gallery"]
@@ -51,6 +52,9 @@ def _load_thumbnail(source: ImageSource, size: int) -> Image.Image:
     """An RGB copy of ``source`` whose longer side is ``size`` pixels."""
     if isinstance(source, Image.Image):
         image = source.convert("RGB")
+    elif isinstance(source, DatasetImage):  # stored in a Hugging Face dataset
+        with source.open() as opened:
+            image = opened.convert("RGB")
     else:
         path = Path(source)
         if not path.is_file():
@@ -89,7 +93,7 @@ class _ThumbnailCache:
 
 
 def _image_label(source: ImageSource, index: int) -> str:
-    return Path(source).name if not isinstance(source, Image.Image) else f"image {index}"
+    return Path(str(source)).name if not isinstance(source, Image.Image) else f"image {index}"
 
 
 def _metrics_summary(metrics: Mapping[str, float] | None) -> str:

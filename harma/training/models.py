@@ -37,6 +37,7 @@ __all__ = [
     "check_pretrained_source",
     "load_backbone_weights",
     "looks_like_path",
+    "native_image_size",
     "tiny_clip_config",
 ]
 
@@ -132,6 +133,35 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def native_image_size(model_name: str, model_config: Mapping[str, Any] | None = None) -> int:
+    """The input side, in pixels, that a backbone is built for: ``model_config``'s
+    ``vision_cfg.image_size``, or the open_clip architecture's own.
+
+    Raises:
+        ValueError: ``model_config`` gives no image size, the architecture is unknown to
+            open_clip, or it is a Hub model (whose size is known only once it is downloaded).
+    """
+    if model_config is not None:
+        vision = model_config.get("vision_cfg")
+        size = vision.get("image_size") if isinstance(vision, Mapping) else None
+        if size is None:
+            raise ValueError("model_config has no vision_cfg.image_size: give image_size")
+        return size
+    if model_name.startswith("hf-hub:"):
+        raise ValueError(f"the image size of {model_name!r} is known only once it is downloaded: give image_size")
+    import open_clip
+
+    size = (open_clip.get_model_config(_open_clip_name(model_name)) or {}).get("vision_cfg", {}).get("image_size")
+    if size is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models() for the names")
+    return size
+
+
+def _open_clip_name(model_name: str) -> str:
+    """open_clip's name of an architecture also written the old way (``"ViT-B/32"``)."""
+    return model_name if model_name.startswith("hf-hub:") else model_name.replace("/", "-")
+
+
 def build_backbone(
     model_name: str,
     pretrained: str | None = None,
@@ -178,14 +208,9 @@ def build_backbone(
         return model.float()
 
     force_image_size = None
-    if not model_name.startswith("hf-hub:"):
-        model_name = model_name.replace("/", "-")  # open_clip's old spelling, "ViT-B/32"
+    model_name = _open_clip_name(model_name)
     if image_size is not None and not model_name.startswith("hf-hub:"):
-        native = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {}).get("image_size")
-        if native is None:
-            raise ValueError(
-                f"unknown open_clip model {model_name!r}; see open_clip.list_models() for the names"
-            )
+        native = native_image_size(model_name)
         force_image_size = image_size if image_size != native else None
     try:
         model = open_clip.create_model(

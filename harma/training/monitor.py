@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from ..prompts import load_templates, read_class_names, read_class_prompts
+from .captions import read_caption_dataset
 from .config import TrainConfig
-from .data import RetrievalEvalDataset, test_transform
+from .data import RetrievalEvalDataset, _reader_options, test_transform
 from .zero_shot import ZeroShotSuite
 
 __all__ = ["MONITOR_KEYS", "MonitorSets", "monitor_label", "monitor_results", "short_monitors"]
@@ -94,10 +95,14 @@ class MonitorSets:
                 raise _named("zero_shot_sets", error) from None
         roots = config.extra_retrieval_image_roots or (config.image_root,) * len(config.extra_retrieval_files)
         for path, root in zip(config.extra_retrieval_files, roots, strict=True):
+            # Any caption format, detected (the run's data_format names its own files' format),
+            # with the run's CSV and Hugging Face column options; the test split of a file of several.
+            options = {**_reader_options(config), "format": None, "image_root": root or None}
             try:
-                monitors.retrieval[path] = RetrievalEvalDataset(path, root, transform=transform,
-                                                                max_words=config.max_words)
-            except (OSError, ValueError) as error:
+                monitors.retrieval[path] = RetrievalEvalDataset(
+                    read_caption_dataset(path, split="test", **options), transform=transform,
+                    max_words=config.max_words)
+            except (OSError, ValueError, ImportError) as error:
                 raise _named("extra_retrieval_files", error) from None
         return monitors
 

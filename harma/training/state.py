@@ -48,6 +48,28 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
+def check_writable_folder(output_dir: Path, what: str = "output_dir") -> None:
+    """Fail before anything is built when the run could not write its files: ``output_dir``
+    (or, while it does not exist, the nearest folder above it, where it would be created) must
+    be a folder this process may write into. Nothing is created here. ``what`` names the folder
+    in messages.
+
+    Raises:
+        NotADirectoryError: a file stands where a folder of the path should be.
+        PermissionError: the folder may not be written (permissions, a read-only file system).
+    """
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what} '{output_dir}' cannot be created: '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{what} '{output_dir}' cannot be written: no permission to write in '{existing}' "
+            f"(or a read-only file system)"
+        )
+
+
 def state_path(resume: bool | str | os.PathLike, output_dir: Path) -> Path:
     """The ``last_state.pt`` that ``resume`` (True, a run folder or the file) names."""
     if resume is True:

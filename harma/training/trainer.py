@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from .._precision import set_tf32
 from ..distributed import (
     barrier,
     cleanup_distributed,
@@ -46,7 +47,7 @@ from ..inject import count_parameters
 from ..io import copy_atomically, nonfinite_tensors
 from ..losses import HarmaLoss
 from ..retrieval import RetrievalEvaluator
-from .config import TrainConfig
+from .config import TrainConfig, cuda_problem
 from .curves import plot_training_curves
 from .data import ImageReadError, TokenizingCollate, build_datasets
 from .models import build_model, build_tokenizer, check_init_adapters, check_pretrained_source
@@ -65,6 +66,7 @@ from .state import (
     STATE_NAME,
     STATE_VERSION,
     check_output_dir,
+    check_writable_folder,
     holds_no_checkpoint,
     leftover_temporary_files,
     read_state,
@@ -77,7 +79,7 @@ from .state import (
 )
 from .weights import load_trainable_state, load_trained_weights, save_trained_weights, trainable_state
 
-__all__ = ["EpochStats", "NonFiniteError", "Trainer", "train"]
+__all__ = ["EpochStats", "NonFiniteError", "Trainer", "apply_precision", "train"]
 
 
 def _log(message: str) -> None:
@@ -111,20 +113,46 @@ def _resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
     """The device ``config.device`` names; ``auto`` is this process's GPU, or the CPU."""
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"device={config.device!r} but CUDA is not available")
+    problem = cuda_problem(config.device if config.device != "auto" else "cuda")
+    if problem:
+        raise ValueError(f"TrainConfig.device: {problem}")
     if config.device.startswith("cuda:"):
         return torch.device(config.device)
     return torch.device("cuda", local_rank)
 
 
+def apply_precision(precision: str, tf32: bool | None, device: torch.device) -> torch.dtype | None:
+    """Apply a run's numeric settings on ``device`` and return its autocast dtype.
+
+    The same settings make training, its evaluations and a later ``examples/evaluate.py --run``
+    compute the same embeddings. Retrieval scores are computed in full float32 whatever this
+    sets (`harma.retrieval.retrieval_metrics_from_embeddings`).
+
+    Args:
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (`TrainConfig.precision`).
+        tf32: on CUDA, let float32 matrix products and convolutions run in TF32 (True) or not
+            (False), process-wide; None leaves PyTorch's setting as it is. Ignored elsewhere.
+        device: where the model runs.
+
+    Returns:
+        The autocast dtype: None for fp32, else ``torch.bfloat16`` or ``torch.float16``.
+
+    Raises:
+        ValueError: an unknown ``precision``.
+    """
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of {tuple(dtypes)}, got {precision!r}")
+    if tf32 is not None and device.type == "cuda":
+        set_tf32(tf32)
+    return dtypes[precision]
+
+
 def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``config.precision`` (None for fp32)."""
-    if config.precision == "fp32":
-        return None
     if config.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    return torch.bfloat16 if config.precision == "bf16" else torch.float16
+    return apply_precision(config.precision, None, device)
 
 
 def _plot_curves(output_dir: Path) -> bool:
@@ -220,8 +248,7 @@ class Trainer:
                 leftover.unlink(missing_ok=True)  # an interrupted write of an earlier start
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = self.config.tf32
-            torch.backends.cudnn.allow_tf32 = self.config.tf32
+        apply_precision(self.config.precision, self.config.tf32, self.device)
         self._build_datasets()
         if fresh:
             self._prepare_folder()
@@ -230,9 +257,11 @@ class Trainer:
         self._log_plan()
 
     def _build_datasets(self) -> None:
-        # Datasets first: a wrong path fails before minutes of model loading. Every rank checks.
+        # Inputs and the output folder first: a wrong path fails before minutes of model loading.
+        # Every rank checks.
         error: BaseException | None = None
         try:
+            check_writable_folder(self.output_dir)
             self.train_set, self.val_set, self.test_set = build_datasets(self.config)
             self.monitors = self._read_monitored_sets()
             check_pretrained_source(self.config.pretrained)
@@ -315,6 +344,10 @@ class Trainer:
             f"{config.batch_size * self.world_size * config.grad_accum_steps}, "
             f"warm-up {self.schedule.warmup_steps} steps"
         )
+        carved = self.val_set.describe().get("carved") if self.val_set is not None else None
+        if carved:
+            _log(f"[harma] validation: {self.val_set.num_images:,} images ({carved['fraction']:.1%}) held out of "
+                 f"the training images with val_seed {carved['seed']}")
         if self.monitors:
             _log(self.monitors.describe() + "\n[harma] these sets are evaluated before training and at every "
                  "validation, to see what adaptation forgets; the best epoch is chosen on the validation split only")
@@ -646,6 +679,8 @@ class Trainer:
             "temperature": float(self.loss.effective_temperature().detach()),
             "skipped_steps": self.skipped_steps,
             "output_dir": str(self.output_dir),
+            "data": {name: dataset.describe() for name, dataset in
+                     (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)) if dataset is not None},
             **monitor_results(self.history, self.best_epoch, self.monitors.set_details()),
         }
 
@@ -721,7 +756,8 @@ def train(
 
     A run folder that holds no checkpoint yet (the run failed before its first epoch ended)
     can be started again with the same call, with or without ``resume``; temporary files that an
-    interrupted write left there are removed.
+    interrupted write left there are removed. ``resume`` of a folder that does not exist (the
+    run was killed before it created it) starts the run, saying so.
 
     Raises:
         FileExistsError: a fresh run in a non-empty ``output_dir``.
@@ -731,13 +767,22 @@ def train(
         NonFiniteError: the run diverged (see ``TrainConfig.nonfinite``); the files of the last
             finished epoch stay as they were.
     """
+    if stop_after_epoch is not None and (
+        isinstance(stop_after_epoch, bool) or not isinstance(stop_after_epoch, int) or stop_after_epoch < 1
+    ):
+        raise ValueError(f"stop_after_epoch must be an integer >= 1, got {stop_after_epoch!r}")
     output_dir = Path(config.output_dir)
     state: dict[str, Any] | None = None
     if resume:
         path = state_path(resume, output_dir)
         output_dir = path.parent
         config = config.replace(output_dir=str(output_dir))
-        if not path.is_file() and output_dir.is_dir() and holds_no_checkpoint(output_dir):
+        if not path.is_file() and not output_dir.exists():
+            # Killed before its folder existed (a requeue script passes --resume every time).
+            _log(f"[harma] '{output_dir}' does not exist yet: nothing to resume, starting the run from "
+                 f"the beginning")
+            resume = False
+        elif not path.is_file() and output_dir.is_dir() and holds_no_checkpoint(output_dir):
             # The run stopped before its first checkpoint: there is nothing to lose by starting it.
             _log(f"[harma] '{output_dir}' has no checkpoint yet: starting the run from the beginning")
             resume = False

@@ -16,11 +16,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import ADAPTER_WEIGHTS_NAME, load_adapters, save_adapters
 from ..checkpoint import FORMAT_NAME as HARMA_FORMAT
-from ..checkpoint import load_adapters, save_adapters
-from ..io import header_json, load_tensors, match_tensors, read_safetensors, write_safetensors
+from ..io import (
+    NONFINITE_FILE_HINT,
+    check_finite,
+    header_json,
+    load_tensors,
+    match_tensors,
+    read_safetensors,
+    write_safetensors,
+)
 from .config import TrainConfig
 from .models import apply_lora, is_lora_parameter
+from .state import CONFIG_NAME
 
 LORA_FORMAT = "harma.train.lora"
 FULL_FORMAT = "harma.train.full"
@@ -102,31 +111,54 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def load_trained_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_trained_weights(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> nn.Module:
     """Load a file written by `save_trained_weights` into a base model (or into a model that
-    already carries the same method).
+    already carries the same method). All or nothing: on any error the model is left as it was.
+
+    Args:
+        model: the base model.
+        path: the file, or a folder that `harma.save_adapters` wrote (HarMA adapters).
+        allow_nonfinite: load a file holding NaN or infinite values (e.g. to inspect a
+            diverged run); by default such a file is refused, as by `harma.load_adapters`.
 
     Returns:
         The model, possibly wrapped (LoRA).
 
     Raises:
-        ValueError: an unknown file format, or tensors that do not fit the model (named).
+        IsADirectoryError: a folder without ``adapter_model.safetensors`` (a training run's
+            folder is named as one).
+        ValueError: an unknown file format, tensors that do not fit the model, or NaN or
+            infinite values without ``allow_nonfinite`` (named).
     """
     path = Path(path)
+    if path.is_dir():
+        return _load_folder(model, path, allow_nonfinite)
     metadata, tensors = read_safetensors(path)
     file_format = metadata.get("format")
     source = f"'{path}'"
     if file_format == HARMA_FORMAT:
-        return load_adapters(model, path)
+        return load_adapters(model, path, allow_nonfinite=allow_nonfinite)
+    if file_format not in (FULL_FORMAT, LORA_FORMAT):
+        raise ValueError(
+            f"'{path}' is not a harma training output (its header has format={file_format!r}; expected "
+            f"{HARMA_FORMAT!r}, {LORA_FORMAT!r} or {FULL_FORMAT!r})"
+        )
+    if not allow_nonfinite:
+        check_finite(tensors, source, hint=NONFINITE_FILE_HINT)
     if file_format == FULL_FORMAT:
         load_tensors(model.state_dict(), tensors, source)
         return model
-    if file_format == LORA_FORMAT:
-        return _load_lora(model, metadata, tensors, source)
-    raise ValueError(
-        f"'{path}' is not a harma training output (its header has format={file_format!r}; expected "
-        f"{HARMA_FORMAT!r}, {LORA_FORMAT!r} or {FULL_FORMAT!r})"
-    )
+    return _load_lora(model, metadata, tensors, source)
+
+
+def _load_folder(model: nn.Module, folder: Path, allow_nonfinite: bool) -> nn.Module:
+    """A folder `harma.save_adapters` wrote holds HarMA adapters; any other folder is named."""
+    if (folder / ADAPTER_WEIGHTS_NAME).is_file():
+        return load_adapters(model, folder, allow_nonfinite=allow_nonfinite)
+    hint = ("it holds a training run; give its best.safetensors or last.safetensors"
+            if (folder / CONFIG_NAME).is_file() else "give a weights file (.safetensors) or a folder "
+            "that harma.save_adapters wrote")
+    raise IsADirectoryError(f"'{folder}' is a folder without {ADAPTER_WEIGHTS_NAME}: {hint}")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -84,6 +84,7 @@ def test_smoke_mode_writes_documented_results(tmp_path: Path) -> None:
     assert results["harma_plus"]["trainable_params"] <= results["harma"]["trainable_params"]
 
     table = json_path.with_suffix(".md").read_text()
+    assert table.startswith("# Transfer benchmark: new vocabulary, smoke mode\n")  # a page title
     rows = [line for line in table.splitlines() if line.startswith("|")]
     assert len(rows) == 2 + len(METHODS)  # header, separator, one row per method
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

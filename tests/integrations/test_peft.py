@@ -120,18 +120,21 @@ def test_a_training_step_through_peft_moves_only_the_adapters():
     assert changed and all(".harma_adapter." in name for name in changed)
 
 
-def test_the_users_config_is_left_unchanged_and_the_model_records_the_architecture():
+def test_the_model_keeps_the_users_config_and_saved_folders_record_the_architecture(tmp_path):
     config = HarmaPeftConfig()
     peft_model = get_peft_model(tiny_open_clip(), config)
-    assert config.fingerprint is None
-    recorded = peft_model.peft_config["default"]
-    assert recorded.fingerprint == [
+    assert peft_model.peft_config["default"] is config  # peft's convention
+    peft_model.save_pretrained(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["fingerprint"] == [
         {"name": "vision", "path": "visual.transformer.resblocks", "blocks": 2, "width": 64},
         {"name": "text", "path": "transformer.resblocks", "blocks": 2, "width": 64},
     ]
-    # The same config object can be applied to a model of another size.
+    # The same config object goes on to a model of another size, even after saving.
     other = get_peft_model(tiny_open_clip(layers=3), config)
-    assert other.peft_config["default"].fingerprint[0]["blocks"] == 3
+    other.save_pretrained(tmp_path / "three")
+    assert json.loads((tmp_path / "three" / "adapter_config.json").read_text())["fingerprint"][0]["blocks"] == 3
+    with pytest.raises(ValueError, match="blocks"):
+        PeftModel.from_pretrained(tiny_open_clip(), tmp_path / "three")
 
 
 # --------------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def test_missing_image_files_message(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as error:
         RetrievalTrainDataset(annotation_file, tmp_path / "images")
     message = str(error.value)
-    assert "2 of 3 image files referenced by 4 entries" in message
+    assert "2 of 3 image files listed in annotation file" in message
     assert "train.json" in message and str(tmp_path / "images") in message
     assert "entry 2: 'train/b.png'" in message and "entry 3: 'train/c.png'" in message
     assert "probably wrong" not in message
@@ -213,7 +213,7 @@ def test_check_image_files_lists_at_most_max_examples(tmp_path: Path) -> None:
         ([{"image": "a.png", "caption": "ok"}, {"image": "b.png", "caption": 5}],
          RetrievalTrainDataset, r"entry 1: 'caption' must be a string"),
         ([{"image": "a.png", "caption": "ok"}, {"image": "b.png", "caption": "..."}],
-         RetrievalTrainDataset, r"entry 1: 'caption' '...' is empty after preprocessing"),
+         RetrievalTrainDataset, r"entry 1, 'caption': '...' is empty after preprocessing"),
         ([{"image": "a.png", "caption": "ok"}, {"caption": "no image"}],
          RetrievalTrainDataset, r"entry 1: missing key\(s\) \['image'\]"),
         ([{"image": "a.png", "caption": ["one", "two"]}],
@@ -238,6 +238,22 @@ def test_malformed_entries(tmp_path: Path, entries, dataset_class, pattern: str)
     with pytest.raises(ValueError, match=pattern) as error:
         dataset_class(annotation_file, tmp_path, check_files=False)
     assert "broken.json" in str(error.value)
+
+
+def test_an_eval_file_listing_an_image_twice_is_refused_naming_both_entries(tmp_path: Path) -> None:
+    # The protocol scores each entry as one gallery image: a repeated image would be a second,
+    # identical gallery item that counts as wrong for the other entry's captions.
+    entries = [{"image": "a/x.png", "caption": ["one"]}, {"image": "b.png", "caption": ["two"]},
+               {"image": "./a//x.png", "caption": ["three"]}]
+    annotation_file = write_json(tmp_path / "test.json", entries)
+    write_images(tmp_path, ["a/x.png", "b.png"])
+    for check_files in (True, False):
+        with pytest.raises(ValueError, match=r"annotation file '.*test\.json', entry 2: image './a//x\.png' is "
+                                             r"listed again \(entry 0 lists 'a/x\.png'\).*merge"):
+            RetrievalEvalDataset(annotation_file, tmp_path, check_files=check_files)
+    entries[2]["image"] = "c.png"
+    write_images(tmp_path, ["c.png"])
+    assert RetrievalEvalDataset(write_json(tmp_path / "test.json", entries), tmp_path).num_images == 3
 
 
 def test_load_annotations_errors(tmp_path: Path) -> None:

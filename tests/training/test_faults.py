@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from test_trainer import REPO, make_config, read_metrics, without_times
 
 from harma.losses import HarmaLoss, HarmaLossOutput
-from harma.training import parse_args, train
+from harma.training import TrainConfig, parse_args, train
 from harma.training.data import ImageReadError
 from harma.training.state import json_safe
 from harma.training.synthetic import make_synthetic_dataset
@@ -195,6 +195,125 @@ def test_a_folder_with_a_checkpoint_is_still_protected(reference, tmp_path):
     shutil.copytree(config.output_dir, copy)
     with pytest.raises(FileExistsError, match="not empty"):
         train(config.replace(output_dir=str(copy)))
+
+
+def folder_snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of ``folder`` with its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys, exit_info) -> str:
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "error: " in lines[0] and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_a_missing_or_unreadable_config_file_is_one_error_line(reference, tmp_path, capsys):
+    from harma.training import main
+
+    _, config, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(config.output_dir, copy)
+    before = folder_snapshot(copy)
+    (tmp_path / "folder.json").mkdir()
+    files = {"missing.json": None, "folder.json": None, "broken.json": b'{"lr": 1e-4,',
+             "list.json": b"[1, 2]", "binary.json": b"\xff\xfe\x00"}
+    expected = {"missing.json": "no config file at", "folder.json": "is a folder, not a config file",
+                "broken.json": "is not valid JSON", "list.json": "must hold a JSON object",
+                "binary.json": "is not valid JSON"}
+    for name, content in files.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        for extra in ([], ["--resume", str(copy)]):
+            with pytest.raises(SystemExit) as exit_info:
+                main(["--config", str(tmp_path / name), *extra])
+            line = one_error_line(capsys, exit_info)
+            assert "--config: " in line and name in line and expected[name] in line, line
+    assert folder_snapshot(copy) == before
+
+
+def test_a_val_file_listing_an_image_twice_stops_the_run_before_anything_is_replaced(reference, tmp_path):
+    data, config, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(config.output_dir, copy)
+    before = folder_snapshot(copy)
+    entries = json.loads(data.val_file.read_text())
+    val_file = tmp_path / "val.json"
+    val_file.write_text(json.dumps([*entries, {**entries[1], "caption": ["another caption"]}]))
+    with pytest.raises(ValueError, match=rf"entry {len(entries)}: image '{re.escape(entries[1]['image'])}' is "
+                                         r"listed again \(entry 1 lists"):
+        train(config.replace(output_dir=str(copy), val_file=str(val_file)), overwrite=True)
+    assert folder_snapshot(copy) == before  # --overwrite replaces the run's files only once the inputs are good
+
+
+def test_an_unwritable_output_folder_is_one_error_line_before_anything_is_built(data, tmp_path, monkeypatch,
+                                                                              capsys):
+    from harma.training import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the output folder was checked")
+
+    monkeypatch.setattr("harma.training.trainer.build_model", no_model)
+    config_file = tmp_path / "recipe.json"
+    make_config(data, tmp_path / "run").save(config_file)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config_file), "--output_dir", str(tmp_path / "a_file" / "run")])
+    line = one_error_line(capsys, exit_info)
+    assert f"output_dir '{tmp_path / 'a_file' / 'run'}' cannot be created: '{tmp_path / 'a_file'}' is a file" in line
+
+    # A folder this user may not write into (or a read-only file system): what os.access says
+    # for another user's folder; as root every folder is writable, so the answer is given here.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    for output_dir in (locked / "run", locked / "deeper" / "run"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--config", str(config_file), "--output_dir", str(output_dir)])
+        line = one_error_line(capsys, exit_info)
+        assert f"output_dir '{output_dir}' cannot be written: no permission to write in '{locked}'" in line, line
+    assert not list(locked.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_one_error_line_and_creates_nothing(data, tmp_path, capsys):
+    from harma.training import main
+
+    config_file = tmp_path / "recipe.json"
+    make_config(data, tmp_path / "run").save(config_file)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--config", str(config_file), "--device", device])
+        line = one_error_line(capsys, exit_info)
+        assert f"TrainConfig.device: CUDA is not available on this machine: use cpu or auto, not '{device}'" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_run_killed_before_its_folder_existed_starts_it(data, tmp_path, capsys):
+    # A requeue script that always passes --resume: the first start finds no folder at all.
+    config = make_config(data, tmp_path / "runs" / "run", max_steps_per_epoch=1, epochs=1)
+    assert train(config, resume=True)["finished"] is True
+    assert "does not exist yet: nothing to resume, starting the run from the beginning" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "run" / "best.safetensors").is_file()
+    second = tmp_path / "other"
+    parsed = parse_args(["--resume", str(second), "--train_files", str(data.train_file)])
+    assert parsed.resume == str(second)
+    # The same for a last_state.pt path in a missing folder.
+    assert train(config.replace(output_dir=str(second)), resume=second / "last_state.pt")["finished"] is True
+
+
+def test_stop_after_epoch_below_one_is_an_argument_error(capsys):
+    for value in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(["--stop-after-epoch", value])
+        assert f"argument --stop-after-epoch: expected an integer >= 1, got '{value}'" in one_error_line(
+            capsys, exit_info)
+    with pytest.raises(ValueError, match="stop_after_epoch must be an integer >= 1, got 0"):
+        train(TrainConfig(), stop_after_epoch=0)
 
 
 def test_resume_with_another_output_dir_is_refused(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -65,3 +67,34 @@ def test_a_lora_file_that_does_not_fit_leaves_the_model_without_lora(tmp_path):
     loaded = load_trained_weights(tiny(1), path)  # and a file that fits still loads
     assert all(torch.equal(dict(loaded.named_parameters())[name], p) for name, p in trained.named_parameters()
                if "lora_" in name)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "harma"])
+def test_a_trained_weights_file_holding_nan_is_refused_unless_allowed(tmp_path, method):
+    import harma
+    from harma.training import TrainConfig, build_model, load_trained_weights, save_trained_weights
+
+    config = TrainConfig(method=method, lora_rank=4, model="tiny-clip", pretrained=None, image_size=32,
+                         model_config=tiny_clip_config(image_size=32, width=64, layers=2),
+                         harma=harma.HarmaConfig(bottleneck=16, heads=4, mini_bottleneck=8, mini_heads=4))
+    torch.manual_seed(0)
+    trained = build_model(config, load_weights=False)
+    name, param = next((n, p) for n, p in trained.named_parameters() if p.requires_grad and p.dim() > 1)
+    with torch.no_grad():
+        param.view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+    path = save_trained_weights(trained, tmp_path / "diverged.safetensors", config)
+
+    model = tiny(1)
+    keys, before = list(model.state_dict()), {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    stored = name.removeprefix("base_model.model.")
+    with pytest.raises(ValueError, match=rf"diverged\.safetensors'? holds NaN or infinite values in 1 of \d+ "
+                                         rf"tensor\(s\): '.*{re.escape(stored.split('.')[-1])}' \(1 NaN, 1 infinite "
+                                         r".*allow_nonfinite=True"):
+        load_trained_weights(model, path)
+    assert list(model.state_dict()) == keys  # all or nothing: no LoRA layer, no adapter, no copied tensor
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    loaded = load_trained_weights(model, path, allow_nonfinite=True)
+    values = dict(loaded.named_parameters())[name] if method != "harma" else None
+    assert method == "harma" or (torch.isnan(values).sum() == 1 and torch.isinf(values).sum() == 1)

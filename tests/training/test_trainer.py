@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from harma.retrieval import RetrievalEvaluator
 from harma.training import (
     LinearWarmupDecay,
     TrainConfig,
+    apply_precision,
     build_model,
     load_trained_weights,
     main,
@@ -365,6 +368,106 @@ def test_bad_configuration_is_named():
         parse_args(["--no-such-option", "1"])
 
 
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"weight_decay": "x"}, r"weight_decay must be a number \(float\), got 'x' \(str\)"),
+    ({"train_files": 5}, r"train_files must be a list of strings, got 5 \(int\)"),
+    ({"train_files": ["a.json", 5]}, r"train_files must be a list of strings, got \['a.json', 5\]"),
+    ({"harma": "papers"}, r"harma must be a HarmaConfig, an object of its fields \(e\.g\. "
+                          r"\{\"sharing\": \"paper\"\}\) or a layout preset \('reference', 'paper', 'plus'\), "
+                          r"got 'papers' \(str\)"),
+    ({"augment": "false"}, r"augment must be true or false \(bool\), got 'false' \(str\)"),
+    ({"epochs": 2.5}, r"epochs must be an integer \(int\), got 2\.5 \(float\)"),
+    ({"epochs": True}, r"epochs must be an integer \(int\), got True \(bool\)"),
+    ({"seed": "1"}, r"seed must be an integer \(int\), got '1' \(str\)"),
+    ({"device": 5}, r"device must be a string \(str\), got 5 \(int\)"),
+    ({"model": ""}, r"model must be a non-empty string"),
+    ({"output_dir": None}, r"output_dir must be a string \(str\), got None"),
+    ({"val_file": 3}, r"val_file must be a string \(str\) or null, got 3 \(int\)"),
+    ({"model_config": [1]}, r"model_config must be an object \(dict\) or null, got \[1\] \(list\)"),
+    ({"betas": [0.9, "a"]}, r"betas must be a list of numbers, got \[0\.9, 'a'\]"),
+    ({"betas": "0.9,x"}, r"betas must be a list of numbers, got '0\.9,x'"),
+    ({"lora_targets": [1]}, r"lora_targets must be a list of strings, got \[1\]"),
+    ({"max_grad_norm": "1"}, r"max_grad_norm must be a number \(float\) or null, got '1' \(str\)"),
+    ({"harma": {"bottleneck": "x"}}, r"HarmaConfig\.bottleneck must be a positive integer, got 'x'"),
+])
+def test_wrongly_typed_config_values_name_the_field_and_the_type(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(fields)
+
+
+@pytest.mark.parametrize(("field", "value", "valid"), [
+    ("lr", float("inf"), "a finite number > 0"),
+    ("lr", float("nan"), "a finite number > 0"),
+    ("lr", 0.0, "a finite number > 0"),
+    ("weight_decay", float("nan"), "a finite number >= 0"),
+    ("weight_decay", -0.1, "a finite number >= 0"),
+    ("max_grad_norm", float("nan"), r"null or a finite number > 0"),
+    ("max_grad_norm", float("inf"), r"null or a finite number > 0"),
+    ("max_grad_norm", 0.0, r"null or a finite number > 0"),
+    ("margin", float("nan"), "a finite number >= 0"),
+    ("margin", float("inf"), "a finite number >= 0"),
+    ("margin", -0.2, "a finite number >= 0"),
+    ("gamma", float("nan"), "a finite number >= 0"),
+    ("gamma", -1.0, "a finite number >= 0"),
+    ("affiliation_weight", float("nan"), "a finite number >= 0"),
+    ("affiliation_weight", float("inf"), "a finite number >= 0"),
+    ("affiliation_weight", -1.0, "a finite number >= 0"),
+    ("lora_alpha", float("inf"), "a finite number > 0"),
+    ("lora_alpha", 0.0, "a finite number > 0"),
+    ("lora_dropout", 5.0, r"a number in \[0, 1\)"),
+    ("lora_dropout", 1.0, r"a number in \[0, 1\)"),
+    ("lora_dropout", float("nan"), r"a number in \[0, 1\)"),
+    ("temperature_init", 0.0, r"a number in \[0\.001, 0\.5\]"),
+    ("temperature_init", float("nan"), r"a number in \[0\.001, 0\.5\]"),
+    ("eps", 0.0, "a finite number > 0"),
+    ("eps", float("nan"), "a finite number > 0"),
+    ("warmup_fraction", float("nan"), r"a number in \[0, 1\)"),
+    ("warmup_fraction", 1.0, r"a number in \[0, 1\)"),
+    ("betas", (0.9, float("nan")), r"two numbers in \[0, 1\)"),
+    ("betas", (0.9, 1.0), r"two numbers in \[0, 1\)"),
+    ("betas", (0.9,), r"two numbers in \[0, 1\)"),
+    ("seed", -1, r"an integer in \[0, 2\*\*63\)"),
+    ("seed", 2**64, r"an integer in \[0, 2\*\*63\)"),
+    ("epochs", 0, "an integer >= 1"),
+    ("num_workers", -1, "an integer >= 0"),
+    ("threads", 0, r"null or an integer >= 1"),
+    ("max_steps_per_epoch", 0, r"null or an integer >= 1"),
+    ("device", "cuda:x", r"auto, cpu, cuda or cuda:N"),
+])
+def test_non_finite_and_out_of_range_values_name_the_field_and_the_valid_range(field, value, valid):
+    with pytest.raises(ValueError, match=rf"TrainConfig: {field} must be {valid}, got "):
+        TrainConfig(**{field: value})
+
+
+def test_every_numeric_field_has_a_checked_range():
+    # A numeric field added later without a range would accept NaN again.
+    from harma.training.config import RANGES
+
+    numeric = {f.name for f in dataclasses.fields(TrainConfig)
+               if f.type.removesuffix(" | None") in ("int", "float", "tuple[float, float]")}
+    assert numeric == set(RANGES)
+    for name in numeric - {"betas"}:
+        with pytest.raises(ValueError, match=rf"TrainConfig: {name} must be "):
+            TrainConfig(**{name: float("nan")})
+
+
+def test_a_config_file_with_a_bad_value_is_one_error_line_naming_the_field(tmp_path, capsys):
+    config_file = tmp_path / "recipe.json"
+    for fields, field in (({"weight_decay": "x"}, "weight_decay"), ({"harma": "papers"}, "harma"),
+                          ({"lr": 1e999}, "lr")):
+        config_file.write_text(json.dumps(fields))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--config", str(config_file)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"TrainConfig: {field} must be" in err[0] and "error:" in err[0], err
+    for arguments, field in ((["--lr", "inf"], "lr"), (["--lora_dropout", "5"], "lora_dropout")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(arguments)
+        assert exit_info.value.code == 2
+        assert f"TrainConfig: {field} must be" in capsys.readouterr().err
+
+
 def test_resume_alone_reads_the_stored_config(data, tmp_path):
     config = make_config(data, tmp_path / "run", lr=3e-4)
     (tmp_path / "run").mkdir()
@@ -383,3 +486,55 @@ def test_evaluate_script_reproduces_the_run_results(reference_run, capsys):
     metrics = module.main(["--run", str(output_dir), "--json", "--num_workers", "0"])
     assert metrics == results["test"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results["test"]
+
+
+def test_evaluate_script_applies_the_run_precision_and_tf32(reference_run, tmp_path, monkeypatch):
+    output_dir, results = reference_run
+    run = tmp_path / "run"
+    shutil.copytree(output_dir, run)
+    config = TrainConfig.from_json_file(run / "config.json")
+    config.replace(precision="bf16", tf32=False).save(run / "config.json")
+    module = load_repo_script("examples/evaluate.py", cached=False)
+    applied = []
+    monkeypatch.setattr(module, "apply_precision", lambda *args: applied.append(args) or apply_precision(*args))
+    # bf16 autocast is for CUDA: on the CPU the run's metrics come back unchanged.
+    assert module.main(["--run", str(run), "--json", "--num_workers", "0", "--device", "cpu"]) == results["test"]
+    module.main(["--run", str(run), "--json", "--num_workers", "0", "--device", "cpu", "--precision", "fp32"])
+    module.main(["--model", config.model, "--model_config", json.dumps(config.model_config), "--annotation",
+                 str(config.test_file), "--image_root", str(config.image_root), "--json", "--num_workers", "0",
+                 "--device", "cpu"])
+    cpu = torch.device("cpu")
+    assert applied == [("bf16", False, cpu), ("fp32", False, cpu), ("fp32", None, cpu)]
+
+
+def test_a_layout_preset_names_the_adapter_layout_in_files_and_on_the_command_line(tmp_path, capsys):
+    assert TrainConfig(harma="plus").harma == harma.HarmaConfig.plus()
+    config_file = tmp_path / "recipe.json"
+    config_file.write_text(json.dumps({"harma": "paper"}))
+    assert parse_args(["--config", str(config_file)]).config.harma == harma.HarmaConfig.paper()
+    parsed = parse_args(["--config", str(config_file), "--harma", "plus", "--harma.layers", "-1"])
+    assert parsed.config.harma == harma.HarmaConfig.plus(layers=(-1,))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--harma", "papers"])
+    assert exit_info.value.code == 2 and "invalid choice: 'papers'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "field"), [
+    ("[1.7, 2.9]", "layers"), ("[true]", "layers"), ("[[1]]", "layers"), ("[1]", "towers"), ("[null]", "towers")])
+def test_json_list_values_on_the_command_line_are_checked_not_coerced(value, field, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([f"--harma.{field}", value])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1 and f"HarmaConfig.{field} must be" in errors[0]
+    assert parse_args(["--harma.layers", "[0, -1]"]).config.harma.layers == (0, -1)
+
+
+def test_a_long_inline_model_config_is_json_not_a_file_name():
+    architecture = {**tiny_clip_config(image_size=32, width=64, layers=2, embed_dim=32),
+                    "comment_padding": "x" * 300}
+    text = json.dumps(architecture)
+    assert len(text) > 255 and "/" not in text
+    from harma.training.options import read_json_object
+
+    assert read_json_object(text) == architecture
+    assert parse_args(["--model_config", text]).config.model_config == architecture

@@ -1,0 +1,121 @@
+"""Querying: exact search, the FAISS index and its recall, the command line, model checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from search_support import run_search
+
+import harma.search.ann as ann
+from harma.search import EmbeddingStore, Searcher, build_faiss_index, exact_search, read_manifest
+from harma.search.store import write_shard
+
+
+def test_exact_search_equals_a_full_matrix_product_across_shards_and_chunks():
+    rng = np.random.default_rng(0)
+    shards = [rng.standard_normal((n, 48)).astype(np.float16) for n in (1000, 1, 777)]
+    queries = rng.standard_normal((4, 48)).astype(np.float32)
+    scores, rows = exact_search(shards, queries, 12, chunk_rows=100)
+    full = np.concatenate(shards).astype(np.float32) @ queries.T
+    for q in range(4):
+        expected = np.argsort(-full[:, q], kind="stable")[:12]
+        assert rows[q].tolist() == expected.tolist()
+        np.testing.assert_allclose(scores[q], full[expected, q], rtol=1e-5, atol=1e-5)
+    assert exact_search(shards, queries[0], 5000)[1].shape == (1, 1778)
+
+
+def clustered_store(folder, n=3000, dim=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim))
+    rows = centres[rng.integers(0, 40, n)] + 0.3 * rng.standard_normal((n, dim))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    write_shard(folder, 0, rows.astype(np.float16), [{"key": str(i), "path": f"{i}.png"} for i in range(n)], [])
+    return EmbeddingStore(folder, [{"shard": 0, "count": n}], dim)
+
+
+def test_the_faiss_index_reaches_its_target_recall_measured_against_exact_search(built_index, tmp_path, monkeypatch):
+    pytest.importorskip("faiss")
+    small = shutil.copytree(built_index, tmp_path / "small")
+    manifest = read_manifest(small)
+    entry = build_faiss_index(small, manifest)
+    assert entry["type"] == "flat" and entry["recall_at_10"] == 1.0
+    assert read_manifest(small).faiss["recall_at_10"] == 1.0
+    approximate, exact = (Searcher.open(small, use_faiss=use).search(item=3, k=5) for use in (True, False))
+    assert [r["id"] for r in approximate] == [r["id"] for r in exact]  # scores: another summation order
+    # A larger index gets an inverted file; its recall is measured and nprobe raised to the target.
+    monkeypatch.setattr(ann, "FLAT_LIMIT", 100)
+    store = clustered_store(tmp_path)
+    manifest.shards, manifest.count, manifest.dim = [{"shard": 0, "count": 3000}], 3000, 32
+    entry = build_faiss_index(tmp_path, manifest, target_recall=0.95, queries=200)
+    assert entry["type"] == "ivf_sq_fp16" and entry["recall_at_10"] >= 0.95
+    assert [step["nprobe"] for step in entry["sweep"]][-1] == entry["nprobe"]
+    assert all(step["recall_at_10"] < 0.95 for step in entry["sweep"][:-1])
+    index = ann.load_faiss_index(tmp_path, read_manifest(tmp_path))
+    sample = np.stack([store.vector(i) for i in range(0, 3000, 15)])
+    found = index.search(sample, 10)[1]
+    assert ann.recall_at_k(found, exact_search(store.arrays, sample, 10)[1]) >= 0.9
+
+
+def test_query_prints_json_results_best_first_with_id_path_and_score(built_index, archive):
+    result = run_search("query", str(built_index), "--item", "5", "--top-k", "4", "--json", "--exact")
+    results = json.loads(result.stdout)
+    assert len(results) == 4 and results[0]["id"] == 5 and {"id", "path", "score"} <= set(results[0])
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    image = archive.images / results[2]["path"]
+    by_image = json.loads(run_search("query", str(built_index), "--image", str(image), "--top-k", "1", "--json",
+                                     "--exact").stdout)
+    assert by_image[0]["path"] == results[2]["path"] and by_image[0]["score"] == pytest.approx(1.0, abs=3e-3)
+    text = json.loads(run_search("query", str(built_index), "--text", "red roofs", "--json", "--exact").stdout)
+    searcher = Searcher.open(built_index, use_faiss=False)
+    assert [r["id"] for r in text] == [r["id"] for r in searcher.search(text="red roofs", k=10)]
+
+
+def test_a_query_with_another_model_than_the_index_was_built_with_is_refused_naming_both(built_index, archive):
+    result = run_search("query", str(built_index), "--text", "roofs", "--adapters", str(archive.other_adapters),
+                        check=False)
+    assert result.returncode == 2 and result.stderr.count("sha256") == 4  # each model: backbone and adapters
+    assert "adapters.safetensors" in result.stderr and "other.safetensors" in result.stderr
+    # The same model options given again are accepted (the backbone file is recognised by its hash).
+    run_search("query", str(built_index), "--text", "roofs", *archive.model_args(), "--exact")
+
+
+def test_bad_queries_are_named(built_index, tmp_path):
+    assert "no item 999" in run_search("query", str(built_index), "--item", "999", check=False).stderr
+    missing = run_search("query", str(tmp_path), "--text", "x", check=False)
+    assert missing.returncode == 2 and "no index at" in missing.stderr
+    empty = run_search("query", str(built_index), "--text", "  ", check=False)
+    assert empty.returncode == 2 and "empty" in empty.stderr
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--batch_size", "0"], "argument --batch_size: expected an integer >= 1, got '0'"),
+    (["--num_workers", "-1"], "argument --num_workers: expected an integer >= 0, got '-1'"),
+    (["--image_size", "0"], "argument --image_size: expected an integer >= 1, got '0'"),
+    (["--model_config", "{bad"], "argument --model_config: '{bad' is neither a JSON file nor valid JSON"),
+    (["--model_config", "[1]"], "argument --model_config: expected a JSON object, got a list"),
+    (["--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_bad_model_and_runtime_options_are_the_argument_errors_of_evaluate(archive, tmp_path, arguments, message):
+    # The options are defined once (harma.training.model_options): the messages are evaluate.py's.
+    result = run_search("index", "--images", str(archive.images), "--out", str(tmp_path / "index"),
+                        "--model", "tiny", *arguments, check=False)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
+    assert not (tmp_path / "index").exists()
+    if arguments[0] in ("--model_config", "--device", "--image_size"):
+        query = run_search("query", str(tmp_path), "--text", "x", *arguments, check=False)
+        assert query.returncode == 2 and message in query.stderr
+
+
+def test_query_takes_device_auto(built_index):
+    # 'auto' is CUDA when there is one, else the CPU (it was given to torch.device as it was).
+    auto = run_search("query", str(built_index), "--text", "red roofs", "--json", "--exact", "--device", "auto")
+    cpu = run_search("query", str(built_index), "--text", "red roofs", "--json", "--exact", "--device", "cpu")
+    if torch.cuda.is_available():  # float16 autocast on the GPU may order near ties otherwise
+        assert len(json.loads(auto.stdout)) == len(json.loads(cpu.stdout)) == 10
+    else:
+        assert json.loads(auto.stdout) == json.loads(cpu.stdout)

@@ -1,0 +1,145 @@
+"""The HTTP API in process (FastAPI's TestClient): queries, images, several indexes on one
+backbone, and the security rules."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from search_support import run_search
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from harma.search import Searcher  # noqa: E402
+from harma.search.server import ServerLimits, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(built_index, archive, tmp_path_factory):
+    """The built index, and a folder of two more indexes of the same backbone: other adapters,
+    and the frozen backbone; all three served together."""
+    folder = tmp_path_factory.mktemp("served")
+    run_search("index", "--images", str(archive.images), "--out", str(folder / "sets"), *archive.model_args(None),
+               "--adapters", f"other={archive.other_adapters}", "--num_workers", "0", "--quiet")
+    run_search("index", "--images", str(archive.images), "--out", str(folder / "sets" / "frozen"),
+               *archive.model_args(None), "--num_workers", "0", "--quiet")
+    searcher = Searcher.open([built_index, folder / "sets"], use_faiss=False)
+    limits = ServerLimits(max_upload_bytes=200_000, max_pixels=500_000, max_k=50)
+    return TestClient(create_app(searcher, limits)), searcher
+
+
+def png(size=(40, 30), colour=(200, 30, 30)) -> bytes:
+    stream = io.BytesIO()
+    Image.new("RGB", size, colour).save(stream, "PNG")
+    return stream.getvalue()
+
+
+def test_text_image_and_item_queries_answer_like_the_python_api(served, archive):
+    client, searcher = served
+    answer = client.get("/api/search", params={"text": "red roofs", "k": 5}).json()
+    assert answer["index"] == "index" and [r["id"] for r in answer["results"]] == \
+        [r["id"] for r in searcher.search(text="red roofs", k=5)]
+    assert answer["results"][0]["thumb"].startswith("/thumbs/")
+    posted = client.post("/api/search", json={"text": "red roofs", "k": 5}).json()
+    assert [r["id"] for r in posted["results"]] == [r["id"] for r in answer["results"]]
+    image = (archive.images / "fields" / "img003.png").read_bytes()
+    uploaded = client.post("/api/search", files={"image": ("x.png", image, "image/png")}, data={"k": "3"}).json()
+    assert uploaded["results"][0]["path"] == "fields/img003.png"
+    raw = client.post("/api/search?k=2", content=image, headers={"content-type": "image/png"}).json()
+    assert raw["results"][0]["path"] == "fields/img003.png"
+    item = client.get("/api/search", params={"item": uploaded["results"][0]["id"], "k": 1}).json()
+    assert item["results"][0]["id"] == uploaded["results"][0]["id"]
+    served_image = client.get(uploaded["results"][0]["image"])
+    assert served_image.status_code == 200 and served_image.content == image
+    thumb = client.get(uploaded["results"][0]["thumb"])
+    assert thumb.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(thumb.content)).size == (44, 36)
+
+
+def test_several_indexes_share_one_backbone_and_answer_as_when_served_alone(served, built_index, tmp_path):
+    client, searcher = served
+    listed = client.get("/api/indexes").json()["indexes"]
+    assert [entry["name"] for entry in listed] == ["index", "frozen", "other"]
+    for name in ("other", "frozen", "index"):  # switching back and forth between the sets
+        shared = client.get("/api/search", params={"text": "houses", "index": name, "k": 8}).json()
+        folder = built_index if name == "index" else searcher.indexes[name].path
+        alone = Searcher.open(folder, use_faiss=False).search(text="houses", k=8)
+        assert [r["id"] for r in shared["results"]] == [r["id"] for r in alone]
+        np.testing.assert_allclose([r["score"] for r in shared["results"]], [r["score"] for r in alone], atol=1e-5)
+
+
+HOSTILE_PATHS = [
+    "/images/..%2F..%2Fetc%2Fpasswd", "/images/../../etc/passwd", "/images/%2Fetc%2Fpasswd", "/images/-1",
+    "/images/99999", "/images/1e3", "/thumbs/..%2Fconfig.json", "/static/..%2F..%2Fserver.py", "/static/index.html",
+    "/api/items/abc", "/etc/passwd", "/images/0?index=..%2F..", "/api/search?text=x&index=nope",
+]
+
+
+def test_hostile_requests_get_4xx_json_errors_and_the_server_keeps_serving(served):
+    client, _ = served
+    for path in HOSTILE_PATHS:
+        response = client.get(path)
+        assert 400 <= response.status_code < 500, path
+        assert "error" in response.json() and "Traceback" not in response.text, path
+    cases = [
+        (client.post("/api/search", content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON"),
+        (client.post("/api/search", json=["a"]), 400, "object"),
+        (client.post("/api/search", json={"text": "x", "item": 1}), 400, "exactly one"),
+        (client.post("/api/search", json={"text": "x", "evil": 1}), 400, "unknown field"),
+        (client.post("/api/search", json={"embedding": [1.0, 2.0]}), 400, "32 finite numbers"),
+        (client.post("/api/search", json={"embedding": "abc"}), 400, "list of numbers"),
+        (client.post("/api/search", json={"text": "x", "k": 0}), 400, "'k'"),
+        (client.post("/api/search", json={"text": "x", "k": "many"}), 400, "'k'"),
+        (client.post("/api/search", json={"text": "x" * 5000}), 400, "longer"),
+        (client.post("/api/search", json={"item": 10 ** 9}), 404, "no item"),
+        (client.post("/api/search", json={"text": "x", "index": "../x"}), 404, "no index"),
+        (client.post("/api/search", files={"image": ("a.png", b"GIF89a nonsense", "image/png")}), 400, "readable"),
+        (client.post("/api/search", files={"image": ("a.png", png((1000, 1000)), "image/png")}), 413, "pixels"),
+        (client.post("/api/search", files={"image": ("a.bin", os.urandom(300_000), "image/png")}), 413, "larger"),
+        (client.post("/api/search", content=b"x" * 300_000, headers={"content-type": "image/png"}), 413, "larger"),
+        (client.post("/api/search", content=b"text=x", headers={"content-type": "text/plain"}), 415, "content type"),
+        (client.post("/api/search", data={"k": "3"}), 415, "content type"),
+        (client.post("/api/search", files={"picture": ("a.png", png(), "image/png")}), 400, "no 'image'"),
+        (client.get("/api/search"), 400, "exactly one"),
+        (client.delete("/api/search"), 405, "not allowed"),
+    ]
+    for response, status, words in cases:
+        assert response.status_code == status and words in response.json()["error"], (response.text, status)
+    assert client.get("/api/search", params={"text": "roofs"}).status_code == 200
+
+
+def test_only_indexed_files_under_the_image_root_are_served(archive, tmp_path):
+    images = shutil.copytree(archive.images, tmp_path / "images")
+    out = tmp_path / "index"
+    run_search("index", "--images", str(images), "--out", str(out), *archive.model_args(), "--num_workers", "0",
+               "--quiet")
+    client = TestClient(create_app(Searcher.open(out, use_faiss=False)))
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png())
+    (images / "fields" / "img001.png").unlink()
+    (images / "fields" / "img001.png").symlink_to(secret)  # item 0 now points out of the image root
+    assert client.get("/images/0").status_code == 404 and client.get("/thumbs/0").status_code == 404
+    assert client.get("/images/1").status_code == 200
+    metadata = out / "metadata" / "meta-00000.jsonl"
+    lines = metadata.read_text().splitlines()
+    for number, path in ((1, str(secret)), (2, "../secret.png")):  # a tampered index names outside files
+        lines[number] = json.dumps({**json.loads(lines[number]), "path": path})
+    metadata.write_text("\n".join(lines) + "\n")
+    client = TestClient(create_app(Searcher.open(out, use_faiss=False)))
+    assert client.get("/images/1").status_code == 404 and client.get("/images/2").status_code == 404
+    assert client.get("/images/3").status_code == 200
+
+
+def test_the_page_and_its_static_files_are_served_with_a_content_security_policy(served):
+    client, _ = served
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="query"' in page.text and "default-src 'self'" in \
+        page.headers["content-security-policy"]
+    assert "textContent" in client.get("/static/app.js").text
+    assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
