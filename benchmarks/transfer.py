@@ -39,10 +39,17 @@ Results on the held-out target test split (R@1/5/10 both ways, mR), trainable pa
 median train-step time are written as JSON (``--json``), a markdown table next to it, and a plot
 of mR against trainable parameters (``--plot``). See ``docs/transfer_benchmark.md``.
 
+``--forgetting`` also measures what adaptation costs on the source domain: source-domain
+zero-shot scene classification (a synthetic classification set of the source style) and source
+retrieval mR, at the end of every run and along it (every tenth of the steps), and compares each
+adapter method with full fine-tuning at the same target gain (the protocol is in
+``docs/transfer_benchmark.md``, section "Forgetting").
+
     python benchmarks/transfer.py --quick --json docs/transfer_results.json   # 10-12 min, 2 CPU cores
     python benchmarks/transfer.py --smoke --json /tmp/smoke.json             # seconds, for the test
     python benchmarks/transfer.py --json results.json                        # the larger setting
     python benchmarks/transfer.py --quick --scenario known-vocabulary --json docs/transfer_results_known_vocab.json
+    python benchmarks/transfer.py --scenario known-vocabulary --forgetting --methods frozen harma harma_plus lora full
 """
 
 from __future__ import annotations
@@ -74,15 +81,19 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
 import harma  # noqa: E402
+from harma.classification import ZeroShotEvaluator  # noqa: E402
 from harma.losses import HarmaLoss  # noqa: E402
 from harma.retrieval import retrieval_metrics_from_embeddings  # noqa: E402
+from harma.training.classification_data import load_classification_dataset  # noqa: E402
 from harma.training.data import DEFAULT_CLIP_MEAN, DEFAULT_CLIP_STD, preprocess_caption  # noqa: E402
 from harma.training.synthetic import (  # noqa: E402
     LABEL_NAMES,
     SOURCE_STYLE,
+    SYNTHETIC_TEMPLATES,
     TARGET_STYLE,
     SceneStyle,
     generate_scene,
+    make_synthetic_classification_set,
     make_synthetic_dataset,
 )
 
@@ -318,10 +329,22 @@ def load_eval(annotation_file: Path, image_root: Path) -> EvalSplit:
 
 
 @dataclass
+class ClassSet:
+    """A scene classification set of one domain (`make_synthetic_classification_set`), decoded,
+    and its zero-shot evaluator once the tokenizer is known."""
+
+    images: torch.Tensor  # (n_images, 3, H, W), normalised
+    labels: list[int]
+    classnames: list[str]
+    evaluator: ZeroShotEvaluator | None = None
+
+
+@dataclass
 class Domain:
     train: PairSplit
     val: EvalSplit | None
     test: EvalSplit
+    classes: ClassSet | None = None  # with --forgetting
 
 
 def make_domain(root: Path, style: str | SceneStyle, seed: int, n_train: int, n_val: int, n_test: int,
@@ -333,6 +356,34 @@ def make_domain(root: Path, style: str | SceneStyle, seed: int, n_train: int, n_
         val=load_eval(files.val_file, files.image_root) if load_val else None,
         test=load_eval(files.test_file, files.image_root),
     )
+
+
+def make_class_set(root: Path, style: str | SceneStyle, seed: int, images_per_class: int, image_size: int) -> ClassSet:
+    made = make_synthetic_classification_set(root, images_per_class=images_per_class, image_size=image_size,
+                                             seed=seed, style=style)
+    dataset = load_classification_dataset(made.root)
+    relative = [str(path.relative_to(made.root)) for path in dataset.image_paths]
+    return ClassSet(_decode_images(made.root, relative), dataset.labels, list(dataset.classes))
+
+
+def add_class_sets(settings: Settings, data_dir: Path, source: Domain, targets: dict[int, Domain],
+                   target_style: str | SceneStyle, tokenizer: CompactTokenizer) -> None:
+    """The source classification set (source style, the source data seed) and one target set
+    per seed (the scenario's target style, the run's seed), as large as the test splits, each
+    with its evaluator (prompts: `SYNTHETIC_TEMPLATES` with the class names in the domain's
+    words). The tokenizer is the one built from the captions: every prompt word must be in it."""
+    per_class = len(LABEL_NAMES)
+    source.classes = make_class_set(data_dir / "source_classes", "source", SOURCE_DATA_SEED,
+                                    max(1, settings.source_test_images // per_class), settings.image_size)
+    for seed, domain in targets.items():
+        domain.classes = make_class_set(data_dir / f"target_classes_seed{seed}", target_style, seed,
+                                        max(1, settings.target_test_images // per_class), settings.image_size)
+    for domain in (source, *targets.values()):
+        classes = domain.classes
+        classes.evaluator = ZeroShotEvaluator(classes.images, classes.labels, classes.classnames, tokenizer,
+                                              templates=list(SYNTHETIC_TEMPLATES), batch_size=settings.eval_batch,
+                                              progress=False)
+        tokenizer([prompt for prompts in classes.evaluator.prompts for prompt in prompts])  # raises on unknown words
 
 
 def tokenize_domain(domain: Domain, tokenizer: CompactTokenizer) -> None:
@@ -452,10 +503,13 @@ class TrainResult:
 
 
 def train(model: nn.Module, data: PairSplit, steps: int, batch: int, lr: float, order_seed: int,
-          loss_fn: nn.Module, weight_decay: float = 0.04, loss_log: list[float] | None = None) -> TrainResult:
+          loss_fn: nn.Module, weight_decay: float = 0.04, loss_log: list[float] | None = None,
+          checkpoints: Sequence[int] = (), on_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
     """AdamW (0.9, 0.98), 10% linear warm-up then linear decay, one step per batch.
 
-    ``loss_log``, if given, receives the loss of every step."""
+    ``loss_log``, if given, receives the loss of every step. ``on_checkpoint(step)`` is called
+    before the first step (step 0) and after each step listed in ``checkpoints`` (evaluation
+    there does not change training: the model is put back in training mode afterwards)."""
     named = list(model.named_parameters()) + [("temperature", loss_fn.temperature)]
     optimizer = torch.optim.AdamW(parameter_groups(named, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8)
     warmup = max(1, int(0.1 * steps))
@@ -467,9 +521,12 @@ def train(model: nn.Module, data: PairSplit, steps: int, batch: int, lr: float, 
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
+    if on_checkpoint is not None and 0 in checkpoints:
+        on_checkpoint(0)
+        model.train()
     times = []
     loss_value = float("nan")
-    for indices in batch_order(len(data.captions), steps, batch, order_seed):
+    for step, indices in enumerate(batch_order(len(data.captions), steps, batch, order_seed), start=1):
         start = time.perf_counter()
         image_index = data.image_index[indices]
         output = loss_fn(model.encode_image(data.images[image_index]), model.encode_text(data.tokens[indices]),
@@ -485,6 +542,9 @@ def train(model: nn.Module, data: PairSplit, steps: int, batch: int, lr: float, 
             loss_log.append(loss_value)
         if not math.isfinite(loss_value):
             break
+        if on_checkpoint is not None and step in checkpoints:
+            on_checkpoint(step)
+            model.train()
     model.eval()
     # The first steps pay for allocations; the median of the rest is the steady-state cost.
     steady = times[min(2, len(times) - 1):]
@@ -502,6 +562,38 @@ def evaluate(model: nn.Module, split: EvalSplit, batch: int) -> dict[str, float]
         return {key: 0.0 for key in METRIC_KEYS} | {"diverged": 1.0}
     metrics = retrieval_metrics_from_embeddings(image_embeds, text_embeds, split.txt2img)
     return {key: float(metrics[key]) for key in METRIC_KEYS}
+
+
+def classify(model: nn.Module, classes: ClassSet) -> dict[str, float]:
+    """Zero-shot classification metrics (percent) of ``classes`` with ``model``."""
+    try:
+        return classes.evaluator.evaluate(model)
+    except ValueError as error:
+        if "NaN or infinite" not in str(error):
+            raise
+        return {"acc1": 0.0, "acc5": 0.0, "mean_per_class_recall": 0.0, "diverged": 1.0}
+
+
+def checkpoint_steps(steps: int) -> list[int]:
+    """Where a run's trajectory is measured: before the first step and after every tenth of them."""
+    return sorted({round(k * steps / 10) for k in range(11)})
+
+
+def trajectory_point(model: nn.Module, step: int, source: Domain, target: Domain, batch: int) -> dict[str, float]:
+    return {
+        "step": step,
+        "target_val_mean_recall": evaluate(model, target.val, batch)["mean_recall"],
+        "source_mean_recall": evaluate(model, source.test, batch)["mean_recall"],
+        "source_acc1": classify(model, source.classes)["acc1"],
+        "target_acc1": classify(model, target.classes)["acc1"],
+    }
+
+
+def source_figures(model: nn.Module, source: Domain, target: Domain, batch: int) -> dict[str, dict[str, float]]:
+    """What a model knows of the source domain (retrieval on its test split, zero-shot
+    classification) and zero-shot classification of the target domain."""
+    return {"source_test": evaluate(model, source.test, batch), "source_zero_shot": classify(model, source.classes),
+            "target_zero_shot": classify(model, target.classes)}
 
 
 # ------------------------------------------------------------------------------ the benchmark
@@ -526,23 +618,34 @@ def pretrain(settings: Settings, source: Domain, vocab_size: int) -> tuple[dict[
 
 def run_method(method: str, lr: float, seed: int, settings: Settings, state: dict[str, torch.Tensor],
                vocab_size: int, target: Domain, lora_rank: int, splits: Sequence[str],
-               harma_config: harma.HarmaConfig | None = None) -> dict[str, Any]:
+               harma_config: harma.HarmaConfig | None = None, source: Domain | None = None) -> dict[str, Any]:
     """Adapt the pretrained backbone with ``method`` on seed ``seed``'s target data and evaluate
-    on ``splits``. ``harma_config`` replaces a HarMA method's layout (see `apply_method`)."""
+    on ``splits``. ``harma_config`` replaces a HarMA method's layout (see `apply_method`). With
+    ``source`` (``--forgetting``), also the source figures at the end (`source_figures`) and the
+    ``trajectory`` (`trajectory_point` at every `checkpoint_steps`)."""
     torch.manual_seed(derived_seed("init", method, seed))  # adapter / LoRA initialisation
     model = build_clip(settings, vocab_size)
     model.load_state_dict(state)
     model = apply_method(model, method, settings, lora_rank, harma_config=harma_config)
     loss_fn = HarmaLoss()
     params = trainable_count(model) + 1  # + the loss temperature, trained by every method
+    trajectory: list[dict[str, float]] = []
+
+    def measure(step: int) -> None:
+        trajectory.append(trajectory_point(model, step, source, target, settings.eval_batch))
+
     result = train(model, target.train, settings.adapt_steps, settings.adapt_batch, lr,
-                   derived_seed("order", seed), loss_fn)
+                   derived_seed("order", seed), loss_fn, checkpoints=checkpoint_steps(settings.adapt_steps),
+                   on_checkpoint=measure if source is not None else None)
     out: dict[str, Any] = {
         "seed": seed, "lr": lr, "trainable_params": params, "step_seconds": result.step_seconds,
         "final_loss": result.final_loss, "temperature": result.temperature,
     }
     for split in splits:
         out[split] = evaluate(model, getattr(target, split), settings.eval_batch)
+    if source is not None:
+        out.update(source_figures(model, source, target, settings.eval_batch))
+        out["trajectory"] = trajectory
     return out
 
 
@@ -694,10 +797,11 @@ def vocabulary_report(source: Domain, targets: dict[int, Domain]) -> dict[str, A
     }
 
 
-def prepare_domains(settings: Settings, data_dir: Path, scenario: str = "new-vocabulary"
+def prepare_domains(settings: Settings, data_dir: Path, scenario: str = "new-vocabulary", forgetting: bool = False
                     ) -> tuple[Domain, dict[int, Domain], CompactTokenizer, dict[str, Any]]:
     """The source domain, one target domain per seed, the tokenizer of all their captions and
-    the vocabulary report (`vocabulary_report`).
+    the vocabulary report (`vocabulary_report`). With ``forgetting``, each domain also gets its
+    classification set (`add_class_sets`); nothing else changes.
 
     Raises:
         RuntimeError: ``known-vocabulary`` pretraining data in which some target word would occur
@@ -725,6 +829,8 @@ def prepare_domains(settings: Settings, data_dir: Path, scenario: str = "new-voc
     tokenizer = CompactTokenizer(all_captions, settings.context_length)
     for domain in (source, *targets.values()):
         tokenize_domain(domain, tokenizer)
+    if forgetting:
+        add_class_sets(settings, data_dir, source, targets, target_style, tokenizer)
     report = vocabulary_report(source, targets)
     log(f"data ready in {time.perf_counter() - start:.1f}s ({scenario}): vocabulary {tokenizer.vocab_size} BPE "
         f"tokens; {len(report['unseen_in_pretraining'])} of {report['target_words']} target caption words never "
@@ -741,6 +847,7 @@ class MethodRunner:
     vocab_size: int
     targets: dict[int, Domain]
     lora_rank: int
+    source: Domain | None = None  # with --forgetting
 
     def frozen(self) -> tuple[list[dict[str, Any]], None, None]:
         model = build_clip(self.settings, self.vocab_size)
@@ -749,11 +856,14 @@ class MethodRunner:
                      "val": evaluate(model, self.targets[seed].val, self.settings.eval_batch),
                      "test": evaluate(model, self.targets[seed].test, self.settings.eval_batch)}
                     for seed in self.settings.seeds]
+        if self.source is not None:
+            for run in per_seed:
+                run.update(source_figures(model, self.source, self.targets[run["seed"]], self.settings.eval_batch))
         return per_seed, None, None
 
     def one(self, method: str, lr: float, seed: int) -> dict[str, Any]:
         run = run_method(method, lr, seed, self.settings, self.state, self.vocab_size, self.targets[seed],
-                         self.lora_rank, ("val", "test"))
+                         self.lora_rank, ("val", "test"), source=self.source)
         log(f"  {method:12s} seed {run['seed']} lr {run['lr']:.0e}: val mR {run['val']['mean_recall']:5.1f}"
             f"  ({run['step_seconds'] * 1000:.0f} ms/step, loss {run['final_loss']:.3f})")
         return run
@@ -773,11 +883,12 @@ class MethodRunner:
 
 
 def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str],
-                  scenario: str = "new-vocabulary") -> dict[str, Any]:
+                  scenario: str = "new-vocabulary", forgetting: bool = False) -> dict[str, Any]:
     wall_start = time.perf_counter()
     seeds = settings.seeds
-    log(f"mode {settings.name}: seeds {list(seeds)}, {torch.get_num_threads()} threads, data in {data_dir}")
-    source, targets, tokenizer, vocabulary = prepare_domains(settings, data_dir, scenario)
+    log(f"mode {settings.name}: seeds {list(seeds)}, {torch.get_num_threads()} threads, data in {data_dir}"
+        + (", with the forgetting measures" if forgetting else ""))
+    source, targets, tokenizer, vocabulary = prepare_domains(settings, data_dir, scenario, forgetting)
 
     state, pretrain_info = pretrain(settings, source, tokenizer.vocab_size)
     full_params = pretrain_info["parameters"]
@@ -791,7 +902,7 @@ def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str],
     log(f"HarMA (reference layout) trains {harma_params:,} parameters; LoRA rank {lora_rank} "
         f"({lora_rank * per_rank:,} parameters) matches it")
 
-    run = MethodRunner(settings, state, tokenizer.vocab_size, targets, lora_rank)
+    run = MethodRunner(settings, state, tokenizer.vocab_size, targets, lora_rank, source if forgetting else None)
     results: dict[str, Any] = {}
     grids: dict[str, Any] = {}
     # frozen and full first: in the known-vocabulary scenario they must show a real shift before
@@ -814,6 +925,9 @@ def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str],
             results[method]["config"] = settings.scaled_harma_config(harma_method_config(method)).to_dict()
         log(f"{method}: test mR {summary['mean_recall']:.1f} +- {summary['mean_recall_std']:.1f} "
             f"({params:,} trainable parameters)")
+        if forgetting:
+            log(f"{method}: source zero-shot acc1 {per_seed_mean(per_seed, 'source_zero_shot', 'acc1'):.1f}, "
+                f"source test mR {per_seed_mean(per_seed, 'source_test', 'mean_recall'):.1f} (mean over seeds)")
         if method == "full" and scenario == "known-vocabulary" and settings.name != "smoke":
             require_real_shift(results)
     results = {method: results[method] for method in methods}
@@ -848,6 +962,8 @@ def run_benchmark(settings: Settings, data_dir: Path, methods: Sequence[str],
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
     }
+    if forgetting:
+        results["_meta"]["forgetting"] = forgetting_analysis(results)
     return results
 
 
@@ -899,6 +1015,136 @@ def check_shift(results: dict[str, Any]) -> dict[str, Any]:
         return {}
     fraction = results["frozen"]["mean_recall"] / results["full"]["mean_recall"]
     return {"frozen_fraction_of_full": fraction, "real": bool(fraction <= 0.6)}
+
+
+# -------------------------------------------------------------------------------- forgetting
+
+# The two forgetting measures: (per-seed entry, metric) of a run, and the trajectory key.
+FORGETTING_MEASURES = {"source_acc1": ("source_zero_shot", "acc1"), "source_mean_recall": ("source_test", "mean_recall")}
+# Below this frozen source accuracy (twice chance with 10 classes) the classification measure says nothing.
+MIN_INFORMATIVE_ACC1 = 20.0
+
+
+def per_seed_mean(per_seed: Sequence[dict[str, Any]], entry: str, key: str) -> float:
+    return statistics.fmean(run[entry][key] for run in per_seed)
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def endpoint_forgetting(results: dict[str, Any]) -> dict[str, Any]:
+    """Per method and seed, at the end of training: target test mR gain over the frozen
+    backbone, and the forgetting of each measure (frozen minus the method, in points)."""
+    frozen = {run["seed"]: run for run in results["frozen"]["per_seed"]}
+    out: dict[str, Any] = {}
+    for method in METHODS:
+        if method not in results or "source_test" not in results[method]["per_seed"][0]:
+            continue
+        rows = []
+        for run in results[method]["per_seed"]:
+            reference = frozen[run["seed"]]
+            row = {"seed": run["seed"], "target_gain": run["test"]["mean_recall"] - reference["test"]["mean_recall"],
+                   "target_acc1": run["target_zero_shot"]["acc1"]}
+            for measure, (entry, key) in FORGETTING_MEASURES.items():
+                row[measure] = run[entry][key]
+                row[f"{measure}_forgotten"] = reference[entry][key] - run[entry][key]
+            rows.append(row)
+        keys = [key for key in rows[0] if key != "seed"]
+        out[method] = {"per_seed": rows, **{key: _mean_std([row[key] for row in rows]) for key in keys}}
+    return out
+
+
+def forgetting_at_gain(trajectory: Sequence[dict[str, float]], level: float, measure: str) -> float:
+    """Forgetting of ``measure`` (step 0 minus the checkpoint) where the target validation gain
+    over step 0 first reaches ``level``, interpolated linearly from the checkpoint before.
+
+    Raises:
+        ValueError: the trajectory never reaches ``level``.
+    """
+    gain_base, measure_base = trajectory[0]["target_val_mean_recall"], trajectory[0][measure]
+    points = [(p["target_val_mean_recall"] - gain_base, measure_base - p[measure]) for p in trajectory]
+    for (gain_before, forgot_before), (gain, forgot) in zip(points, points[1:], strict=False):
+        if gain >= level:
+            if gain == gain_before:
+                return forgot
+            return forgot_before + (level - gain_before) / (gain - gain_before) * (forgot - forgot_before)
+    raise ValueError(f"the trajectory never reaches a target gain of {level}")
+
+
+def max_gain(trajectory: Sequence[dict[str, float]]) -> float:
+    base = trajectory[0]["target_val_mean_recall"]
+    return max(p["target_val_mean_recall"] - base for p in trajectory)
+
+
+def matched_comparison(adapter: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
+    """One seed: the highest target validation gain both runs reach, and each run's forgetting there."""
+    trajectories = (adapter.get("trajectory") or [], full.get("trajectory") or [])
+    if any(not t or t[0]["step"] != 0 for t in trajectories):
+        return {"seed": adapter["seed"], "failed": "no trajectory"}
+    level = min(max_gain(t) for t in trajectories)
+    if level <= 0:
+        return {"seed": adapter["seed"], "level": level,
+                "failed": "a method never improves the target validation mR (or diverged)"}
+    row: dict[str, Any] = {"seed": adapter["seed"], "level": level}
+    for measure in FORGETTING_MEASURES:
+        method_value, full_value = (forgetting_at_gain(t, level, measure) for t in trajectories)
+        row[measure] = {"method": method_value, "full": full_value, "difference": method_value - full_value}
+    return row
+
+
+def verdict(differences: Sequence[float | None]) -> str:
+    """The protocol's rule: lower (higher) forgetting than full fine-tuning on every seed."""
+    if not differences or any(d is None for d in differences):
+        return "undecided (a seed failed)"
+    if all(d < 0 for d in differences):
+        return "forgets less"
+    if all(d > 0 for d in differences):
+        return "forgets more"
+    return "no consistent difference"
+
+
+def _verdicts(rows: Sequence[dict[str, Any]], difference: Callable[[dict[str, Any], str], float | None]) -> dict:
+    out = {}
+    for measure in FORGETTING_MEASURES:
+        differences = [difference(row, measure) for row in rows]
+        known = [d for d in differences if d is not None]
+        out[measure] = {"verdict": verdict(differences), "differences": differences,
+                        **({"difference": _mean_std(known)} if known else {})}
+    return out
+
+
+def forgetting_analysis(results: dict[str, Any]) -> dict[str, Any]:
+    """End points, the comparison of every other trained method with full fine-tuning at the
+    same target gain (per seed, and the verdicts), and the sanity condition of the protocol."""
+    if "frozen" not in results or "source_test" not in results["frozen"]["per_seed"][0]:
+        return {}
+    endpoints = endpoint_forgetting(results)
+    frozen_acc1 = endpoints["frozen"]["source_acc1"]["mean"]
+    analysis: dict[str, Any] = {
+        "endpoints": endpoints,
+        "frozen_source_acc1": frozen_acc1,
+        "acc1_informative": frozen_acc1 >= MIN_INFORMATIVE_ACC1,
+        "matched": {},
+        "endpoint_verdicts": {},
+    }
+    if "full" not in endpoints:
+        return analysis
+    full_runs = {run["seed"]: run for run in results["full"]["per_seed"]}
+    full_rows = {row["seed"]: row for row in endpoints["full"]["per_seed"]}
+    for method in endpoints:
+        if method in ("frozen", "full"):
+            continue
+        rows = [matched_comparison(run, full_runs[run["seed"]]) for run in results[method]["per_seed"]]
+        analysis["matched"][method] = {
+            "per_seed": rows,
+            "verdicts": _verdicts(rows, lambda row, m: None if "failed" in row else row[m]["difference"]),
+        }
+        analysis["endpoint_verdicts"][method] = _verdicts(
+            endpoints[method]["per_seed"],
+            lambda row, m: row[f"{m}_forgotten"] - full_rows[row["seed"]][f"{m}_forgotten"],
+        )
+    return analysis
 
 
 # ------------------------------------------------------------------------------------ output
@@ -979,8 +1225,9 @@ def markdown_page(results: dict[str, Any]) -> str:
     grids = [line for line in lines if line.startswith("- ")]
     checks = [line for line in lines if line.startswith(("Target check", "Shift check"))]
     settings = [line for line in lines if line not in grids and line not in checks]
+    forgetting = ", with forgetting" if meta.get("forgetting") else ""
     parts = [
-        f"# Transfer benchmark: {scenario}, {meta['mode']} mode{only}",
+        f"# Transfer benchmark: {scenario}, {meta['mode']} mode{only}{forgetting}",
         "Raw results of `benchmarks/transfer.py` (target-domain test split, mean ± std over "
         "seeds); how to read them: [the transfer benchmark](transfer_benchmark.md).",
         markdown_table(results).rstrip("\n"),
@@ -989,6 +1236,8 @@ def markdown_page(results: dict[str, Any]) -> str:
     ]
     if checks:
         parts.append("## Checks\n\n" + "\n".join(f"- {line}" for line in checks))
+    if meta.get("forgetting"):
+        parts.append("## Forgetting (source domain)\n\n" + forgetting_markdown(results).rstrip("\n"))
     return "\n\n".join(parts) + "\n"
 
 
@@ -1032,6 +1281,99 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _pm(stats: dict[str, float], signed: bool = False) -> str:
+    return f"{stats['mean']:{'+' if signed else ''}.1f} ± {stats['std']:.1f}"
+
+
+def forgetting_markdown(results: dict[str, Any]) -> str:
+    """The forgetting tables: end points, the matched-gain comparisons per seed, the verdicts."""
+    analysis = results["_meta"].get("forgetting") or {}
+    if not analysis:
+        return ""
+    endpoints = analysis["endpoints"]
+    frozen = endpoints["frozen"]
+    lines = [
+        "Forgetting (source domain; mean ± std over seeds, end of training at the chosen learning rate). "
+        f"Frozen backbone: source zero-shot acc1 {frozen['source_acc1']['mean']:.1f} (chance 10.0; "
+        f"{'informative' if analysis['acc1_informative'] else 'NOT informative: below 20'}), "
+        f"source test mR {frozen['source_mean_recall']['mean']:.1f}. Forgotten = frozen minus the method "
+        "(negative: gained).",
+        "",
+        "| method | target test mR gain | source acc1 | forgotten (acc1) | source mR | forgotten (mR) | target acc1 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, row in endpoints.items():
+        lines.append(
+            f"| {LABELS[method]} | {_pm(row['target_gain'], True)} | {_pm(row['source_acc1'])} "
+            f"| {_pm(row['source_acc1_forgotten'], True)} | {_pm(row['source_mean_recall'])} "
+            f"| {_pm(row['source_mean_recall_forgotten'], True)} | {_pm(row['target_acc1'])} |"
+        )
+    if analysis["matched"]:
+        lines += ["", "At the same target gain (target validation mR over step 0; forgetting of the method / of full "
+                  "fine-tuning where both first reach it):", "",
+                  "| method | seed | matched gain | forgotten acc1: method / full | forgotten mR: method / full |",
+                  "|---|---:|---:|---:|---:|"]
+        for method, matched in analysis["matched"].items():
+            for row in matched["per_seed"]:
+                if "failed" in row:
+                    lines.append(f"| {LABELS[method]} | {row['seed']} | - | failed: {row['failed']} | |")
+                    continue
+                cells = [f"{row[m]['method']:+.1f} / {row[m]['full']:+.1f}" for m in FORGETTING_MEASURES]
+                lines.append(f"| {LABELS[method]} | {row['seed']} | {row['level']:.1f} | {cells[0]} | {cells[1]} |")
+        lines += ["", "Verdicts (the protocol's rule: lower forgetting than full fine-tuning on every seed; "
+                  "difference = method minus full, mean ± std):", "",
+                  "| method | at the same gain: acc1 | at the same gain: mR | end points: acc1 | end points: mR |",
+                  "|---|---|---|---|---|"]
+        for method, matched in analysis["matched"].items():
+            cells = [_verdict_cell(block[m]) for block in (matched["verdicts"], analysis["endpoint_verdicts"][method])
+                     for m in FORGETTING_MEASURES]
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _verdict_cell(entry: dict[str, Any]) -> str:
+    if "difference" not in entry:
+        return entry["verdict"]
+    return f"{entry['verdict']} ({_pm(entry['difference'], True)})"
+
+
+def plot_forgetting(results: dict[str, Any], path: Path) -> None:
+    """Forgetting against target gain along every run (chosen learning rate, each seed): one
+    panel per forgetting measure, one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"harma": "tab:red", "harma_paper": "tab:orange", "harma_plus": "tab:purple", "lora": "tab:blue",
+               "linear_probe": "tab:green", "full": "black"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    titles = {"source_acc1": "source zero-shot acc1 forgotten (points)",
+              "source_mean_recall": "source retrieval mR forgotten (points)"}
+    for ax, measure in zip(axes, FORGETTING_MEASURES, strict=True):
+        for method, colour in colours.items():
+            if method not in results or "trajectory" not in results[method]["per_seed"][0]:
+                continue
+            for index, run in enumerate(results[method]["per_seed"]):
+                trajectory = run["trajectory"]
+                gain_base, base = trajectory[0]["target_val_mean_recall"], trajectory[0][measure]
+                ax.plot([p["target_val_mean_recall"] - gain_base for p in trajectory],
+                        [base - p[measure] for p in trajectory], marker=".", color=colour, alpha=0.7,
+                        label=LABELS[method] if index == 0 else None)
+        ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("target validation mR gain over the frozen backbone (points)")
+        ax.set_title(titles[measure], fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    meta = results["_meta"]
+    fig.suptitle(f"Forgetting along adaptation, {meta.get('scenario')} ({meta['mode']} mode, one line per seed; "
+                 "points every tenth of the steps)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def merge_results(earlier: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``earlier`` with the methods of ``new`` added or replaced, its targets and shift checks
     recomputed. Both runs must have the same mode, scenario, settings and pretrained backbone.
@@ -1055,6 +1397,8 @@ def merge_results(earlier: dict[str, Any], new: dict[str, Any]) -> dict[str, Any
     merged["_meta"]["lr_grids"] = {**old_meta["lr_grids"], **new_meta["lr_grids"]}
     merged["_meta"]["targets"] = check_targets(merged)
     merged["_meta"]["shift"] = check_shift(merged)
+    if "forgetting" in old_meta or "forgetting" in new_meta:
+        merged["_meta"]["forgetting"] = forgetting_analysis(merged)
     merged["_meta"]["merged_runs"] = old_meta.get("merged_runs", []) + [
         {"methods": [m for m in new if not m.startswith("_")], "wall_seconds": new_meta["wall_seconds"],
          "threads": new_meta["threads"], "torch": new_meta["torch"]}]
@@ -1103,6 +1447,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="run nothing: merge these results files (as --merge-into does, first to last) "
                              "and write the union with --json")
     parser.add_argument("--data-dir", type=Path, help="where to write the synthetic data (default: a temporary folder)")
+    parser.add_argument("--forgetting", action="store_true",
+                        help="also measure what adaptation forgets of the source domain (zero-shot classification, "
+                             "retrieval) along every run, and compare with full fine-tuning at the same target gain")
+    parser.add_argument("--forgetting-plot", type=Path, metavar="PNG",
+                        help="with --forgetting: plot forgetting against target gain along every run")
     args = parser.parse_args(argv)
 
     settings = MODES["quick" if args.quick else "smoke" if args.smoke else "standard"]
@@ -1123,17 +1472,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results = functools.reduce(merge_results, runs)
     elif args.data_dir is not None:
         args.data_dir.mkdir(parents=True, exist_ok=True)
-        results = run_benchmark(settings, args.data_dir, methods, args.scenario)
+        results = run_benchmark(settings, args.data_dir, methods, args.scenario, args.forgetting)
     else:
         with tempfile.TemporaryDirectory(prefix="harma-transfer-") as tmp:
-            results = run_benchmark(settings, Path(tmp), methods, args.scenario)
+            results = run_benchmark(settings, Path(tmp), methods, args.scenario, args.forgetting)
 
     if args.merge_into is not None:
         if args.json is not None:  # this run's own results survive a refused merge
             write_json(args.json.with_name(args.json.stem + "_run.json"), results)
         results = merge_results(json.loads(args.merge_into.read_text(encoding="utf-8")), results)
     table = markdown_table(results)
-    summary = summary_text(results)
+    summary = summary_text(results) + ("\n" + forgetting_markdown(results) if results["_meta"].get("forgetting") else "")
     print()
     print(table)
     print(summary)
@@ -1146,6 +1495,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if plot_path and plot_path.lower() != "none":
         plot(results, Path(plot_path))
         log(f"wrote {plot_path}")
+    if args.forgetting_plot is not None and results["_meta"].get("forgetting"):
+        plot_forgetting(results, args.forgetting_plot)
+        log(f"wrote {args.forgetting_plot}")
     return results
 
 

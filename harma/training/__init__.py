@@ -18,6 +18,8 @@ The core (`harma`) never imports this package. What is here:
 - `harma.training.data`: RSITMD/RSICD annotation files, datasets and transforms;
 - `harma.training.classification_data`: classification sets (class folders, CSV, prefixed files);
 - `harma.training.zero_shot`: several zero-shot classification sets evaluated together;
+- `harma.training.monitor`: the zero-shot and extra retrieval sets a run follows while training
+  (what adaptation forgets);
 - `harma.training.clip_benchmark`: the loader that lets LAION's CLIP_benchmark evaluate harma models;
 - `harma.training.captions`: caption datasets of every format in one form
   (`read_caption_dataset`);

@@ -13,14 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..classification import COMBINE_MODES
 from ..config import LAYOUT_PRESETS, HarmaConfig
 from ..io import atomic_write_text, check_readable_file
 from ..losses import TEMPERATURE_MAX, TEMPERATURE_MIN
+from ..prompts import DEFAULT_TEMPLATES
 from .captions import CAPTION_FORMATS, check_csv_separator
 
 METHODS = ("harma", "lora", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("stop", "skip")
+
+# The sets a run evaluates besides its validation split (what adaptation forgets). They change
+# no training step and no choice of the best epoch (evaluation runs between epochs, whose data
+# order and augmentation are seeded afresh), so a resumed run may add, change or drop them.
+MONITOR_FIELDS = frozenset(
+    {"zero_shot_sets", "zero_shot_templates", "zero_shot_class_names", "zero_shot_class_prompts",
+     "zero_shot_combine", "extra_retrieval_files", "extra_retrieval_image_roots"}
+)
+_MONITOR_SEQUENCES = ("zero_shot_sets", "extra_retrieval_files", "extra_retrieval_image_roots")
 
 # Fields that may differ between a run and its resumption: they change where and how fast the
 # run goes, not what it computes (the non-finite policy only acts on a step that diverged, so a
@@ -28,7 +39,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 RESUMABLE_CHANGES = frozenset(
     {"output_dir", "num_workers", "threads", "progress", "eval_batch_size", "device", "nonfinite",
      "max_skipped_steps"}
-)
+) | MONITOR_FIELDS
 
 
 def _help(text: str) -> dict[str, str]:
@@ -54,15 +65,18 @@ FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "tuple[str, ...]": ("a list of strings", _is_sequence_of(lambda item: isinstance(item, str))),
     "tuple[float, float]": ("a list of numbers", _is_sequence_of(_is_number)),
 }
-SEQUENCE_FIELDS = ("train_files", "lora_targets", "betas")
+SEQUENCE_FIELDS = ("train_files", "lora_targets", "betas", "zero_shot_sets", "extra_retrieval_files",
+                   "extra_retrieval_image_roots")
+# Sequence fields of paths: one given as text is one path (a path may hold a comma).
+_PATH_SEQUENCES = ("train_files", "zero_shot_sets", "extra_retrieval_files", "extra_retrieval_image_roots")
 
 
 def _split_text(name: str, value: Any) -> Any:
-    """A sequence field given as text: one training file, or comma-separated parts (betas as
-    numbers where they parse). Anything else is returned as it is, for the type check."""
+    """A sequence field given as text: one path (training files, the sets a run follows), or
+    comma-separated parts (betas as numbers where they parse). Anything else is returned as it is, for the type check."""
     if not isinstance(value, str):
         return value
-    if name == "train_files":
+    if name in _PATH_SEQUENCES:
         return (value,)
     parts = tuple(part.strip() for part in value.split(","))
     if name == "betas":
@@ -218,6 +232,26 @@ class TrainConfig:
     eval_batch_size: int = field(default=128, metadata=_help("images/captions per evaluation batch"))
     eval_before_training: bool = field(default=False, metadata=_help(
         "validate the untrained model first (logged as epoch 0)"))
+    # What adaptation forgets: sets evaluated before training and at every validation, never
+    # used to choose the best epoch (docs/training.md#what-adaptation-forgets)
+    zero_shot_sets: tuple[str, ...] = field(default=(), metadata=_help(
+        "classification sets (class folders, CSV + classnames.txt, or class-prefixed files) classified "
+        "zero-shot before training and at every validation; never used to choose the best epoch"))
+    zero_shot_templates: str = field(default=DEFAULT_TEMPLATES, metadata=_help(
+        "prompt templates of zero_shot_sets: satellite, skyscript, remote_sensing, or a text file of "
+        "templates with {}"))
+    zero_shot_class_names: str | None = field(default=None, metadata=_help(
+        "class-name overrides of zero_shot_sets (JSON object, or a list / text file for one set)"))
+    zero_shot_class_prompts: str | None = field(default=None, metadata=_help(
+        "JSON file of per-class prompts of zero_shot_sets ({class: [prompt, ...]})"))
+    zero_shot_combine: str = field(default="normalized_mean", metadata=_help(
+        "how a class's prompt embeddings are combined: normalized_mean or raw_mean"))
+    extra_retrieval_files: tuple[str, ...] = field(default=(), metadata=_help(
+        "other retrieval annotation files (any caption format; a file of several splits: its test split) "
+        "evaluated like the val split before "
+        "training and at every validation; never used to choose the best epoch"))
+    extra_retrieval_image_roots: tuple[str, ...] = field(default=(), metadata=_help(
+        "image folder of each extra_retrieval_files entry, in the same order (empty: image_root for all)"))
     # Runtime
     output_dir: str = field(default="runs/harma", metadata=_help("where the run's files go"))
     device: str = field(default="auto", metadata=_help("auto | cuda | cpu"))
@@ -237,6 +271,7 @@ class TrainConfig:
         for name in SEQUENCE_FIELDS:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         self._validate()
+        self._validate_monitors()
 
     def _check_types(self) -> None:
         """Every field has the type its annotation gives (ints count as floats, bools as nothing
@@ -309,6 +344,36 @@ class TrainConfig:
             fail(f"give val_file or val_fraction, not both (val_file={self.val_file!r}, "
                  f"val_fraction={self.val_fraction})")
 
+    def _validate_monitors(self) -> None:
+        """The fields of the sets evaluated besides the validation split (`MONITOR_FIELDS`)."""
+        def fail(message: str) -> None:
+            raise ValueError(f"TrainConfig: {message}")
+
+        for name in _MONITOR_SEQUENCES:
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(item, str) and item for item in value):
+                fail(f"{name} must be a list of non-empty paths, got {value!r}")
+            repeated = sorted({item for item in value if value.count(item) > 1})
+            if repeated and name != "extra_retrieval_image_roots":
+                fail(f"{name} names {', '.join(repr(item) for item in repeated)} more than once")
+        for name in ("zero_shot_class_names", "zero_shot_class_prompts"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                fail(f"{name} must be the path of a file, or None, got {value!r}")
+            if value is not None and not self.zero_shot_sets:
+                fail(f"{name} is given but zero_shot_sets is empty: name the classification sets it is for")
+        if not isinstance(self.zero_shot_templates, str) or not self.zero_shot_templates:
+            fail(f"zero_shot_templates must be a template set name or a file, got {self.zero_shot_templates!r}")
+        if self.zero_shot_combine not in COMBINE_MODES:
+            fail(f"zero_shot_combine must be one of {COMBINE_MODES}, got {self.zero_shot_combine!r}")
+        roots, files = self.extra_retrieval_image_roots, self.extra_retrieval_files
+        if roots and len(roots) != len(files):
+            fail(f"extra_retrieval_image_roots has {len(roots)} folder(s) for {len(files)} extra_retrieval_files: "
+                 "give one per file, in the same order, or none (image_root for all)")
+        if self.test_file and any(_same_path(path, self.test_file) for path in files):
+            fail(f"extra_retrieval_files names the test split '{self.test_file}': it is evaluated once, with the "
+                 "best checkpoint, at the end, never during training")
+
     # ------------------------------------------------------------------ (de)serialisation
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -355,6 +420,10 @@ class TrainConfig:
         """Write the config as indented JSON, atomically."""
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         atomic_write_text(Path(path), text)
+
+
+def _same_path(first: str, second: str) -> bool:
+    return os.path.abspath(first) == os.path.abspath(second)
 
 
 def is_device_name(text: Any) -> bool:

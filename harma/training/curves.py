@@ -1,5 +1,6 @@
 """Training curves: `plot_training_curves` draws a run's ``metrics.jsonl`` (train loss and its
-parts, validation mean recall, the best epoch) as a PNG; training calls it after every epoch.
+parts, validation mean recall, the best epoch, and the zero-shot and extra retrieval sets a run
+monitors) as a PNG; training calls it after every epoch.
 
 It needs matplotlib (the ``plot`` extra: ``pip install 'harma[plot]'``), imported when called.
 """
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_write
+from .monitor import MONITOR_KEYS, monitor_label
 
 __all__ = ["plot_training_curves"]
 
@@ -77,6 +79,27 @@ def _plot_recalls(recall_axes: Any, validated: list[dict[str, Any]], best_epoch:
     recall_axes.set_ylabel("mR (%)")
 
 
+def _monitored(lines: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """``{(kind, set): [(epoch, value), ...]}`` of the monitored sets (`harma.training.monitor`)."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for line in lines:
+        for kind, metric in MONITOR_KEYS.items():
+            for name, metrics in (line.get(kind) or {}).items():
+                if isinstance(metrics, Mapping) and metrics.get(metric) is not None:
+                    series.setdefault((kind, name), []).append((line["epoch"], metrics[metric]))
+    return series
+
+
+def _plot_monitored(axes: Any, series: dict[tuple[str, str], list[tuple[int, float]]]) -> None:
+    for (kind, name), points in series.items():
+        label = f"{monitor_label(name)} ({'zero-shot acc1' if kind == 'zero_shot' else 'mR'})"
+        axes.plot([epoch for epoch, _ in points], [value for _, value in points], marker="o",
+                  linestyle="-" if kind == "zero_shot" else "--", label=label)
+    axes.legend(loc="best", fontsize="small")
+    axes.set_title("monitored sets (not used for selection)")
+    axes.set_ylabel("%")
+
+
 def plot_training_curves(
     metrics_jsonl_path: str | os.PathLike,
     out_png: str | os.PathLike,
@@ -86,10 +109,13 @@ def plot_training_curves(
     """Draw a run's ``metrics.jsonl`` as a PNG: training loss and validation mean recall per epoch.
 
     Left: the mean training ``loss`` per epoch and each logged part of it (``contrastive``,
-    ``triplet``, ``affiliation``). Right: validation ``mean_recall`` (percent) per epoch,
-    epoch 0 included when the run validated before training. The best epoch (the last
-    line's ``best_epoch``, else the highest validation mR) is marked on both: a dashed line,
-    and a star with its mR. The file is written atomically (about 1100 x 400 pixels).
+    ``triplet``, ``affiliation``). Middle: validation ``mean_recall`` (percent) per epoch,
+    epoch 0 included when the run validated before training. Right, when the run monitors
+    sets besides its validation split (``zero_shot_sets``, ``extra_retrieval_files``): the
+    zero-shot top-1 accuracy and the mean recall of each, from epoch 0 (what adaptation
+    forgets). The best epoch (the last line's ``best_epoch``, else the highest validation mR)
+    is marked on each panel: a dashed line, and a star with its mR. The file is written
+    atomically (about 1100 x 400 pixels; 1500 x 400 with the third panel).
 
     Training calls this after every epoch for ``output_dir/training_curves.png``; call it to
     redraw any run, finished or not.
@@ -129,14 +155,19 @@ def plot_training_curves(
 
     # A Figure with its own Agg canvas, not pyplot: no global figure list, and the backend of
     # the user's session (a notebook, a GUI) is left alone.
-    figure = Figure(figsize=(11, 4), dpi=100, layout="constrained")
+    monitored = _monitored(lines)
+    panels = 3 if monitored else 2
+    figure = Figure(figsize=(15 if monitored else 11, 4), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    loss_axes, recall_axes = figure.subplots(1, 2, sharex=True)
+    all_axes = list(figure.subplots(1, panels, sharex=True))
+    loss_axes, recall_axes = all_axes[:2]
     figure.suptitle(title if title is not None else metrics_path.resolve().parent.name)
 
     _plot_losses(loss_axes, trained)
     _plot_recalls(recall_axes, validated, best_epoch)
-    for axes in (loss_axes, recall_axes):
+    if monitored:
+        _plot_monitored(all_axes[2], monitored)
+    for axes in all_axes:
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)

@@ -1,5 +1,7 @@
 """The self-contained CPU demonstration: synthetic data, a small CLIP pre-trained on one domain,
-HarMA adapters trained on a shifted one, before/after retrieval figures and a reload check.
+HarMA adapters trained on a shifted one, before/after retrieval figures, zero-shot scene
+classification of both domains before and after (what adaptation forgot and learnt), and a
+reload check.
 
 Run it with ``python -m harma.training.demo`` (or ``make demo``, or ``python examples/demo.py``).
 No module of the library imports this one.
@@ -26,9 +28,15 @@ from .data import RetrievalEvalDataset, test_transform
 from .models import build_backbone, build_tokenizer, tiny_clip_config
 from .report import format_metrics_table
 from .state import BEST_WEIGHTS_NAME
-from .synthetic import SyntheticDataset, make_synthetic_dataset
+from .synthetic import (
+    SyntheticClassificationSet,
+    SyntheticDataset,
+    make_synthetic_classification_set,
+    make_synthetic_dataset,
+)
 from .trainer import train
 from .weights import load_trained_weights
+from .zero_shot import format_zero_shot_table
 
 DEMO_MARKER = ".harma-demo"
 
@@ -68,10 +76,10 @@ def _prepare_demo_folder(root: Path) -> None:
     (root / DEMO_MARKER).write_text("written by harma.training.demo.run_demo; safe to delete\n", encoding="utf-8")
 
 
-def _configs(plan: DemoPlan, root: Path, source: SyntheticDataset,
-             target: SyntheticDataset) -> tuple[TrainConfig, TrainConfig]:
+def _configs(plan: DemoPlan, root: Path, source: SyntheticDataset, target: SyntheticDataset,
+             classes: dict[str, SyntheticClassificationSet]) -> tuple[TrainConfig, TrainConfig]:
     """The recipes of the two trainings: full pre-training on the source domain, then HarMA
-    adapters on the target domain."""
+    adapters on the target domain, with both domains' classification sets monitored."""
     model_config = tiny_clip_config(image_size=plan.image_size, width=plan.width, layers=plan.layers)
     common: dict[str, Any] = dict(
         model="tiny-clip", pretrained=None, model_config=model_config, image_size=plan.image_size,
@@ -90,6 +98,8 @@ def _configs(plan: DemoPlan, root: Path, source: SyntheticDataset,
         "test_file": str(target.test_file), "output_dir": str(root / "harma"),
         "harma": HarmaConfig(bottleneck=plan.adapter_bottleneck, heads=4,
                              mini_bottleneck=plan.adapter_bottleneck // 2, mini_heads=4),
+        "zero_shot_sets": (str(classes["source"].root), str(classes["target"].root)),
+        "zero_shot_templates": str(classes["source"].templates_file),
     })
     return pretrain, adapt
 
@@ -103,7 +113,34 @@ def _evaluate(model: nn.Module, dataset: RetrievalEvalDataset, config: TrainConf
     return RetrievalEvaluator.from_dataset(dataset, tokenizer, batch_size=100, progress=False).evaluate(model)
 
 
-def _print_report(result: dict[str, Any], plan: DemoPlan, adapter_file: Path) -> None:
+def _zero_shot(adapted_run: dict[str, Any], classes: dict[str, SyntheticClassificationSet]) -> dict[str, Any]:
+    """``{domain: {"before", "after"}}`` top-1 metrics of the adapted run's classification sets:
+    the frozen backbone (epoch 0) and the best epoch."""
+    entries = adapted_run["zero_shot"]
+    return {domain: {"before": entries[str(made.root)]["before"], "after": entries[str(made.root)]["best"]}
+            for domain, made in classes.items()}
+
+
+def _print_zero_shot(zero_shot: dict[str, Any], classes: dict[str, SyntheticClassificationSet]) -> None:
+    source, target = zero_shot["source"], zero_shot["target"]
+    print()
+    print(f"Zero-shot scene classification ({classes['source'].num_images} images of 10 classes per domain, "
+          f"prompts: the class names in each domain's words), percent")
+    print(format_zero_shot_table({
+        "source domain, frozen backbone (before)": source["before"],
+        "source domain, + HarMA adapters (after)": source["after"],
+        "target domain, frozen backbone (before)": target["before"],
+        "target domain, + HarMA adapters (after)": target["after"],
+    }))
+    print()
+    print(f"source domain (what adaptation may forget): top-1 {source['before']['acc1']:.1f} -> "
+          f"{source['after']['acc1']:.1f} ({source['after']['acc1'] - source['before']['acc1']:+.1f}); "
+          f"target domain: top-1 {target['before']['acc1']:.1f} -> {target['after']['acc1']:.1f} "
+          f"({target['after']['acc1'] - target['before']['acc1']:+.1f})")
+
+
+def _print_report(result: dict[str, Any], plan: DemoPlan, adapter_file: Path,
+                  classes: dict[str, SyntheticClassificationSet]) -> None:
     before, after = result["before"], result["after"]
     pretrained_run, adapted_run = result["pretrain"], result["adapt"]
     print()
@@ -115,6 +152,7 @@ def _print_report(result: dict[str, Any], plan: DemoPlan, adapter_file: Path) ->
         "test, + HarMA adapters (after)": after["test"],
         "test, adapter file reloaded": result["reloaded_test"],
     }))
+    _print_zero_shot(result["zero_shot"], classes)
     print()
     print(f"backbone: {pretrained_run['total_parameters']:,} parameters, pre-trained for {plan.pretrain_epochs} "
           f"epochs on the source domain (source val mR {pretrained_run['best_val']['mean_recall']:.2f})")
@@ -145,8 +183,11 @@ def run_demo(
     3. Freezes it, injects HarMA adapters, and trains only the adapters (and the temperature)
        on the target domain, choosing the best epoch on target validation.
     4. Reports validation and test recalls on the target domain of the frozen backbone
-       (before) and with the adapters (after), then reloads the saved adapter file into a
-       fresh backbone and checks that it reproduces the test metrics.
+       (before) and with the adapters (after), and the zero-shot scene classification accuracy
+       on each domain before and after (`make_synthetic_classification_set`, evaluated by the
+       adapter training through ``TrainConfig.zero_shot_sets``): on the source domain, what
+       adaptation forgot; on the target domain, what it learnt. Then it reloads the saved
+       adapter file into a fresh backbone and checks that it reproduces the test metrics.
 
     ``output_dir`` is the demo's own scratch folder: a previous demo's output there is replaced;
     any other non-empty folder is refused.
@@ -158,8 +199,9 @@ def run_demo(
 
     Returns:
         A dict with the keys ``before`` and ``after`` (each ``{"val", "test"}`` metrics),
-        ``reloaded_test``, ``reload_matches``, ``pretrain`` and ``adapt`` (the two runs'
-        results), ``time_s`` and ``output_dir``.
+        ``zero_shot`` (``{"source", "target"}``, each ``{"before", "after"}`` classification
+        metrics), ``reloaded_test``, ``reload_matches``, ``pretrain`` and ``adapt`` (the two
+        runs' results), ``time_s`` and ``output_dir``.
     """
     plan = plan or (DemoPlan.quick() if quick else DemoPlan())
     start = time.time()
@@ -174,7 +216,13 @@ def run_demo(
           "target domain (other sensor, colours, object sizes and words)", flush=True)
     source = make_synthetic_dataset(root / "data" / "source", seed=0, style="source", **sizes)
     target = make_synthetic_dataset(root / "data" / "target", seed=1, style="target", **sizes)
-    pretrain, adapt = _configs(plan, root, source, target)
+    classes = {
+        domain: make_synthetic_classification_set(root / "data" / f"{domain}_classes", seed=seed, style=domain,
+                                                  images_per_class=max(1, plan.eval_images // 10),
+                                                  image_size=plan.image_size)
+        for domain, seed in (("source", 0), ("target", 1))
+    }
+    pretrain, adapt = _configs(plan, root, source, target, classes)
     print("[demo] step 1/3: PRE-TRAINING a small open_clip CLIP end to end on the source domain, from "
           "random initialisation (a stand-in for a pretrained CLIP such as GeoRSCLIP)", flush=True)
     pretrained_run = train(pretrain)
@@ -186,7 +234,8 @@ def run_demo(
     before = {"val": _evaluate(frozen, target_val, adapt), "test": _evaluate(frozen, target_test, adapt)}
     print(f"[demo] frozen pre-trained backbone on the target domain: val mR "
           f"{before['val']['mean_recall']:.2f}, test mR {before['test']['mean_recall']:.2f}", flush=True)
-    print("[demo] step 2/3: training HarMA adapters on the target domain, backbone frozen", flush=True)
+    print("[demo] step 2/3: training HarMA adapters on the target domain, backbone frozen; zero-shot scene "
+          "classification of both domains is followed from epoch 0 (what adaptation forgets)", flush=True)
     adapted_run = train(adapt)
     after = {"val": adapted_run["best_val"], "test": adapted_run["test"]}
 
@@ -195,11 +244,12 @@ def run_demo(
     reloaded = load_trained_weights(_backbone(adapt), adapter_file)
     reloaded_test = _evaluate(reloaded, target_test, adapt)
     result = {
-        "before": before, "after": after, "reloaded_test": reloaded_test,
+        "before": before, "after": after, "zero_shot": _zero_shot(adapted_run, classes),
+        "reloaded_test": reloaded_test,
         "reload_matches": reloaded_test == after["test"], "pretrain": pretrained_run, "adapt": adapted_run,
         "time_s": time.time() - start, "output_dir": str(root),
     }
-    _print_report(result, plan, adapter_file)
+    _print_report(result, plan, adapter_file, classes)
     return result
 
 

@@ -7,8 +7,9 @@ image-text retrieval, on one process or many (``torchrun``), with exact resumpti
 state) and `Trainer.finish` (test of the best checkpoint, ``results.json``).
 
 Outputs of a run, in ``output_dir`` (see ``docs/training.md``): ``config.json``,
-``metrics.jsonl`` (one JSON line per epoch), ``training_curves.png`` (loss and validation mR per
-epoch, when matplotlib is installed), ``last.safetensors`` and ``best.safetensors`` (the
+``metrics.jsonl`` (one JSON line per epoch, with the zero-shot and extra retrieval sets of
+`harma.training.monitor` where the run names some), ``training_curves.png`` (loss and validation
+mR per epoch, when matplotlib is installed), ``last.safetensors`` and ``best.safetensors`` (the
 trained tensors only; best is chosen on the validation split), ``last_state.pt`` (everything
 needed to resume) and ``results.json`` (test metrics of the best checkpoint).
 """
@@ -50,6 +51,7 @@ from .config import TrainConfig, cuda_problem
 from .curves import plot_training_curves
 from .data import ImageReadError, TokenizingCollate, build_datasets
 from .models import build_model, build_tokenizer, check_init_adapters, check_pretrained_source
+from .monitor import MonitorSets, monitor_results, short_monitors
 from .optim import LinearWarmupDecay, build_optimizer
 from .report import short_metrics
 from .state import (
@@ -261,11 +263,19 @@ class Trainer:
         try:
             check_writable_folder(self.output_dir)
             self.train_set, self.val_set, self.test_set = build_datasets(self.config)
+            self.monitors = self._read_monitored_sets()
             check_pretrained_source(self.config.pretrained)
             check_init_adapters(self.config.init_adapters)  # TrainConfig allows it with method harma only
         except (OSError, ValueError) as caught:
             error = caught
         raise_on_any_rank(error)
+
+    def _read_monitored_sets(self) -> MonitorSets:
+        config = self.config
+        if not (config.zero_shot_sets or config.extra_retrieval_files):
+            return MonitorSets()
+        tokenizer = build_tokenizer(config.model, config.model_config)
+        return MonitorSets.from_config(config, tokenizer, self.device, self.autocast_dtype)
 
     def _prepare_folder(self) -> None:
         if is_main_process():
@@ -338,6 +348,9 @@ class Trainer:
         if carved:
             _log(f"[harma] validation: {self.val_set.num_images:,} images ({carved['fraction']:.1%}) held out of "
                  f"the training images with val_seed {carved['seed']}")
+        if self.monitors:
+            _log(self.monitors.describe() + "\n[harma] these sets are evaluated before training and at every "
+                 "validation, to see what adaptation forgets; the best epoch is chosen on the validation split only")
 
     # ---------------------------------------------------------------------------- restore
 
@@ -521,11 +534,26 @@ class Trainer:
         except ImageReadError as error:
             raise ImageReadError.without_worker_traceback(error) from None
 
+    def evaluate_monitored_sets(self) -> dict[str, Any]:
+        """The zero-shot and extra retrieval sets of the run (`harma.training.monitor`) with
+        the model as it is: ``{"zero_shot": {...}, "extra_retrieval": {...}}``, each only when
+        the run names such sets."""
+        try:
+            return self.monitors.evaluate(self.model, self.evaluate)
+        except ImageReadError as error:
+            raise ImageReadError.without_worker_traceback(error) from None
+
     def evaluate_before_training(self) -> None:
-        """Validate the untrained model and log it as epoch 0."""
-        before = self.evaluate(self.val_set)
-        self.history.append({"epoch": 0, "step": 0, "val": before, "time_s": 0.0})
-        _log(f"[harma] epoch 0 (untrained) val {short_metrics(before)}")
+        """Evaluate the untrained model and log it as epoch 0: the validation split (with
+        ``eval_before_training``) and the monitored sets."""
+        line: dict[str, Any] = {"epoch": 0, "step": 0}
+        if self.config.eval_before_training and self.val_set is not None:
+            line["val"] = self.evaluate(self.val_set)
+        line.update(self.evaluate_monitored_sets())
+        line["time_s"] = 0.0
+        self.history.append(line)
+        parts = ([f"val {short_metrics(line['val'])}"] if "val" in line else []) + [short_monitors(line)]
+        _log("[harma] epoch 0 (untrained) " + " | ".join(part for part in parts if part))
         if is_main_process():
             write_metrics(self.output_dir / METRICS_NAME, self.history)
 
@@ -533,7 +561,8 @@ class Trainer:
         """Validate when the schedule says so; record the result in ``line``. Returns whether
         this epoch becomes the best one."""
         config = self.config
-        if self.val_set is not None and (self.epoch % config.eval_every == 0 or self.epoch == config.epochs):
+        scheduled = self.epoch % config.eval_every == 0 or self.epoch == config.epochs
+        if self.val_set is not None and scheduled:
             line["val"] = self.evaluate(self.val_set)
             improved = line["val"]["mean_recall"] > self.best_metric
             if improved:
@@ -543,6 +572,8 @@ class Trainer:
             improved = self.val_set is None and self.epoch == config.epochs
         if improved:
             self.best_epoch = self.epoch
+        if scheduled:  # after the choice above: the monitored sets never choose anything
+            line.update(self.evaluate_monitored_sets())
         return improved
 
     # ------------------------------------------------------------------------------- save
@@ -626,6 +657,8 @@ class Trainer:
                    f"loss {line['train']['loss']:.4f} lr {line['lr']:.2e}")
         if "val" in line:
             summary += f" | val {short_metrics(line['val'])}" + (" (best)" if improved else "")
+        if short_monitors(line):
+            summary += f" | {short_monitors(line)}"
         _log(summary + f" | {line['time_s']:.1f}s")
 
 
@@ -648,6 +681,7 @@ class Trainer:
             "output_dir": str(self.output_dir),
             "data": {name: dataset.describe() for name, dataset in
                      (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)) if dataset is not None},
+            **monitor_results(self.history, self.best_epoch, self.monitors.set_details()),
         }
 
     def finish(self) -> dict[str, Any]:
@@ -678,7 +712,7 @@ class Trainer:
         self.setup(fresh=state is None)
         if state is not None:
             self.restore(state)
-        elif self.config.eval_before_training and self.val_set is not None:
+        elif (self.config.eval_before_training and self.val_set is not None) or self.monitors:
             self.evaluate_before_training()
         stop_at = self.config.epochs if stop_after_epoch is None else min(self.config.epochs, stop_after_epoch)
         while self.epoch < stop_at:
@@ -695,7 +729,9 @@ def train(
 ) -> dict[str, Any]:
     """Run a training recipe; under ``torchrun`` every process calls this.
 
-    Each epoch: train, validate (every ``eval_every`` epochs), save ``last.safetensors`` and
+    Each epoch: train, validate (every ``eval_every`` epochs; also the zero-shot and extra
+    retrieval sets the config names, which are evaluated before training too and never choose
+    anything), save ``last.safetensors`` and
     ``last_state.pt``, copy to ``best.safetensors`` when validation mean recall improves, append
     to ``metrics.jsonl`` and redraw ``training_curves.png`` from it (skipped, with one warning,
     without matplotlib). At the end the best checkpoint (by validation, never test) is
@@ -713,8 +749,10 @@ def train(
 
     Returns:
         The results dict, also written to ``results.json``, with ``"test"`` (test metrics of the
-        best checkpoint), ``"best_val"``, ``"best_epoch"``, parameter counts and timings. For a
-        stopped run, the state after the last epoch, with ``"finished"`` set to False.
+        best checkpoint), ``"best_val"``, ``"best_epoch"``, parameter counts and timings, and
+        ``"zero_shot"`` / ``"extra_retrieval"`` for the sets the run follows
+        (`harma.training.monitor.monitor_results`). For a stopped run, the state after the last
+        epoch, with ``"finished"`` set to False.
 
     A run folder that holds no checkpoint yet (the run failed before its first epoch ended)
     can be started again with the same call, with or without ``resume``; temporary files that an

@@ -144,15 +144,23 @@ class ZeroShotSuite:
         """``{root: {"metrics", "classnames", "raw_classnames", "templates", "combine"}}``;
         with ``named``, ``results`` is ``{adapter name: {root: result}}`` and ``metrics``
         becomes ``{adapter name: metrics}``."""
+        details = self.details()
+        out = {}
+        for s in self.sets:
+            metrics = ({name: results[name][s.root].metrics for name in results} if named
+                       else results[s.root].metrics)
+            out[s.root] = {"metrics": metrics, **details[s.root]}
+        return out
+
+    def details(self) -> dict[str, dict[str, Any]]:
+        """``{root: {"classnames", "raw_classnames", "templates", "combine", "images"}}``: how
+        each set is classified (the names its prompts use, and those in the data)."""
         out = {}
         for s in self.sets:
             assert s.evaluator is not None
-            metrics = ({name: results[name][s.root].metrics for name in results} if named
-                       else results[s.root].metrics)
             out[s.root] = {
-                "metrics": metrics, "classnames": s.evaluator.classnames,
-                "raw_classnames": s.evaluator.raw_classnames, "templates": s.evaluator.templates,
-                "combine": s.evaluator.combine, "images": len(s.dataset),
+                "classnames": s.evaluator.classnames, "raw_classnames": s.evaluator.raw_classnames,
+                "templates": s.evaluator.templates, "combine": s.evaluator.combine, "images": len(s.dataset),
             }
         return out
 

@@ -291,3 +291,94 @@ def test_ablation_variants_alter_the_adapters_as_described() -> None:
     reference = text_adapter_output("harma", text)
     assert not torch.allclose(reference[0, :5], text_adapter_output("harma", later_changed)[0, :5], atol=1e-4)
     assert not torch.allclose(text_adapter_output("harma_one_attention", text), reference, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- forgetting
+
+
+def run_smoke(tmp_path: Path, name: str, *extra: str) -> dict:
+    json_path = tmp_path / f"{name}.json"
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--threads", "1", "--scenario", "known-vocabulary", "--methods",
+         "frozen", "harma", "lora", "full", "--json", str(json_path), "--plot", "none", *extra],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return json.loads(json_path.read_text())
+
+
+@pytest.mark.slow
+def test_forgetting_measures_change_no_target_figure_and_are_recorded(tmp_path: Path) -> None:
+    plot_path = tmp_path / "forgetting.png"
+    plain = run_smoke(tmp_path, "plain")
+    watched = run_smoke(tmp_path, "watched", "--forgetting", "--forgetting-plot", str(plot_path))
+    benchmark = load_benchmark()
+    steps = benchmark.checkpoint_steps(watched["_meta"]["settings"]["adapt_steps"])
+    assert steps == [0, 1, 2]
+    for method in ("frozen", "harma", "lora", "full"):
+        assert watched[method]["lr"] == plain[method]["lr"]
+        for run, plain_run in zip(watched[method]["per_seed"], plain[method]["per_seed"], strict=True):
+            # Measuring along the run changes nothing it trains or scores on the target domain.
+            assert run["val"] == plain_run["val"] and run["test"] == plain_run["test"]
+            assert run.get("final_loss") == plain_run.get("final_loss")
+            assert is_percent(run["source_test"]["mean_recall"]) and is_percent(run["source_zero_shot"]["acc1"])
+            assert is_percent(run["target_zero_shot"]["acc1"])
+            if method == "frozen":
+                continue
+            trajectory = run["trajectory"]
+            assert [point["step"] for point in trajectory] == steps
+            last = trajectory[-1]  # the trained model, evaluated the same way as at the end
+            assert last["target_val_mean_recall"] == run["val"]["mean_recall"]
+            assert last["source_mean_recall"] == run["source_test"]["mean_recall"]
+            assert last["source_acc1"] == run["source_zero_shot"]["acc1"]
+            assert last["target_acc1"] == run["target_zero_shot"]["acc1"]
+    analysis = watched["_meta"]["forgetting"]
+    assert set(analysis["endpoints"]) == {"frozen", "harma", "lora", "full"}
+    assert analysis["endpoints"]["frozen"]["source_acc1_forgotten"]["mean"] == 0.0
+    assert set(analysis["matched"]) == set(analysis["endpoint_verdicts"]) == {"harma", "lora"}
+    allowed = {"forgets less", "forgets more", "no consistent difference", "undecided (a seed failed)"}
+    for method in ("harma", "lora"):
+        for block in (analysis["matched"][method]["verdicts"], analysis["endpoint_verdicts"][method]):
+            assert set(block) == {"source_acc1", "source_mean_recall"}
+            assert all(entry["verdict"] in allowed for entry in block.values())
+    assert "Forgetting (source domain" in (tmp_path / "watched.md").read_text()
+    assert "forgetting" not in plain["_meta"]
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def trajectory(*points: tuple[float, float, float]) -> list[dict]:
+    """(target val mR, source acc1, source mR) at steps 0, 1, 2, ..."""
+    return [{"step": step, "target_val_mean_recall": gain, "source_acc1": acc1, "source_mean_recall": mr,
+             "target_acc1": 0.0} for step, (gain, acc1, mr) in enumerate(points)]
+
+
+def test_forgetting_is_read_where_the_target_gain_is_first_reached() -> None:
+    benchmark = load_benchmark()
+    run = trajectory((10.0, 60.0, 40.0), (14.0, 56.0, 38.0), (20.0, 50.0, 30.0), (18.0, 40.0, 20.0))
+    assert benchmark.max_gain(run) == 10.0
+    # Gain 7 lies between step 1 (gain 4, forgot 4) and step 2 (gain 10, forgot 10): halfway.
+    assert benchmark.forgetting_at_gain(run, 7.0, "source_acc1") == pytest.approx(7.0)
+    assert benchmark.forgetting_at_gain(run, 8.0, "source_mean_recall") == pytest.approx(2 + (4 / 6) * 8)
+    # The first crossing counts, not a later checkpoint that forgot more.
+    assert benchmark.forgetting_at_gain(run, 10.0, "source_acc1") == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="never reaches"):
+        benchmark.forgetting_at_gain(run, 10.5, "source_acc1")
+
+
+def test_each_method_is_compared_with_full_fine_tuning_at_their_common_gain() -> None:
+    benchmark = load_benchmark()
+    adapter = {"seed": 0, "trajectory": trajectory((10.0, 60.0, 40.0), (16.0, 59.0, 39.0))}
+    full = {"seed": 0, "trajectory": trajectory((10.0, 60.0, 40.0), (13.0, 57.0, 37.0), (30.0, 45.0, 20.0))}
+    row = benchmark.matched_comparison(adapter, full)
+    assert row["level"] == 6.0  # the adapter's largest gain
+    assert row["source_acc1"]["method"] == pytest.approx(1.0)
+    # Gain 6 lies 3/17 of the way from step 1 (gain 3, forgot 3) to step 2 (gain 20, forgot 15).
+    assert row["source_acc1"]["full"] == pytest.approx(3 + (3 / 17) * 12)
+    assert row["source_acc1"]["difference"] < 0
+    flat = {"seed": 1, "trajectory": trajectory((10.0, 60.0, 40.0), (9.0, 60.0, 40.0))}
+    assert "failed" in benchmark.matched_comparison(flat, full)
+    assert benchmark.matched_comparison({"seed": 2}, full)["failed"] == "no trajectory"
+    assert benchmark.verdict([-1.0, -0.5, -2.0]) == "forgets less"
+    assert benchmark.verdict([1.0, 0.5, 2.0]) == "forgets more"
+    assert benchmark.verdict([-1.0, 0.0, -2.0]) == "no consistent difference"
+    assert benchmark.verdict([-1.0, None, -2.0]) == "undecided (a seed failed)"

@@ -13,6 +13,15 @@ def test_quick_demo_runs_and_reloads_its_adapters(tmp_path, capsys):
     assert result["reload_matches"] is True
     output = capsys.readouterr().out
     assert "PRE-TRAINING" in output and "frozen backbone (before)" in output and "HarMA adapters (after)" in output
+    # Zero-shot classification of both domains, before (the frozen backbone, epoch 0) and after
+    # (the best epoch), as the adapter run logged them.
+    assert "Zero-shot scene classification" in output and "source domain (what adaptation may forget)" in output
+    logged = result["adapt"]["zero_shot"]
+    assert set(result["zero_shot"]) == {"source", "target"}
+    for domain in ("source", "target"):
+        entry = next(value for root, value in logged.items() if root.endswith(f"{domain}_classes"))
+        assert result["zero_shot"][domain] == {"before": entry["before"], "after": entry["best"]}
+        assert set(entry["before"]) == {"acc1", "acc5", "mean_per_class_recall"}
     # The demo folder is its own: running again replaces it; a foreign folder is refused.
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "file").write_text("x")

@@ -9,9 +9,17 @@ Everything is a pure function of the seed: the same seed gives byte-identical fi
 
 - `harma.training.synthetic.styles`: how a "sensor" draws and words a scene (`SceneStyle`);
 - `harma.training.synthetic.scenes`: one scene (`generate_scene`);
-- `harma.training.synthetic.dataset`: a whole dataset on disk (`make_synthetic_dataset`).
+- `harma.training.synthetic.dataset`: a whole dataset on disk (`make_synthetic_dataset`);
+- `harma.training.synthetic.classification`: a scene classification set of one domain, in that
+  domain's words (`make_synthetic_classification_set`), for zero-shot classification.
 """
 
+from .classification import (
+    SYNTHETIC_TEMPLATES,
+    SyntheticClassificationSet,
+    make_synthetic_classification_set,
+    synthetic_class_names,
+)
 from .dataset import SyntheticDataset, make_synthetic_dataset
 from .scenes import MAX_CAPTIONS_PER_IMAGE, SyntheticScene, count_word, generate_scene
 from .styles import LABEL_NAMES, SCENE_STYLES, SOURCE_STYLE, TARGET_STYLE, SceneStyle
@@ -21,11 +29,15 @@ __all__ = [
     "MAX_CAPTIONS_PER_IMAGE",
     "SCENE_STYLES",
     "SOURCE_STYLE",
+    "SYNTHETIC_TEMPLATES",
     "TARGET_STYLE",
     "SceneStyle",
+    "SyntheticClassificationSet",
     "SyntheticDataset",
     "SyntheticScene",
     "count_word",
     "generate_scene",
+    "make_synthetic_classification_set",
     "make_synthetic_dataset",
+    "synthetic_class_names",
 ]
