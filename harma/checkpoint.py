@@ -19,6 +19,7 @@ from .config import HarmaConfig
 from .inject import get_harma_config, inject_harma_adapters
 from .io import (
     NONFINITE_FILE_HINT,
+    NONFINITE_SAVE_HINT,
     adapter_state_dict,
     architecture_fingerprint,
     atomic_write_text,
@@ -33,6 +34,7 @@ from .io import (
 )
 from .named_adapters import (
     DEFAULT_ADAPTER_NAME,
+    active_adapter,
     adapter_registry,
     check_adapter_name,
     undone_on_error,
@@ -91,6 +93,7 @@ def save_adapters(
     adapter_name: str | None = None,
     base_model: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Save only the adapter tensors of ``model``, with its config, in safetensors format.
 
@@ -108,19 +111,26 @@ def save_adapters(
         base_model: name of the base weights (e.g. ``"ViT-B-32/laion2b_s34b_b79k"``), recorded
             in the metadata and the model card.
         metadata: extra string pairs for the safetensors header.
+        allow_nonfinite: write adapters holding NaN or infinite values (the loaders refuse such
+            a file unless told otherwise; a diverged run's tensors are rarely worth keeping).
 
     Returns:
         The path of the safetensors file written.
 
     Raises:
-        ValueError: ``path`` ends in ``.pt``, ``.pth``, ``.bin`` or ``.ckpt``, or the model has
-            no adapter set ``adapter_name`` (nothing is written).
+        ValueError: ``path`` ends in ``.pt``, ``.pth``, ``.bin`` or ``.ckpt``, the model has
+            no adapter set ``adapter_name``, or an adapter tensor holds NaN or infinite values
+            without ``allow_nonfinite`` (named; nothing is written).
     """
     model = unwrap_model(model)
     config = get_harma_config(model, adapter_name)
     path = Path(path)
     folder = _is_folder_target(path)
     tensors = adapter_state_dict(model, adapter_name)
+    if not allow_nonfinite:
+        label = adapter_name if adapter_name is not None else active_adapter(model)
+        check_finite(tensors, f"save_adapters: adapter set {label!r} (nothing written to '{path}')",
+                     hint=NONFINITE_SAVE_HINT)
     header = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -358,6 +368,7 @@ def push_adapters_to_hub(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload HarMA adapters",
+    allow_nonfinite: bool = False,
 ) -> str:
     """Save the adapters (set ``adapter_name``, the active set when None) as a peft-style folder
     and upload it to a Hub model repository (``"org/name"``; ``"hf-hub:org/name"`` as
@@ -370,8 +381,9 @@ def push_adapters_to_hub(
         The URL of the commit.
 
     Raises:
-        ValueError: ``repo_id`` is not a repository id, or the model has no adapter set
-            ``adapter_name`` (named, with the sets it has).
+        ValueError: ``repo_id`` is not a repository id, the model has no adapter set
+            ``adapter_name`` (named, with the sets it has), or its adapters hold NaN or infinite
+            values without ``allow_nonfinite`` (as in `save_adapters`).
     """
     from huggingface_hub import HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -383,7 +395,8 @@ def push_adapters_to_hub(
         raise ValueError(f"push_adapters_to_hub: {repo_id!r} is not a Hub repository id (org/name): "
                          f"{error}") from None
     with tempfile.TemporaryDirectory() as folder:
-        save_adapters(model, folder, adapter_name=adapter_name, base_model=base_model)
+        save_adapters(model, folder, adapter_name=adapter_name, base_model=base_model,
+                      allow_nonfinite=allow_nonfinite)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)

@@ -204,6 +204,8 @@ def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
 
 # What a loader that refuses a file holding NaN or infinite values adds to its message.
 NONFINITE_FILE_HINT = "was the run that saved it diverging? Pass allow_nonfinite=True to load it anyway"
+# What a writer that refuses such tensors adds.
+NONFINITE_SAVE_HINT = "has training diverged? Pass allow_nonfinite=True to save them anyway"
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], source: str, *, hint: str = "") -> None:

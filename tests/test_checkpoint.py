@@ -237,7 +237,29 @@ def nan_adapter_file(tmp_path: Path) -> tuple[nn.Module, Path, str]:
     name, param = next(iter(weights_io.adapter_state_dict(model).items()))
     with torch.no_grad():
         param.view(-1)[0] = float("nan")
-    return model, harma.save_adapters(model, tmp_path / "diverged.safetensors"), name
+    return model, harma.save_adapters(model, tmp_path / "diverged.safetensors", allow_nonfinite=True), name
+
+
+def test_adapters_holding_nan_or_inf_are_not_saved_unless_allowed(tmp_path):
+    model = trained_model()
+    name, param = next((n, p) for n, p in weights_io.adapter_state_dict(model).items() if p.numel() > 1)
+    with torch.no_grad():
+        param.view(-1)[:2] = torch.tensor([float("inf"), float("nan")])
+    existing = tmp_path / "kept.safetensors"
+    harma.save_adapters(trained_model(), existing)
+    saved = existing.read_bytes()
+    for target in (existing, tmp_path / "folder", tmp_path / "new.safetensors"):
+        with pytest.raises(ValueError, match=rf"save_adapters: adapter set 'default' \(nothing written to "
+                                             rf"'{re.escape(str(target))}'\) holds NaN or infinite values in 1 of "
+                                             rf"\d+ tensor\(s\): '{re.escape(name)}' \(1 NaN, 1 infinite.*"
+                                             r"allow_nonfinite=True to save"):
+            harma.save_adapters(model, target)
+    assert existing.read_bytes() == saved  # the file the user had is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.safetensors"]
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        harma.push_adapters_to_hub(model, "someone/harma-tiny")  # refused before the Hub is contacted
+    path = harma.save_adapters(model, tmp_path / "diverged.safetensors", allow_nonfinite=True)
+    assert torch.isnan(harma.read_adapter_file(path).tensors[name]).sum() == 1
 
 
 def test_an_adapter_file_with_nan_is_refused_unless_allowed(tmp_path):

@@ -20,6 +20,7 @@ from ..checkpoint import ADAPTER_WEIGHTS_NAME, load_adapters, save_adapters
 from ..checkpoint import FORMAT_NAME as HARMA_FORMAT
 from ..io import (
     NONFINITE_FILE_HINT,
+    NONFINITE_SAVE_HINT,
     check_finite,
     header_json,
     load_tensors,
@@ -47,6 +48,8 @@ def save_trained_weights(
     config: TrainConfig,
     temperature: float | None = None,
     extra_metadata: Mapping[str, str] | None = None,
+    *,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write what the method trained as one safetensors file, atomically.
 
@@ -56,6 +59,10 @@ def save_trained_weights(
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: a tensor holds NaN or infinite values and ``allow_nonfinite`` is False
+            (named; nothing is written), as `load_trained_weights` would refuse the file.
     """
     path = Path(path)
     metadata = {
@@ -65,7 +72,8 @@ def save_trained_weights(
         **dict(extra_metadata or {}),
     }
     if config.method == "harma":
-        return save_adapters(model, path, base_model=_base_model_label(config), metadata=metadata)
+        return save_adapters(model, path, base_model=_base_model_label(config), metadata=metadata,
+                             allow_nonfinite=allow_nonfinite)
     if config.method == "lora":
         tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
         metadata["format"] = LORA_FORMAT
@@ -76,6 +84,9 @@ def save_trained_weights(
     else:
         tensors = dict(model.state_dict())
         metadata["format"] = FULL_FORMAT
+    if not allow_nonfinite:
+        check_finite(tensors, f"save_trained_weights: the {config.method} weights (nothing written to '{path}')",
+                     hint=NONFINITE_SAVE_HINT)
     return write_safetensors(path, tensors, metadata)
 
 

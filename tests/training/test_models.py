@@ -82,7 +82,10 @@ def test_a_trained_weights_file_holding_nan_is_refused_unless_allowed(tmp_path, 
     name, param = next((n, p) for n, p in trained.named_parameters() if p.requires_grad and p.dim() > 1)
     with torch.no_grad():
         param.view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
-    path = save_trained_weights(trained, tmp_path / "diverged.safetensors", config)
+    with pytest.raises(ValueError, match=r"NaN or infinite values.*allow_nonfinite=True to save"):
+        save_trained_weights(trained, tmp_path / "refused.safetensors", config)
+    assert not (tmp_path / "refused.safetensors").exists()
+    path = save_trained_weights(trained, tmp_path / "diverged.safetensors", config, allow_nonfinite=True)
 
     model = tiny(1)
     keys, before = list(model.state_dict()), {k: v.clone() for k, v in model.state_dict().items()}
