@@ -32,7 +32,7 @@ from ..training.options import resolve_device
 from .encoder import SearchModel
 from .manifest import MANIFEST_NAME, Manifest, adapter_fingerprint
 from .sources import ImageSource, ItemDataset, collate_items
-from .store import atomic_write_bytes, atomic_write_json, shard_files, write_shard
+from .store import atomic_write_bytes, atomic_write_json, read_jsonl_lines, shard_files, write_shard
 
 __all__ = ["IndexOptions", "UnreadableImageError", "build_index", "index_targets"]
 
@@ -232,14 +232,14 @@ def _join(index_dir: Path, record: dict[str, Any], n_shards: int) -> Manifest | 
     for shard in range(n_shards):
         files = shard_files(index_dir, shard)
         array = np.load(files["embeddings"], mmap_mode="r")
-        lines = files["metadata"].read_text(encoding="utf-8").splitlines()
+        lines = read_jsonl_lines(files["metadata"])
         if len(lines) != len(array):
             raise ValueError(f"'{index_dir}': shard {shard} has {len(array)} embeddings and {len(lines)} metadata "
                              f"rows; delete {files['embeddings']} and run the command again")
         if len(array):
             dim = dim or array.shape[1]
         shards.append({"shard": shard, "count": len(array)})
-        failures.extend(files["failures"].read_text(encoding="utf-8").splitlines())
+        failures.extend(read_jsonl_lines(files["failures"]))
     atomic_write_bytes(index_dir / "failures.jsonl", "".join(line + "\n" for line in failures).encode("utf-8"))
     manifest = Manifest(
         spec=ModelSpec(**record["spec"]), backbone=record["backbone"], adapters=record["adapters"],

@@ -37,6 +37,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "exact_search",
+    "read_jsonl_lines",
     "shard_files",
     "write_shard",
 ]
@@ -78,8 +79,24 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
+# Characters that end a line for str.splitlines (and other readers) but may stand raw in a JSON
+# string: escaped when written, so that every reader of the JSON lines sees one row per line.
+_LINE_BREAKS_IN_JSON = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    return "".join(json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS_IN_JSON) + "\n"
+                   for row in rows).encode("utf-8")
+
+
+def read_jsonl_lines(path: Path) -> list[str]:
+    """The lines of a JSON-lines file, split at ``\\n`` only: ``str.splitlines`` also splits at
+    U+0085, U+2028 and U+2029, which indexes written before they were escaped hold raw in
+    their captions."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -217,7 +234,7 @@ class EmbeddingStore:
         lines = self._metadata.get(shard)
         if lines is None:
             path = shard_files(self.index_dir, self.shard_numbers[shard])["metadata"]
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = read_jsonl_lines(path)
             self._metadata[shard] = lines
             if len(self._metadata) > self._cached_shards:
                 self._metadata.popitem(last=False)

@@ -22,6 +22,7 @@ from search_support import REPO, run_search, write_images
 import harma.search.indexer as indexer
 from harma.search import (
     IndexOptions,
+    SearchIndex,
     SearchModel,
     annotation_source,
     build_index,
@@ -207,3 +208,26 @@ def test_webdataset_shards_and_annotation_files_are_sources(archive, tmp_path):
     assert [(item.path, item.captions, item.label) for item in source.items] == [
         ("roofs/img000.png", ("red roofs", "houses"), None), ("fields/img001.png", ("a green field",), "field")]
     assert source.skipped == [("../outside.png", f"entry 3: outside the image root '{archive.images}'")]
+
+
+def test_captions_holding_unicode_line_separators_are_indexed_and_read_back(archive, tmp_path):
+    # U+2028, U+2029 and U+0085 end a line for str.splitlines, not for JSON lines: a caption
+    # holding one made the metadata file one row longer than its embeddings, forever.
+    captions = ["red roofs\u2028beside a road", "many\u2029houses", "a green\x85field"]
+    annotation = tmp_path / "test.json"
+    annotation.write_text(json.dumps([{"image": "roofs/img000.png", "caption": captions[:2]},
+                                      {"image": "fields/img001.png", "caption": captions[2:]}]))
+    out = tmp_path / "index"
+    command = ["index", "--annotation", str(annotation), "--image_root", str(archive.images), "--out", str(out),
+               *archive.model_args(), "--num_workers", "0", "--quiet"]
+    run_search(*command)
+    metadata = out / "metadata" / "meta-00000.jsonl"
+    assert not set("\u2028\u2029\x85") & set(metadata.read_text(encoding="utf-8"))  # escaped: any reader splits
+    assert [SearchIndex(out, use_faiss=False).item(i)["captions"] for i in range(2)] == [captions[:2], captions[2:]]
+    # An index written with the separators raw (before they were escaped) is read as well.
+    rows = [json.loads(line) for line in metadata.read_text(encoding="utf-8").split("\n") if line]
+    metadata.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    (out / "manifest.json").unlink()
+    run_search(*command)  # every shard is complete: only the manifest is written again
+    assert [SearchIndex(out, use_faiss=False).item(i)["captions"] for i in range(2)] == [captions[:2], captions[2:]]
+
