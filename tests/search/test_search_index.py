@@ -231,3 +231,21 @@ def test_captions_holding_unicode_line_separators_are_indexed_and_read_back(arch
     run_search(*command)  # every shard is complete: only the manifest is written again
     assert [SearchIndex(out, use_faiss=False).item(i)["captions"] for i in range(2)] == [captions[:2], captions[2:]]
 
+
+def test_a_caption_file_linking_out_of_the_image_folder_is_skipped_and_listed(archive, tmp_path):
+    images = tmp_path / "images"
+    write_images(images, 4)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-TOKEN=hunter2\n")
+    (images / "roofs" / "img000.txt").symlink_to(secret)
+    (images / "roofs" / "inside.txt").write_text("a caption inside the folder\n")
+    (images / "roofs" / "img002.txt").symlink_to(images / "roofs" / "inside.txt")  # a link inside is fine
+    source = folder_source(images)
+    captions = {item.key: item.captions for item in source.items}
+    assert captions["roofs/img000.png"] == () and captions["roofs/img002.png"] == ("a caption inside the folder",)
+    assert source.skipped == [("roofs/img000.txt", "its real path is outside the image folder (a symlink out)")]
+    out = tmp_path / "index"
+    result = run_search("index", "--images", str(images), "--out", str(out), *archive.model_args(),
+                        "--num_workers", "0", "--quiet")
+    assert "skipped roofs/img000.txt: its real path is outside" in result.stderr
+    assert "SECRET" not in "".join(path.read_text() for path in out.rglob("*.jsonl"))
