@@ -162,6 +162,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             check_writable_folder(Path(path).parent, "the folder")
         except OSError as error:
             parser.error(f"--gallery {path}: {error}")
+    if args.zero_shot_output:
+        try:  # checked before the evaluation, not after it
+            check_writable_folder(Path(args.zero_shot_output), "the folder")
+        except OSError as error:
+            parser.error(f"--zero-shot-output {args.zero_shot_output}: {error}")
     if args.gallery_queries < 1 or args.gallery_top_k < 1:
         parser.error("--gallery-queries and --gallery-top-k must be at least 1")
     if args.run is None:

@@ -27,7 +27,7 @@ def index_vector(values: Any, *, name: str, length: int, bound: int, device: tor
         indices = values.detach()
     else:
         array = np.ascontiguousarray(values)
-        if array.dtype == object:
+        if array.dtype == object or array.dtype.kind in "USV":  # ragged lists, strings, bytes
             raise ValueError(f"{name} must be a flat sequence of integer {kind} indices")
         indices = torch.from_numpy(array) if array.size else torch.zeros(0, dtype=torch.long)
     if indices.ndim != 1:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ._checks import check_finite, index_vector, score_matrix
+from ._precision import tf32_disabled
 from .distributed import all_gather_no_grad, get_rank, get_world_size
 from .encoding import BatchEncoder, encoders_of, kept_modes, shard_bounds
 from .io import atomic_write
@@ -478,7 +479,8 @@ class ZeroShotEvaluator(BatchEncoder):
         position = start
         if stop > start:
             for embeds in self._image_batches(encoder, self.image_dataset, device, list(range(start, stop))):
-                scores = F.normalize(embeds, dim=-1) @ classifier.t()
+                with tf32_disabled():  # scored in full float32, as retrieval scores are
+                    scores = F.normalize(embeds, dim=-1) @ classifier.t()
                 check_finite(scores, f"scores of images {position}..{position + len(scores) - 1}", "classification")
                 rank, prediction = _ranks_and_predictions(
                     scores, labels[position : position + len(scores)], self.ties == "pessimistic"

@@ -164,7 +164,9 @@ class BatchEncoder:
         )
         for images in tqdm(loader, desc="encode images", disable=not self._show_progress()):
             with self._autocast(device):
-                yield encoder.encode_image(images.to(device, non_blocking=True)).float()
+                embeds = encoder.encode_image(images.to(device, non_blocking=True)).float()
+            # Yielded outside autocast: what the caller computes from it stays in float32.
+            yield embeds
 
     def _encode_text_list(
         self, encoder: Any, device: torch.device, texts: Sequence[str], desc: str = "encode captions"

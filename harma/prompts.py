@@ -113,7 +113,7 @@ def load_templates(templates: str | os.PathLike | Sequence[str] = DEFAULT_TEMPLA
                 "nor a text file of templates"
             )
         loaded = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if line.strip() and not line.lstrip().startswith("#"):
                 loaded.append(_check_template(line, f"template file '{path}', line {number}"))
         if not loaded:
@@ -152,7 +152,7 @@ def read_class_names(path: str | os.PathLike) -> dict[str, str] | list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"class-name file not found: '{path}'")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() != ".json":
         return [line.strip() for line in text.splitlines() if line.strip()]
     try:
@@ -231,7 +231,7 @@ def read_class_prompts(path: str | os.PathLike) -> dict[str, list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"class-prompt file not found: '{path}'")
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        loaded = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
         raise ValueError(f"class-prompt file '{path}' is not valid JSON: {error}") from None
     if not isinstance(loaded, dict):

@@ -168,6 +168,27 @@ def test_the_evaluator_equals_metrics_of_scores_computed_by_hand(combine):
     assert small_batches.evaluate(model) == pytest.approx(result.metrics)
 
 
+def test_scores_are_float32_outside_autocast_whatever_the_encoding_precision(monkeypatch):
+    # On CUDA the evaluator encodes under autocast; the scores must not be computed there (bf16
+    # steps of about 0.001 at cosine 0.2 merge near ties). CPU autocast stands in for CUDA's.
+    import harma.classification as classification
+
+    monkeypatch.setattr(ZeroShotEvaluator, "_autocast",
+                        lambda self, device: torch.autocast("cpu", dtype=torch.bfloat16))
+    seen = []
+    ranks_and_predictions = classification._ranks_and_predictions
+
+    def recording(scores, labels, pessimistic):
+        seen.append((scores.dtype, torch.is_autocast_enabled("cpu")))
+        return ranks_and_predictions(scores, labels, pessimistic)
+
+    monkeypatch.setattr(classification, "_ranks_and_predictions", recording)
+    images, labels, classnames = small_set()
+    ZeroShotEvaluator(images, labels, classnames, open_clip_tokenizer, batch_size=5,
+                      progress=False).run(tiny_open_clip())
+    assert seen and set(seen) == {(torch.float32, False)}
+
+
 def hash_tokenizer(vocab: int, length: int):
     """Word ids from a hash (the tiny Hugging Face models have their own small vocabularies)."""
 

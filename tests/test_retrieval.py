@@ -230,6 +230,7 @@ def test_embedding_path_returns_metrics_only_by_default() -> None:
         (torch.zeros(6), [0] * 6, "scores must be a 2-D"),
         (torch.zeros(2, 3, 4), [0, 1, 1], "scores must be a 2-D"),
         (torch.zeros(2, 3), [0.0, 1.0, 1.0], "integer image indices"),
+        (torch.zeros(2, 3), ["0", "1", "1"], "flat sequence of integer image indices"),
         (torch.zeros(2, 3), [[0, 1, 1]], "txt2img must be 1-D"),
         (torch.zeros(0, 3), [0, 0, 0], "no images"),
         (torch.tensor([[0.0, float("nan")], [1.0, 0.0]]), [0, 1], "NaN"),

@@ -39,6 +39,7 @@ import io
 import json
 import os
 import posixpath
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -251,7 +252,7 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: '{path}'")
     try:
-        with path.open("r", encoding="utf-8") as handle:
+        with path.open("r", encoding="utf-8-sig") as handle:
             return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"annotation file '{path}' is not valid JSON: {error}") from error
@@ -410,9 +411,9 @@ def _read_karpathy(data: Any, path: Path, split: str | None) -> tuple[CaptionedI
 
 
 def _nwpu_captions(entry: Mapping[str, Any], source: _Source, where: str) -> tuple[list[str], list[str]]:
-    keys = ["raw"]
-    while f"raw_{len(keys)}" in entry:
-        keys.append(f"raw_{len(keys)}")
+    # raw, raw_1, raw_2, ... in number order, all of them (a gap in the numbers drops none).
+    numbered = sorted((int(key[4:]), key) for key in entry if re.fullmatch(r"raw_\d+", key))
+    keys = ["raw", *(key for _, key in numbered)]
     if "raw" not in entry:
         raise source.fail(where, f"no caption: the entry has no 'raw' (it has {sorted(entry)})")
     captions = [_string(entry[key], source, where, f"'{key}'", allow_empty=True) for key in keys]
@@ -487,7 +488,7 @@ def _read_csv(path: Path, img_key: str, caption_key: str, separator: str | None)
     source = _Source(str(path), "csv")
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: '{path}'")
-    with path.open("r", encoding="utf-8", newline="") as handle:
+    with path.open("r", encoding="utf-8-sig", newline="") as handle:
         separator = _csv_separator(handle.readline(), img_key, caption_key, separator)
         handle.seek(0)
         rows = csv.reader(handle, delimiter=separator)

@@ -59,7 +59,7 @@ def _visible(entries: Sequence[Path]) -> list[Path]:
 
 
 def _read_classnames(path: Path) -> list[str]:
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not names:
         raise ValueError(f"class-name file '{path}' holds no name")
     return names
@@ -214,7 +214,7 @@ class ClassificationDataset(Dataset):
 def _read_table(path: Path, image_key: str, label_key: str) -> list[tuple[str, str]]:
     """``(filepath, label)`` of every data row; rows are numbered from 1 after the header."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         missing = [key for key in (image_key, label_key) if key not in (reader.fieldnames or [])]
         if missing:

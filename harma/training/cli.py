@@ -63,11 +63,15 @@ def _parse_field_value(type_name: str, text: str) -> Any:
         return read_json_object(text)
     if base.startswith("tuple["):
         items = _parse_list(text)
+        if text.strip().startswith("["):
+            # JSON values keep their types: TrainConfig and HarmaConfig check them as they check a
+            # config file's (no 1.7 -> 1, no true -> 1, no null -> "None").
+            return tuple(items)
         if "int" in base:
             return tuple(int(item) for item in items)
         if "float" in base:
             return tuple(float(item) for item in items)
-        return tuple(str(item) for item in items)
+        return tuple(items)
     return text
 
 

@@ -124,13 +124,21 @@ def resolve_device(text: str) -> torch.device:
     return torch.device(text)
 
 
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except OSError:  # a name too long for the file system is no file
+        return False
+
+
 def read_json_object(text: str) -> dict[str, Any]:
     """A JSON object given as text, or as the path of a JSON file holding one.
 
     Raises:
         ValueError: neither a JSON file nor valid JSON, or JSON that is not an object (named).
     """
-    if Path(text).is_file():
+    # JSON text is no file name (a long object would make Path.is_file raise ENAMETOOLONG).
+    if not text.lstrip().startswith("{") and _is_file(text):
         return read_config_file(text)
     try:
         value = json.loads(text)

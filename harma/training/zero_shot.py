@@ -44,9 +44,17 @@ class ZeroShotSet:
     evaluator: ZeroShotEvaluator | None = None
 
 
-def _set_name(root: Path) -> str:
+def _set_name(root: Path, taken: set[str]) -> str:
+    """A short name for the files of the set at ``root``: its folder's name, with ``-2``, ``-3``
+    ... where an earlier set of the same run already has it (``AID`` and ``other/AID``)."""
     base = root.parent if root.is_file() else root
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base.resolve().name) or "set"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", base.resolve().name) or "set"
+    unique, number = name, 1
+    while unique in taken:
+        number += 1
+        unique = f"{name}-{number}"
+    taken.add(unique)
+    return unique
 
 
 def _per_set(overrides: Mapping[str, Any] | None, sets: Sequence[ZeroShotSet], what: str) -> list[dict[str, Any]]:
@@ -98,8 +106,10 @@ class ZeroShotSuite:
         repeated = sorted({root for root in given if given.count(root) > 1})
         if repeated:
             raise ValueError(f"--zero-shot: {', '.join(repeated)} given twice")
+        taken: set[str] = set()
         self.sets = [
-            ZeroShotSet(root, _set_name(Path(root)), load_classification_dataset(root, transform)) for root in given
+            ZeroShotSet(root, _set_name(Path(root), taken), load_classification_dataset(root, transform))
+            for root in given
         ]
         names = read_class_names(class_names) if class_names is not None else None
         if isinstance(names, list) and len(self.sets) != 1:

@@ -584,3 +584,17 @@ def test_datasets_is_imported_only_for_a_hugging_face_dataset(root, rsitmd, tmp_
     (tmp_path / "saved" / "dataset_dict.json").write_text("{}")
     with pytest.raises(ImportError, match=r"needs the datasets package: pip install 'harma\[datasets\]'"):
         read_caption_dataset(tmp_path / "saved", split="test")
+
+
+def test_files_with_a_byte_order_mark_read_as_without_and_nwpu_keeps_every_numbered_caption(tmp_path):
+    # Excel's "CSV UTF-8" and some editors start files with a byte-order mark.
+    csv_file = tmp_path / "captions.csv"
+    csv_file.write_text("filepath,title\na.png,one\na.png,two\n", encoding="utf-8-sig")
+    json_file = write_json(tmp_path / "test.json", [{"image": "a.png", "caption": ["one", "two"]}])
+    json_file.write_text(json_file.read_text(), encoding="utf-8-sig")
+    for path in (csv_file, json_file):
+        dataset = read_caption_dataset(path, image_root=tmp_path)
+        assert [(image.image, image.captions) for image in dataset.images] == [("a.png", ("one", "two"))]
+    gap = write_json(tmp_path / "nwpu.json", {"forest": [
+        {"filename": "a.png", "split": "test", "raw": "zero", "raw_1": "one", "raw_3": "three"}]})
+    assert read_caption_dataset(gap, "nwpu", split="test").images[0].captions == ("zero", "one", "three")

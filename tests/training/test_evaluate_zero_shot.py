@@ -169,3 +169,23 @@ def test_bad_zero_shot_input_ends_with_one_error_line(setup, capsys, tmp_path):
     (broken / "farm" / "0.png").write_bytes(b"damaged")
     message = run_failing(script, [*base, "--zero-shot", str(broken)], capsys)
     assert "0.png' (class 'farm'" in message and "could not be read" in message
+
+
+def test_result_files_of_sets_with_one_folder_name_are_kept_apart_and_the_folder_is_checked_first(
+        setup, capsys, tmp_path):
+    script = load_repo_script("examples/evaluate.py", cached=False)
+    other_aid = write_tree(tmp_path / "other" / "AID", ["lake", "farm"], seed=3)
+    out_dir = tmp_path / "results"
+    script.main([*setup["base"], "--zero-shot", str(setup["aid"]), "--zero-shot", str(other_aid),
+                 "--zero-shot-output", str(out_dir), "--json"])
+    capsys.readouterr()
+    first = json.loads((out_dir / "AID_zeroshot_classification.json").read_text())
+    second = json.loads((out_dir / "AID-2_zeroshot_classification.json").read_text())
+    assert (first["root"], second["root"]) == (str(setup["aid"]), str(other_aid))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*setup["base"], "--zero-shot", str(setup["aid"]), "--zero-shot-output", str(blocked)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert "--zero-shot-output" in errors[0] and "is a file" in errors[0]

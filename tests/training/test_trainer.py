@@ -517,3 +517,24 @@ def test_a_layout_preset_names_the_adapter_layout_in_files_and_on_the_command_li
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--harma", "papers"])
     assert exit_info.value.code == 2 and "invalid choice: 'papers'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "field"), [
+    ("[1.7, 2.9]", "layers"), ("[true]", "layers"), ("[[1]]", "layers"), ("[1]", "towers"), ("[null]", "towers")])
+def test_json_list_values_on_the_command_line_are_checked_not_coerced(value, field, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([f"--harma.{field}", value])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1 and f"HarmaConfig.{field} must be" in errors[0]
+    assert parse_args(["--harma.layers", "[0, -1]"]).config.harma.layers == (0, -1)
+
+
+def test_a_long_inline_model_config_is_json_not_a_file_name():
+    architecture = {**tiny_clip_config(image_size=32, width=64, layers=2, embed_dim=32),
+                    "comment_padding": "x" * 300}
+    text = json.dumps(architecture)
+    assert len(text) > 255 and "/" not in text
+    from harma.training.options import read_json_object
+
+    assert read_json_object(text) == architecture
+    assert parse_args(["--model_config", text]).config.model_config == architecture
