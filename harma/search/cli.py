@@ -91,7 +91,8 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max_upload_mb", type=float, default=10.0, help="largest accepted upload")
-    parser.add_argument("--max_pixels", type=int, default=40_000_000, help="largest accepted image (pixels)")
+    parser.add_argument("--max_pixels", type=int, default=40_000_000, help="largest uploaded image (pixels); "
+                        "indexed images are served up to the limit they were indexed under")
     parser.add_argument("--max_k", type=int, default=100, help="most results per query")
     _model_overrides(parser)
 

@@ -15,7 +15,9 @@ Routes (every error is a JSON object ``{"error": "..."}`` with a 4xx status, nev
 Security defaults: the server binds 127.0.0.1 unless told otherwise; it serves only the images
 of indexed items, read from under each index's image root (absolute paths, ``..`` and symlinks
 pointing out give 404); uploads larger than ``max_upload_bytes`` are refused while they arrive
-(413), images larger than ``max_pixels`` before they are decoded (413).
+(413), uploaded images larger than ``max_pixels`` before they are decoded (413). Indexed
+images are served up to the pixel limit their index was built with (``Manifest.max_pixels``);
+thumbnails of large JPEGs are decoded at a reduced scale.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations (Request)
@@ -54,7 +56,8 @@ class ServerLimits:
 
     Attributes:
         max_upload_bytes: largest request body (an uploaded image, a JSON query).
-        max_pixels: largest uploaded image, width x height (checked before decoding).
+        max_pixels: largest uploaded image, width x height (checked before decoding); indexed
+            images are served up to their index's own limit (``Manifest.max_pixels``).
         max_k: most results per query.
         max_text_chars: longest text query.
         thumbnail_size: side of the thumbnails in pixels.
@@ -206,24 +209,33 @@ class SearchService:
         except KeyError as error:
             raise BadQuery(404, error.args[0]) from None
 
-    def image(self, index: str | None, item_id: str) -> tuple[bytes, str]:
-        """The image bytes and their media type (formats browsers cannot show become PNG)."""
+    def _indexed_image(self, index: str | None, item_id: str) -> tuple[str, dict[str, Any], bytes]:
+        """``(index name, metadata, encoded image)`` of an indexed item."""
         name, entry = self.item(index, item_id)
         try:
             data = self.searcher.indexes[name].image_bytes(entry["id"])
         except (FileNotFoundError, ValueError, OSError, ImportError):  # ImportError: a dataset without datasets
             raise BadQuery(404, f"the image of item {entry['id']} is not available") from None
+        return name, entry, data
+
+    def image(self, index: str | None, item_id: str) -> tuple[bytes, str]:
+        """The image bytes and their media type (formats browsers cannot show become PNG)."""
+        name, entry, data = self._indexed_image(index, item_id)
         # A dataset row's name need not say its format: it is sent as PNG.
         media = None if "row" in entry else mimetypes.guess_type(entry.get("member") or entry["path"])[0]
         if media in BROWSER_IMAGE_TYPES:
             return data, media
-        return self._encode(self._decoded(data), "PNG"), "image/png"
+        return self._encode(self._decoded(name, entry, data), "PNG"), "image/png"
 
-    def _decoded(self, data: bytes) -> Image.Image:
+    def _decoded(self, name: str, entry: dict[str, Any], data: bytes, fit: int | None = None) -> Image.Image:
+        """An indexed image, decoded under the pixel limit its index was built with (the upload
+        limit is for uploads: the indexer may have read larger images)."""
         try:
-            return open_image(data, self.limits.max_pixels)
+            return open_image(data, self.searcher.indexes[name].manifest.max_pixels, fit=fit)
+        except ImageTooLargeError as error:  # the file was replaced after indexing
+            raise BadQuery(404, f"the image of item {entry['id']} is larger than its index allows: {error}") from None
         except ValueError:
-            raise BadQuery(404, "the indexed image cannot be decoded") from None
+            raise BadQuery(404, f"the image of item {entry['id']} cannot be decoded") from None
 
     @staticmethod
     def _encode(image: Image.Image, kind: str) -> bytes:
@@ -232,10 +244,8 @@ class SearchService:
         return stream.getvalue()
 
     def _thumbnail(self, index: str, item_id: str) -> bytes:
-        data, _ = self.image(index, item_id)
-        image = self._decoded(data)
-        image.thumbnail((self.limits.thumbnail_size, self.limits.thumbnail_size))
-        return self._encode(image, "JPEG")
+        name, entry, data = self._indexed_image(index, item_id)
+        return self._encode(self._decoded(name, entry, data, fit=self.limits.thumbnail_size), "JPEG")
 
 
 def create_app(searcher: Searcher, limits: ServerLimits | None = None) -> Any:

@@ -323,8 +323,13 @@ class ImageTooLargeError(ValueError):
     """An image has more pixels than allowed (refused before it is decoded)."""
 
 
-def open_image(data: bytes | Path, max_pixels: int | None = None) -> Image.Image:
+def open_image(data: bytes | Path, max_pixels: int | None = None, *, fit: int | None = None) -> Image.Image:
     """Decode an image as RGB; ``max_pixels`` refuses larger images before decoding them.
+
+    With ``fit``, a thumbnail no larger than ``fit x fit`` (the aspect ratio kept): a JPEG is
+    decoded at the smallest of 1/2, 1/4 or 1/8 scale that keeps twice that size, and the
+    decoded image is reduced by whole factors before it is resampled, so a large image is not
+    resampled, nor (a JPEG) decoded, at full size.
 
     Raises:
         ValueError: not an image PIL can read, or larger than ``max_pixels`` (says both sizes).
@@ -336,7 +341,15 @@ def open_image(data: bytes | Path, max_pixels: int | None = None) -> Image.Image
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLargeError(f"the image is {width}x{height} = {width * height:,} pixels; the limit is "
                                  f"{max_pixels:,}")
-            return image.convert("RGB")
+            if fit is None:
+                return image.convert("RGB")
+            if image.format in ("JPEG", "MPO"):  # thumbnail() sets the decoder's scale (draft)
+                image.thumbnail((fit, fit))
+                return image.convert("RGB")
+            # Others are decoded whole; RGB first: a palette image would be resampled by nearest.
+            thumbnail = image.convert("RGB")
+            thumbnail.thumbnail((fit, fit))
+            return thumbnail
     except ImageTooLargeError:
         raise
     except Exception as error:  # PIL raises many types for damaged files; each is the file's fault

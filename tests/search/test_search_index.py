@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from harma.search import (
     read_manifest,
     webdataset_source,
 )
+from harma.search.manifest import INDEX_MAX_PIXELS
 from harma.training.model_options import ModelSpec, build_from_spec, read_model_config
 
 
@@ -161,6 +163,28 @@ def test_parts_on_separate_machines_join_into_the_uninterrupted_index(archive, b
     run_search(*common, "--part", "1/2")
     run_search(*common)  # every shard is there: only the manifest is written
     assert index_files(out) == index_files(built_index)
+
+
+def test_the_pixel_limit_is_recorded_and_a_resumed_build_must_keep_it(archive, tmp_path):
+    source, spec = folder_source(archive.images), spec_of(archive, archive.adapters)
+    out = tmp_path / "index"
+    options = IndexOptions(batch_size=4, num_workers=0, shard_size=10, progress=False, part=(0, 2))
+    build_index(source, spec, out, options)
+    record = json.loads((out / "build.json").read_text())
+    assert record["max_pixels"] == INDEX_MAX_PIXELS
+    with pytest.raises(ValueError, match="differing: max_pixels"):
+        build_index(source, spec, out, replace(options, part=None, max_pixels=10_000))
+    del record["max_pixels"]  # a build started by an earlier version, which did not record it
+    (out / "build.json").write_text(json.dumps(record))
+    build_index(source, spec, out, replace(options, part=None))
+    assert read_manifest(out).max_pixels == INDEX_MAX_PIXELS
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["max_pixels"]  # an index written by an earlier version: the indexer's default then
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(out).max_pixels == INDEX_MAX_PIXELS
+    (out / "manifest.json").write_text(json.dumps({**manifest, "max_pixels": 2.5}))
+    with pytest.raises(ValueError, match="damaged: max_pixels must be a positive integer, got 2.5"):
+        read_manifest(out)
 
 
 def _rank_worker(rank: int, port: int, folder: str, out: str, spec: ModelSpec) -> None:
