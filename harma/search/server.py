@@ -95,7 +95,7 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
+        if length is not None and (not length.isdigit() or len(length) > MAX_DIGITS or int(length) > self.limit):
             await _send_json(send, 413, {"error": f"the request body is larger than {self.limit:,} bytes"})
             return
         received, started = 0, False
@@ -131,13 +131,48 @@ def _static(name: str) -> bytes:
     return resources.files("harma.search").joinpath("static", name).read_bytes()
 
 
+# Integers of more digits are beyond every limit and id (and int() refuses 4,300 digits).
+MAX_DIGITS = 18
+
+
+def _digits(text: str, what: str) -> int | None:
+    """The number that ``text`` writes in ASCII digits, or None (``int`` also reads other
+    scripts' digits, ``²``, spaces and underscores)."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    if len(text) > MAX_DIGITS:
+        raise BadQuery(400, f"'{what}' is out of range: more than {MAX_DIGITS} digits")
+    return int(text)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool):
-        raise BadQuery(400, f"'{what}' must be an integer, got {value!r}")
+    """An integer field: a JSON integer (not a boolean, nor a number with a fraction or an
+    exponent: 2.7, 3.0, 1e400), or a string of ASCII digits with an optional ``-`` (a query
+    string, a form field)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 10 ** MAX_DIGITS:
+            raise BadQuery(400, f"'{what}' is out of range: more than {MAX_DIGITS} digits")
+        return value
+    if isinstance(value, str):
+        number = _digits(value.removeprefix("-"), what)
+        if number is not None:
+            return -number if value.startswith("-") else number
+    raise BadQuery(400, f"'{what}' must be an integer in ASCII digits, got {_shown(value)}")
+
+
+def _embedding(value: Any) -> list[float]:
+    """A JSON list of numbers as floats (an integer too large for a float is refused here)."""
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise BadQuery(400, f"'{what}' must be an integer, got {value!r}") from None
+        if isinstance(value, list) and all(type(v) in (int, float) for v in value):
+            return [float(v) for v in value]
+    except OverflowError:
+        pass
+    raise BadQuery(400, "'embedding' must be a list of numbers, each finite")
 
 
 class SearchService:
@@ -147,7 +182,9 @@ class SearchService:
         self.searcher, self.limits = searcher, limits
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
 
-    def index(self, name: str | None) -> str:
+    def index(self, name: Any) -> str:
+        if name is not None and not isinstance(name, str):
+            raise BadQuery(400, f"'index' must be the name of an index, got {_shown(name)}")
         try:
             return self.searcher.index(name or None)[0]
         except KeyError as error:
@@ -172,10 +209,8 @@ class SearchService:
             raise BadQuery(400, f"'text' is longer than {self.limits.max_text_chars} characters")
         if "item" in given:
             given["item"] = _int(given["item"], "item")
-        if "embedding" in given and not (isinstance(given["embedding"], list)
-                                         and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                 for v in given["embedding"])):
-            raise BadQuery(400, "'embedding' must be a list of numbers")
+        if "embedding" in given:
+            given["embedding"] = _embedding(given["embedding"])
         start = time.perf_counter()
         try:
             results = self.searcher.search(k=k, index=name, **given)
@@ -202,10 +237,11 @@ class SearchService:
 
     def item(self, index: str | None, item_id: str) -> tuple[str, dict[str, Any]]:
         name = self.index(index)
-        if not item_id.isdigit():
-            raise BadQuery(404, f"no item {item_id!r} in index {name!r}")
+        number = _digits(item_id, "id")
+        if number is None:
+            raise BadQuery(404, f"no item {_shown(item_id)} in index {name!r}: an item id is written in ASCII digits")
         try:
-            return name, self.searcher.indexes[name].item(int(item_id))
+            return name, self.searcher.indexes[name].item(number)
         except KeyError as error:
             raise BadQuery(404, error.args[0]) from None
 
@@ -363,7 +399,8 @@ async def _post_query(request: Any, service: SearchService) -> dict[str, Any]:
     if content_type == "application/json":
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        # ValueError: an integer of over 4,300 digits; RecursionError: arrays nested too deep
+        except (ValueError, RecursionError) as error:
             raise BadQuery(400, f"the body is not valid JSON: {error}") from None
         if not isinstance(body, dict):
             raise BadQuery(400, "the JSON body must be an object with text, item or embedding")

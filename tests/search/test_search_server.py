@@ -95,6 +95,7 @@ def test_hostile_requests_get_4xx_json_errors_and_the_server_keeps_serving(serve
         (client.post("/api/search", json={"text": "x", "evil": 1}), 400, "unknown field"),
         (client.post("/api/search", json={"embedding": [1.0, 2.0]}), 400, "32 finite numbers"),
         (client.post("/api/search", json={"embedding": "abc"}), 400, "list of numbers"),
+        (client.post("/api/search", json={"embedding": [1, True]}), 400, "list of numbers"),
         (client.post("/api/search", json={"text": "x", "k": 0}), 400, "'k'"),
         (client.post("/api/search", json={"text": "x", "k": "many"}), 400, "'k'"),
         (client.post("/api/search", json={"text": "x" * 5000}), 400, "longer"),
@@ -113,6 +114,52 @@ def test_hostile_requests_get_4xx_json_errors_and_the_server_keeps_serving(serve
     for response, status, words in cases:
         assert response.status_code == status and words in response.json()["error"], (response.text, status)
     assert client.get("/api/search", params={"text": "roofs"}).status_code == 200
+
+
+ARABIC_INDIC_THREE = "\u0663"
+
+
+def test_integer_fields_take_ascii_digits_and_json_integers_only(served):
+    # int() read '٣' as 3 and truncated 2.7 to 2; '²' (isdigit, not int) and 1e400 (infinite)
+    # were 500s, as were an index that is a list and integers too large for a float or for int().
+    client, _ = served
+    post = [
+        ({"text": "x", "k": 2.7}, "'k' must be an integer in ASCII digits, got 2.7"),
+        ({"text": "x", "k": 3.0}, "'k' must be an integer in ASCII digits, got 3.0"),
+        ('{"text": "x", "k": 1e400}', "'k' must be an integer in ASCII digits, got inf"),
+        ({"text": "x", "k": True}, "'k' must be an integer in ASCII digits, got True"),
+        ({"text": "x", "k": ARABIC_INDIC_THREE}, "'k' must be an integer in ASCII digits"),
+        ({"text": "x", "k": 10 ** 30}, "'k' is out of range: more than 18 digits"),
+        ({"item": 1.5}, "'item' must be an integer in ASCII digits, got 1.5"),
+        ({"item": "\u00b2"}, "'item' must be an integer in ASCII digits"),
+        ({"text": "x", "index": ["index"]}, "'index' must be the name of an index, got ['index']"),
+        ({"text": "x", "index": 0}, "'index' must be the name of an index, got 0"),
+        ({"embedding": [10 ** 400] * 32}, "'embedding' must be a list of numbers, each finite"),
+    ]
+    for body, message in post:
+        text = body if isinstance(body, str) else json.dumps(body)
+        response = client.post("/api/search", content=text, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and message in response.json()["error"], (body, response.text)
+    for raw in (b'{"text": "x", "k": ' + b"9" * 5000 + b"}", b"[" * 100_000):
+        response = client.post("/api/search", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "not valid JSON" in response.json()["error"], response.text
+    get = [
+        ("/api/search?text=x&k=" + ARABIC_INDIC_THREE, 400, "'k' must be an integer in ASCII digits"),
+        ("/api/search?text=x&k=%C2%B2", 400, "'k' must be an integer in ASCII digits"),
+        ("/api/search?text=x&k=1_0", 400, "'k' must be an integer in ASCII digits"),
+        ("/api/search?item=" + ARABIC_INDIC_THREE, 400, "'item' must be an integer in ASCII digits"),
+        ("/api/search?item=" + "9" * 5000, 400, "'item' is out of range"),
+        ("/api/items/%C2%B2", 404, "an item id is written in ASCII digits"),
+        ("/images/%C2%B2", 404, "an item id is written in ASCII digits"),
+        ("/thumbs/%C2%B2", 404, "an item id is written in ASCII digits"),
+        ("/api/items/" + ARABIC_INDIC_THREE, 404, "an item id is written in ASCII digits"),
+        ("/api/items/" + "9" * 5000, 400, "'id' is out of range"),
+    ]
+    for path, status, message in get:
+        response = client.get(path)
+        assert response.status_code == status and message in response.json()["error"], (path, response.text)
+    assert len(client.post("/api/search", json={"text": "x", "k": "3"}).json()["results"]) == 3
+    assert client.get("/api/items/3").json()["id"] == 3
 
 
 def test_only_indexed_files_under_the_image_root_are_served(archive, tmp_path):
