@@ -107,6 +107,8 @@ def _start_or_resume(index_dir: Path, record: dict[str, Any]) -> None:
                 f"'{index_dir}' holds an index built with other options or from another list of images "
                 f"(differing: {', '.join(differing)}): give another --out, or delete '{index_dir}' to start over")
         return
+    if index_dir.exists() and not index_dir.is_dir():
+        raise NotADirectoryError(f"'{index_dir}' is a file, not a folder for an index: give another --out")
     if index_dir.exists() and any(index_dir.iterdir()):
         raise FileExistsError(f"'{index_dir}' is not empty and holds no index build: give another --out")
     atomic_write_json(path, record)

@@ -145,6 +145,25 @@ def test_bad_queries_are_named(built_index, tmp_path):
     assert empty.returncode == 2 and "empty" in empty.stderr
 
 
+def test_a_file_for_a_folder_or_a_folder_for_a_file_is_one_error_line(archive, built_index, tmp_path):
+    # NotADirectoryError and IsADirectoryError were missing from the command line's own list of
+    # the user's errors: tracebacks. It now uses harma.training.options.BAD_INPUT.
+    file = tmp_path / "file.txt"
+    file.write_text("not a folder")
+    index = ["index", "--images", str(archive.images), *archive.model_args(), "--num_workers", "0", "--quiet"]
+    cases = [
+        (["query", str(built_index), "--image", str(tmp_path), "--exact"], f"--image {tmp_path}: [Errno 21]"),
+        ([*index, "--out", str(file)], f"'{file}' is a file, not a folder for an index: give another --out"),
+        ([*index, "--out", str(file / "index")], f"Not a directory: '{file / 'index'}'"),
+        (["serve", str(file / "index")], f"no index at '{file / 'index'}'"),
+    ]
+    for arguments, message in cases:
+        result = run_search(*arguments, check=False)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr, \
+            (arguments, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and file.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--batch_size", "0"], "argument --batch_size: expected an integer >= 1, got '0'"),
     (["--num_workers", "-1"], "argument --num_workers: expected an integer >= 0, got '-1'"),
