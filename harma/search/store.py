@@ -23,6 +23,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import warnings
 from bisect import bisect_right
 from collections import OrderedDict
@@ -222,7 +223,8 @@ def _candidates(scores: torch.Tensor, top: Any, k: int, kth_best: torch.Tensor |
 
 
 class EmbeddingStore:
-    """The rows of a complete index: memory-mapped embeddings and lazily read metadata.
+    """The rows of a complete index: memory-mapped embeddings and lazily read metadata (the
+    ``cached_shards`` metadata files read last are kept; threads may read concurrently).
 
     Args:
         index_dir: the index folder.
@@ -244,6 +246,9 @@ class EmbeddingStore:
                                  f"the manifest says float16 ({count}, {dim})")
         self._metadata: OrderedDict[int, list[str]] = OrderedDict()
         self._cached_shards = cached_shards
+        # The server reads metadata from several threads: without it, a shard evicted by one
+        # between another's lookup and its move_to_end raised KeyError (a 404 for a real item).
+        self._metadata_lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -267,15 +272,17 @@ class EmbeddingStore:
     def metadata(self, row: int) -> dict[str, Any]:
         """The metadata of item ``row`` (``key``, ``path``, ``captions``...) with its ``id``."""
         shard, local = self._locate(row)
-        lines = self._metadata.get(shard)
-        if lines is None:
-            path = shard_files(self.index_dir, self.shard_numbers[shard])["metadata"]
-            lines = read_jsonl_lines(path)
-            self._metadata[shard] = lines
-            if len(self._metadata) > self._cached_shards:
-                self._metadata.popitem(last=False)
-        else:
-            self._metadata.move_to_end(shard)
+        with self._metadata_lock:
+            lines = self._metadata.get(shard)
+            if lines is not None:
+                self._metadata.move_to_end(shard)
+        if lines is None:  # read outside the lock: other threads go on meanwhile
+            lines = read_jsonl_lines(shard_files(self.index_dir, self.shard_numbers[shard])["metadata"])
+            with self._metadata_lock:
+                self._metadata[shard] = lines
+                self._metadata.move_to_end(shard)
+                while len(self._metadata) > self._cached_shards:
+                    self._metadata.popitem(last=False)
         entry = json.loads(lines[local])
         entry["id"] = int(row)
         return entry

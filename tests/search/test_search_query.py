@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -80,6 +83,37 @@ def test_a_damaged_row_is_no_result_and_cannot_be_a_query(built_index, tmp_path)
     assert len(results) == 23 and 12 not in [r["id"] for r in results] and results[0]["id"] == 5
     refused = run_search("query", str(damaged), "--item", "12", check=False)
     assert refused.returncode == 2 and "item 12's embedding in the index is damaged" in refused.stderr
+
+
+def test_metadata_read_by_concurrent_threads_is_the_rows(tmp_path):
+    # The server's threads share the cache of metadata shards; without a lock, a shard evicted
+    # by one thread between another's lookup and its move_to_end raised KeyError (a 404).
+    for shard in range(12):
+        write_shard(tmp_path, shard, np.ones((3, 4), np.float16),
+                    [{"key": f"{shard}-{i}", "path": "x.png"} for i in range(3)], [])
+    store = EmbeddingStore(tmp_path, [{"shard": shard, "count": 3} for shard in range(12)], 4, cached_shards=2)
+    errors = []
+
+    def reader(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(2000):
+                row = rng.randrange(36)
+                assert store.metadata(row)["key"] == f"{row // 3}-{row % 3}"
+        except Exception as error:
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
 
 
 def clustered_store(folder, n=3000, dim=32, seed=0):
