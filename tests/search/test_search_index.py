@@ -70,6 +70,20 @@ def test_index_rows_are_the_models_normalised_image_embeddings(built_index, arch
     np.testing.assert_allclose(rows.astype(np.float32), expected, atol=2e-3)  # float16 storage
 
 
+def test_in_process_builds_embed_at_one_thread_like_the_builds_they_are_compared_with(archive, tmp_path,
+                                                                                    monkeypatch):
+    # built_index (a session fixture, set up before the function-scoped one_thread fixture) was
+    # built at the default thread count and compared bitwise with 1-thread builds.
+    threads = []
+    encode = SearchModel.encode_pixels
+    monkeypatch.setattr(SearchModel, "encode_pixels",
+                        lambda self, *args: threads.append(torch.get_num_threads()) or encode(self, *args))
+    torch.set_num_threads(2)  # as outside a test; the suite's one_thread fixture restores it
+    run_search("index", "--images", str(archive.images), "--out", str(tmp_path / "index"), *archive.model_args(),
+               "--batch_size", "12", "--num_workers", "0", "--quiet")
+    assert threads == [1, 1] and torch.get_num_threads() == 2
+
+
 def test_unreadable_images_are_listed_and_skipped_and_strict_makes_them_fatal(archive, tmp_path):
     images = tmp_path / "images"
     write_images(images, 5)
