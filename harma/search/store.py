@@ -133,8 +133,10 @@ def exact_search(
     multiplied by the queries; the scores of a segment of rows are reduced to the rows that can
     still be among the best ``k`` (those scoring at least the ``k``-th best score so far, ties
     included) before the next. Memory is bounded by ``chunk_rows x d`` and ``SEGMENT_ROWS x m``
-    floats, whatever the number of rows; the result does not depend on the chunk and segment
-    sizes or on how the rows are split into shards.
+    floats, whatever the number of rows. Which rows are chosen, and their order, depend on the
+    scores alone, not on the chunk and segment sizes or on how the rows are split into shards
+    (the scores themselves are the BLAS kernel's: a single query, a matrix-vector product, may
+    differ in the last bits from the same query in a batch).
 
     Args:
         shards: float16 arrays ``(n_i, d)``; rows are numbered over them in order.
