@@ -187,7 +187,10 @@ class Searcher:
         if image is not None:
             return self.model.encode_images([image], name)[0]
         if item is not None:
-            return index.store.vector(item)
+            vector = index.store.vector(item)
+            if not np.isfinite(vector).all():
+                raise ValueError(f"item {item}'s embedding in the index is damaged (not finite numbers)")
+            return vector
         vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
         if vector.shape != (index.manifest.dim,) or not np.isfinite(vector).all() or not np.linalg.norm(vector):
             raise ValueError(f"the embedding must be {index.manifest.dim} finite numbers, not all zero")
@@ -195,12 +198,13 @@ class Searcher:
 
     def search(self, *, text: str | None = None, image: Image.Image | None = None, item: int | None = None,
                embedding: Sequence[float] | None = None, k: int = 10, index: str | None = None) -> list[dict[str, Any]]:
-        """The top ``k`` items of index ``index`` (default: the first) for one query."""
+        """The top ``k`` items of index ``index`` (default: the first) for one query; rows whose
+        embedding is damaged (a score that is not a number) are left out."""
         name, search_index = self.index(index)
         query = self.query_embedding(name, text=text, image=image, item=item, embedding=embedding)
         scores, ids = search_index.search(query, k)
         return [{**search_index.item(int(row)), "score": float(score)}
-                for score, row in zip(scores[0], ids[0], strict=True) if row >= 0]
+                for score, row in zip(scores[0], ids[0], strict=True) if row >= 0 and np.isfinite(score)]
 
     def describe(self) -> list[dict[str, Any]]:
         """One entry per index: name, count, width, model, search kind."""

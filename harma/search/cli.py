@@ -27,7 +27,13 @@ from ..training.model_options import (
     parse_adapters,
     spec_from_args,
 )
-from ..training.options import add_caption_arguments, caption_reader_options, device_option
+from ..training.options import (
+    add_caption_arguments,
+    caption_reader_options,
+    device_option,
+    errors_named,
+    exit_on_bad_input,
+)
 from .ann import build_faiss_index
 from .archive import Searcher
 from .indexer import IndexOptions, build_index
@@ -36,8 +42,9 @@ from .sources import ImageSource, annotation_source, folder_source, open_image, 
 
 __all__ = ["build_parser", "main"]
 
-BAD_INPUT = (FileNotFoundError, FileExistsError, ValueError, KeyError, TypeError, ImportError, PermissionError)
-"""Errors that are the user's to fix: one ``error:`` line and exit status 2, no traceback."""
+# Besides harma.training.options.BAD_INPUT, the errors of archive search that are the user's to
+# fix: an unknown item or index (KeyError, as a mapping says it) and a missing extra (ImportError).
+SEARCH_BAD_INPUT = (KeyError, ImportError)
 
 
 def _index_parser(commands: argparse._SubParsersAction) -> None:
@@ -91,7 +98,8 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max_upload_mb", type=float, default=10.0, help="largest accepted upload")
-    parser.add_argument("--max_pixels", type=int, default=40_000_000, help="largest accepted image (pixels)")
+    parser.add_argument("--max_pixels", type=int, default=40_000_000, help="largest uploaded image (pixels); "
+                        "indexed images are served up to the limit they were indexed under")
     parser.add_argument("--max_k", type=int, default=100, help="most results per query")
     _model_overrides(parser)
 
@@ -175,7 +183,10 @@ def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_query(args: argparse.Namespace) -> list[dict[str, Any]]:
     searcher = Searcher.open(args.index, overrides=overrides_of(args), device=args.device, use_faiss=not args.exact)
-    image = open_image(Path(args.image).read_bytes()) if args.image else None
+    image = None
+    if args.image:
+        with errors_named(f"--image {args.image}"):
+            image = open_image(Path(args.image).read_bytes())
     if args.top_k < 1:
         raise ValueError("--top-k must be at least 1")
     results = searcher.search(text=args.text, image=image, item=args.item, k=args.top_k, index=args.name)
@@ -209,9 +220,5 @@ def run_serve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> Any:
     args = build_parser().parse_args(argv)
     run = {"index": run_index, "query": run_query, "serve": run_serve}[args.command]
-    try:
+    with exit_on_bad_input(also=SEARCH_BAD_INPUT):
         return run(args)
-    except BAD_INPUT as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None

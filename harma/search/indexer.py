@@ -30,9 +30,9 @@ from ..training.model_options import ModelSpec, build_from_spec, load_named_adap
 from ..training.models import build_backbone, looks_like_path
 from ..training.options import resolve_device
 from .encoder import SearchModel
-from .manifest import MANIFEST_NAME, Manifest, adapter_fingerprint
+from .manifest import INDEX_MAX_PIXELS, MANIFEST_NAME, Manifest, adapter_fingerprint
 from .sources import ImageSource, ItemDataset, collate_items
-from .store import atomic_write_bytes, atomic_write_json, shard_files, write_shard
+from .store import atomic_write_bytes, atomic_write_json, read_jsonl_lines, shard_files, write_shard
 
 __all__ = ["IndexOptions", "UnreadableImageError", "build_index", "index_targets"]
 
@@ -53,7 +53,8 @@ class IndexOptions:
         device: where the model runs.
         shard_size: items per shard (the unit of resumption and of work per rank).
         strict: stop at the first unreadable image instead of listing and skipping it.
-        max_pixels: images larger than this are unreadable (decompression bombs).
+        max_pixels: images larger than this are unreadable (decompression bombs); recorded in
+            the manifest, and the server serves the index's images up to it.
         part: ``(K, N)``: embed only shards ``K, K + N, ...`` (one of N independent machines).
         progress: show a progress bar with images/s.
     """
@@ -63,7 +64,7 @@ class IndexOptions:
     device: str = "auto"
     shard_size: int = 10000
     strict: bool = False
-    max_pixels: int = 178_956_970  # PIL's own decompression-bomb limit
+    max_pixels: int = INDEX_MAX_PIXELS
     part: tuple[int, int] | None = None
     progress: bool = True
     stats: dict[str, Any] = field(default_factory=dict)
@@ -82,13 +83,14 @@ def index_targets(spec: ModelSpec, out: Path) -> list[tuple[Path, str | None, st
 
 
 def _build_record(spec: ModelSpec, adapters: str | None, adapter_name: str | None, source: ImageSource,
-                  shard_size: int) -> dict[str, Any]:
+                  options: IndexOptions) -> dict[str, Any]:
     keys = hashlib.sha256("\n".join(item.key for item in source.items).encode("utf-8")).hexdigest()
     return {
         "spec": replace(spec, adapters=adapters).to_dict(), "backbone": spec.backbone_fingerprint(),
         "adapters": adapter_fingerprint(adapters), "adapter_name": adapter_name,
         "source": {**source.description, "kind": source.kind, "root": str(source.root.resolve())},
-        "items": len(source.items), "keys_sha256": keys, "shard_size": shard_size,
+        "items": len(source.items), "keys_sha256": keys, "shard_size": options.shard_size,
+        "max_pixels": options.max_pixels,
     }
 
 
@@ -98,12 +100,15 @@ def _start_or_resume(index_dir: Path, record: dict[str, Any]) -> None:
     path = index_dir / BUILD_NAME
     if path.is_file():
         previous = json.loads(path.read_text(encoding="utf-8"))
+        previous.setdefault("max_pixels", INDEX_MAX_PIXELS)  # a build started before it was recorded
         if previous != record:
             differing = sorted(key for key in set(previous) | set(record) if previous.get(key) != record.get(key))
             raise ValueError(
                 f"'{index_dir}' holds an index built with other options or from another list of images "
                 f"(differing: {', '.join(differing)}): give another --out, or delete '{index_dir}' to start over")
         return
+    if index_dir.exists() and not index_dir.is_dir():
+        raise NotADirectoryError(f"'{index_dir}' is a file, not a folder for an index: give another --out")
     if index_dir.exists() and any(index_dir.iterdir()):
         raise FileExistsError(f"'{index_dir}' is not empty and holds no index build: give another --out")
     atomic_write_json(path, record)
@@ -232,19 +237,19 @@ def _join(index_dir: Path, record: dict[str, Any], n_shards: int) -> Manifest | 
     for shard in range(n_shards):
         files = shard_files(index_dir, shard)
         array = np.load(files["embeddings"], mmap_mode="r")
-        lines = files["metadata"].read_text(encoding="utf-8").splitlines()
+        lines = read_jsonl_lines(files["metadata"])
         if len(lines) != len(array):
             raise ValueError(f"'{index_dir}': shard {shard} has {len(array)} embeddings and {len(lines)} metadata "
                              f"rows; delete {files['embeddings']} and run the command again")
         if len(array):
             dim = dim or array.shape[1]
         shards.append({"shard": shard, "count": len(array)})
-        failures.extend(files["failures"].read_text(encoding="utf-8").splitlines())
+        failures.extend(read_jsonl_lines(files["failures"]))
     atomic_write_bytes(index_dir / "failures.jsonl", "".join(line + "\n" for line in failures).encode("utf-8"))
     manifest = Manifest(
         spec=ModelSpec(**record["spec"]), backbone=record["backbone"], adapters=record["adapters"],
         adapter_name=record["adapter_name"], dim=int(dim or 0), count=sum(s["count"] for s in shards),
-        shards=shards, source=record["source"], failures=len(failures),
+        shards=shards, source=record["source"], failures=len(failures), max_pixels=record["max_pixels"],
     )
     atomic_write_json(index_dir / MANIFEST_NAME, manifest.to_dict())
     return manifest
@@ -281,7 +286,7 @@ def build_index(source: ImageSource, spec: ModelSpec, out: str | os.PathLike,
     init_distributed_from_env()
     spec = _absolute_spec(spec)
     targets = index_targets(spec, Path(out))
-    records = [_build_record(spec, adapters, name, source, options.shard_size) for _, adapters, name in targets]
+    records = [_build_record(spec, adapters, name, source, options) for _, adapters, name in targets]
     # Rank 0 starts the build (writes build.json) before the other ranks check it: a rank that
     # looked while rank 0 was writing would see a folder holding files but no build yet.
     if get_rank() == 0:

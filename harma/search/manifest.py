@@ -17,6 +17,7 @@ from ..training.model_options import ModelSpec, file_sha256
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "INDEX_MAX_PIXELS",
     "IndexMismatchError",
     "Manifest",
     "adapter_fingerprint",
@@ -28,6 +29,9 @@ __all__ = [
 FORMAT = "harma.search.index"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# PIL's own decompression-bomb limit (it refuses larger images itself): the largest image the
+# indexer reads unless told otherwise, and the limit of an index whose manifest names none.
+INDEX_MAX_PIXELS = 178_956_970
 
 
 class IndexMismatchError(ValueError):
@@ -87,6 +91,8 @@ class Manifest:
         source: how the items were found (`ImageSource.description`) and ``kind``, ``root``.
         failures: number of unreadable images (listed in ``failures.jsonl``).
         faiss: the approximate index's description (file, type, recall@10), or None.
+        max_pixels: the largest image (width x height) the indexer read; the server serves the
+            index's images up to it.
     """
 
     spec: ModelSpec
@@ -99,6 +105,7 @@ class Manifest:
     source: dict[str, Any]
     failures: int = 0
     faiss: dict[str, Any] | None = None
+    max_pixels: int = INDEX_MAX_PIXELS
 
     @property
     def root(self) -> Path:
@@ -114,6 +121,7 @@ class Manifest:
             "backbone": self.backbone, "adapters": self.adapters, "adapter_name": self.adapter_name,
             "dim": self.dim, "count": self.count, "dtype": "float16", "normalized": True,
             "shards": self.shards, "source": self.source, "failures": self.failures, "faiss": self.faiss,
+            "max_pixels": self.max_pixels,
         }
 
     def check_model(self, spec: ModelSpec, index_dir: str | os.PathLike) -> None:
@@ -156,12 +164,15 @@ def read_manifest(index_dir: str | os.PathLike) -> Manifest:
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"'{path}' has format version {data['format_version']}; this harma reads up to "
                          f"{FORMAT_VERSION}: upgrade harma")
+    max_pixels = data.get("max_pixels", INDEX_MAX_PIXELS)  # absent from indexes written before it was recorded
+    if type(max_pixels) is not int or max_pixels < 1:
+        raise ValueError(f"'{path}' is damaged: max_pixels must be a positive integer, got {max_pixels!r}")
     try:
         return Manifest(
             spec=ModelSpec(**data["spec"]), backbone=data["backbone"], adapters=data["adapters"],
             adapter_name=data.get("adapter_name"), dim=int(data["dim"]), count=int(data["count"]),
             shards=list(data["shards"]), source=dict(data["source"]), failures=int(data.get("failures", 0)),
-            faiss=data.get("faiss"),
+            faiss=data.get("faiss"), max_pixels=max_pixels,
         )
     except (KeyError, TypeError) as error:
         raise ValueError(f"'{path}' is damaged: {type(error).__name__}: {error}") from None

@@ -15,7 +15,9 @@ Routes (every error is a JSON object ``{"error": "..."}`` with a 4xx status, nev
 Security defaults: the server binds 127.0.0.1 unless told otherwise; it serves only the images
 of indexed items, read from under each index's image root (absolute paths, ``..`` and symlinks
 pointing out give 404); uploads larger than ``max_upload_bytes`` are refused while they arrive
-(413), images larger than ``max_pixels`` before they are decoded (413).
+(413), uploaded images larger than ``max_pixels`` before they are decoded (413). Indexed
+images are served up to the pixel limit their index was built with (``Manifest.max_pixels``);
+thumbnails of large JPEGs are decoded at a reduced scale.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations (Request)
@@ -54,7 +56,8 @@ class ServerLimits:
 
     Attributes:
         max_upload_bytes: largest request body (an uploaded image, a JSON query).
-        max_pixels: largest uploaded image, width x height (checked before decoding).
+        max_pixels: largest uploaded image, width x height (checked before decoding); indexed
+            images are served up to their index's own limit (``Manifest.max_pixels``).
         max_k: most results per query.
         max_text_chars: longest text query.
         thumbnail_size: side of the thumbnails in pixels.
@@ -92,7 +95,7 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
+        if length is not None and (not length.isdigit() or len(length) > MAX_DIGITS or int(length) > self.limit):
             await _send_json(send, 413, {"error": f"the request body is larger than {self.limit:,} bytes"})
             return
         received, started = 0, False
@@ -128,13 +131,48 @@ def _static(name: str) -> bytes:
     return resources.files("harma.search").joinpath("static", name).read_bytes()
 
 
+# Integers of more digits are beyond every limit and id (and int() refuses 4,300 digits).
+MAX_DIGITS = 18
+
+
+def _digits(text: str, what: str) -> int | None:
+    """The number that ``text`` writes in ASCII digits, or None (``int`` also reads other
+    scripts' digits, ``²``, spaces and underscores)."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    if len(text) > MAX_DIGITS:
+        raise BadQuery(400, f"'{what}' is out of range: more than {MAX_DIGITS} digits")
+    return int(text)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool):
-        raise BadQuery(400, f"'{what}' must be an integer, got {value!r}")
+    """An integer field: a JSON integer (not a boolean, nor a number with a fraction or an
+    exponent: 2.7, 3.0, 1e400), or a string of ASCII digits with an optional ``-`` (a query
+    string, a form field)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 10 ** MAX_DIGITS:
+            raise BadQuery(400, f"'{what}' is out of range: more than {MAX_DIGITS} digits")
+        return value
+    if isinstance(value, str):
+        number = _digits(value.removeprefix("-"), what)
+        if number is not None:
+            return -number if value.startswith("-") else number
+    raise BadQuery(400, f"'{what}' must be an integer in ASCII digits, got {_shown(value)}")
+
+
+def _embedding(value: Any) -> list[float]:
+    """A JSON list of numbers as floats (an integer too large for a float is refused here)."""
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise BadQuery(400, f"'{what}' must be an integer, got {value!r}") from None
+        if isinstance(value, list) and all(type(v) in (int, float) for v in value):
+            return [float(v) for v in value]
+    except OverflowError:
+        pass
+    raise BadQuery(400, "'embedding' must be a list of numbers, each finite")
 
 
 class SearchService:
@@ -144,7 +182,9 @@ class SearchService:
         self.searcher, self.limits = searcher, limits
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
 
-    def index(self, name: str | None) -> str:
+    def index(self, name: Any) -> str:
+        if name is not None and not isinstance(name, str):
+            raise BadQuery(400, f"'index' must be the name of an index, got {_shown(name)}")
         try:
             return self.searcher.index(name or None)[0]
         except KeyError as error:
@@ -169,10 +209,8 @@ class SearchService:
             raise BadQuery(400, f"'text' is longer than {self.limits.max_text_chars} characters")
         if "item" in given:
             given["item"] = _int(given["item"], "item")
-        if "embedding" in given and not (isinstance(given["embedding"], list)
-                                         and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                 for v in given["embedding"])):
-            raise BadQuery(400, "'embedding' must be a list of numbers")
+        if "embedding" in given:
+            given["embedding"] = _embedding(given["embedding"])
         start = time.perf_counter()
         try:
             results = self.searcher.search(k=k, index=name, **given)
@@ -199,31 +237,41 @@ class SearchService:
 
     def item(self, index: str | None, item_id: str) -> tuple[str, dict[str, Any]]:
         name = self.index(index)
-        if not item_id.isdigit():
-            raise BadQuery(404, f"no item {item_id!r} in index {name!r}")
+        number = _digits(item_id, "id")
+        if number is None:
+            raise BadQuery(404, f"no item {_shown(item_id)} in index {name!r}: an item id is written in ASCII digits")
         try:
-            return name, self.searcher.indexes[name].item(int(item_id))
+            return name, self.searcher.indexes[name].item(number)
         except KeyError as error:
             raise BadQuery(404, error.args[0]) from None
 
-    def image(self, index: str | None, item_id: str) -> tuple[bytes, str]:
-        """The image bytes and their media type (formats browsers cannot show become PNG)."""
+    def _indexed_image(self, index: str | None, item_id: str) -> tuple[str, dict[str, Any], bytes]:
+        """``(index name, metadata, encoded image)`` of an indexed item."""
         name, entry = self.item(index, item_id)
         try:
             data = self.searcher.indexes[name].image_bytes(entry["id"])
         except (FileNotFoundError, ValueError, OSError, ImportError):  # ImportError: a dataset without datasets
             raise BadQuery(404, f"the image of item {entry['id']} is not available") from None
+        return name, entry, data
+
+    def image(self, index: str | None, item_id: str) -> tuple[bytes, str]:
+        """The image bytes and their media type (formats browsers cannot show become PNG)."""
+        name, entry, data = self._indexed_image(index, item_id)
         # A dataset row's name need not say its format: it is sent as PNG.
         media = None if "row" in entry else mimetypes.guess_type(entry.get("member") or entry["path"])[0]
         if media in BROWSER_IMAGE_TYPES:
             return data, media
-        return self._encode(self._decoded(data), "PNG"), "image/png"
+        return self._encode(self._decoded(name, entry, data), "PNG"), "image/png"
 
-    def _decoded(self, data: bytes) -> Image.Image:
+    def _decoded(self, name: str, entry: dict[str, Any], data: bytes, fit: int | None = None) -> Image.Image:
+        """An indexed image, decoded under the pixel limit its index was built with (the upload
+        limit is for uploads: the indexer may have read larger images)."""
         try:
-            return open_image(data, self.limits.max_pixels)
+            return open_image(data, self.searcher.indexes[name].manifest.max_pixels, fit=fit)
+        except ImageTooLargeError as error:  # the file was replaced after indexing
+            raise BadQuery(404, f"the image of item {entry['id']} is larger than its index allows: {error}") from None
         except ValueError:
-            raise BadQuery(404, "the indexed image cannot be decoded") from None
+            raise BadQuery(404, f"the image of item {entry['id']} cannot be decoded") from None
 
     @staticmethod
     def _encode(image: Image.Image, kind: str) -> bytes:
@@ -232,10 +280,8 @@ class SearchService:
         return stream.getvalue()
 
     def _thumbnail(self, index: str, item_id: str) -> bytes:
-        data, _ = self.image(index, item_id)
-        image = self._decoded(data)
-        image.thumbnail((self.limits.thumbnail_size, self.limits.thumbnail_size))
-        return self._encode(image, "JPEG")
+        name, entry, data = self._indexed_image(index, item_id)
+        return self._encode(self._decoded(name, entry, data, fit=self.limits.thumbnail_size), "JPEG")
 
 
 def create_app(searcher: Searcher, limits: ServerLimits | None = None) -> Any:
@@ -353,7 +399,8 @@ async def _post_query(request: Any, service: SearchService) -> dict[str, Any]:
     if content_type == "application/json":
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        # ValueError: an integer of over 4,300 digits; RecursionError: arrays nested too deep
+        except (ValueError, RecursionError) as error:
             raise BadQuery(400, f"the body is not valid JSON: {error}") from None
         if not isinstance(body, dict):
             raise BadQuery(400, "the JSON body must be an object with text, item or embedding")

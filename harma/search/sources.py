@@ -102,12 +102,16 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+_OUTSIDE = "its real path is outside the image folder (a symlink out)"
+
+
 def folder_source(root: str | os.PathLike) -> ImageSource:
     """Every image file under ``root`` (by suffix, case-insensitive), sorted by relative path.
 
     A caption file beside an image (``x.txt`` for ``x.jpg``) gives its captions, one per line;
     the first folder level below ``root`` is the label (a class-per-folder tree). Files whose
-    real path is outside ``root`` (symlinks out) are skipped and listed.
+    real path is outside ``root`` (symlinks out), images and caption files alike, are skipped
+    and listed (the image of such a caption file is indexed without captions).
     """
     root = Path(root)
     if not root.is_dir():
@@ -121,19 +125,24 @@ def folder_source(root: str | os.PathLike) -> ImageSource:
                 continue
             relative = path.relative_to(root).as_posix()
             if not _inside(path, root):
-                skipped.append((relative, "its real path is outside the image folder (a symlink out)"))
+                skipped.append((relative, _OUTSIDE))
                 continue
-            captions = _caption_file(path)
+            captions = _caption_file(path, root, skipped)
             label = relative.split("/")[0] if "/" in relative else None
             items.append(ImageItem(relative, relative, captions=captions, label=label))
     items.sort(key=lambda item: item.key)
     return ImageSource(items, root, "folder", {"images": str(root)}, skipped)
 
 
-def _caption_file(image: Path) -> tuple[str, ...]:
+def _caption_file(image: Path, root: Path, skipped: list[tuple[str, str]]) -> tuple[str, ...]:
+    """The captions of the first caption file beside ``image``; one whose real path is outside
+    ``root`` is not read but listed in ``skipped``."""
     for suffix in TEXT_SUFFIXES:
         text_file = image.with_suffix(suffix)
         if text_file.is_file():
+            if not _inside(text_file, root):
+                skipped.append((text_file.relative_to(root).as_posix(), _OUTSIDE))
+                return ()
             lines = text_file.read_text(encoding="utf-8", errors="replace").splitlines()
             return tuple(line.strip() for line in lines if line.strip())
     return ()
@@ -314,8 +323,13 @@ class ImageTooLargeError(ValueError):
     """An image has more pixels than allowed (refused before it is decoded)."""
 
 
-def open_image(data: bytes | Path, max_pixels: int | None = None) -> Image.Image:
+def open_image(data: bytes | Path, max_pixels: int | None = None, *, fit: int | None = None) -> Image.Image:
     """Decode an image as RGB; ``max_pixels`` refuses larger images before decoding them.
+
+    With ``fit``, a thumbnail no larger than ``fit x fit`` (the aspect ratio kept): a JPEG is
+    decoded at the smallest of 1/2, 1/4 or 1/8 scale that keeps twice that size, and the
+    decoded image is reduced by whole factors before it is resampled, so a large image is not
+    resampled, nor (a JPEG) decoded, at full size.
 
     Raises:
         ValueError: not an image PIL can read, or larger than ``max_pixels`` (says both sizes).
@@ -327,7 +341,15 @@ def open_image(data: bytes | Path, max_pixels: int | None = None) -> Image.Image
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLargeError(f"the image is {width}x{height} = {width * height:,} pixels; the limit is "
                                  f"{max_pixels:,}")
-            return image.convert("RGB")
+            if fit is None:
+                return image.convert("RGB")
+            if image.format in ("JPEG", "MPO"):  # thumbnail() sets the decoder's scale (draft)
+                image.thumbnail((fit, fit))
+                return image.convert("RGB")
+            # Others are decoded whole; RGB first: a palette image would be resampled by nearest.
+            thumbnail = image.convert("RGB")
+            thumbnail.thumbnail((fit, fit))
+            return thumbnail
     except ImageTooLargeError:
         raise
     except Exception as error:  # PIL raises many types for damaged files; each is the file's fault

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
+import threading
 import warnings
 from bisect import bisect_right
 from collections import OrderedDict
@@ -37,6 +39,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "exact_search",
+    "read_jsonl_lines",
     "shard_files",
     "write_shard",
 ]
@@ -78,8 +81,24 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
+# Characters that end a line for str.splitlines (and other readers) but may stand raw in a JSON
+# string: escaped when written, so that every reader of the JSON lines sees one row per line.
+_LINE_BREAKS_IN_JSON = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    return "".join(json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS_IN_JSON) + "\n"
+                   for row in rows).encode("utf-8")
+
+
+def read_jsonl_lines(path: Path) -> list[str]:
+    """The lines of a JSON-lines file, split at ``\\n`` only: ``str.splitlines`` also splits at
+    U+0085, U+2028 and U+2029, which indexes written before they were escaped hold raw in
+    their captions."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -111,9 +130,13 @@ def exact_search(
     """Exact inner-product top-``k`` over float16 row blocks (memory maps), chunk by chunk.
 
     Each chunk of ``chunk_rows`` rows is converted to float32 into one reused buffer and
-    multiplied by the queries; the scores of a segment of rows are reduced to their top ``k``
-    before the next. Memory is bounded by ``chunk_rows x d`` and ``SEGMENT_ROWS x m`` floats,
-    whatever the number of rows.
+    multiplied by the queries; the scores of a segment of rows are reduced to the rows that can
+    still be among the best ``k`` (those scoring at least the ``k``-th best score so far, ties
+    included) before the next. Memory is bounded by ``chunk_rows x d`` and ``SEGMENT_ROWS x m``
+    floats, whatever the number of rows. Which rows are chosen, and their order, depend on the
+    scores alone, not on the chunk and segment sizes or on how the rows are split into shards
+    (the scores themselves are the BLAS kernel's: a single query, a matrix-vector product, may
+    differ in the last bits from the same query in a batch).
 
     Args:
         shards: float16 arrays ``(n_i, d)``; rows are numbered over them in order.
@@ -121,15 +144,18 @@ def exact_search(
         k: results per query (fewer when there are fewer rows).
 
     Returns:
-        ``(scores (m, k') float32, rows (m, k') int64)``, best first; ties by row number.
+        ``(scores (m, k') float32, rows (m, k') int64)``, best first; equal scores by row number
+        (the lower first). A NaN score (a damaged row) counts as minus infinity.
     """
     query = torch.as_tensor(np.asarray(queries, dtype=np.float32)).reshape(-1, shards[0].shape[1] if shards else 0)
     m, dim = query.shape
+    best_scores = np.empty((m, 0), dtype=np.float32)
+    best_rows = np.empty((m, 0), dtype=np.int64)
+    if k < 1:
+        return best_scores, best_rows
     query_t = query.t().contiguous()
     buffer = torch.empty(chunk_rows, dim)
     segment = torch.empty(SEGMENT_ROWS, m)
-    best_scores = torch.empty(0, m)
-    best_rows = torch.empty(0, m, dtype=torch.long)
     offset = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only memory maps: nothing writes to them
@@ -146,30 +172,61 @@ def exact_search(
                         torch.mv(block, query[0], out=out[:, 0])
                     else:
                         torch.mm(block, query_t, out=out)
-                scores = segment[: seg_stop - seg_start]
-                top = torch.topk(scores, min(k, len(scores)), dim=0)
-                best_scores = torch.cat([best_scores, top.values])
-                best_rows = torch.cat([best_rows, top.indices + offset + seg_start])
-                if len(best_scores) > k:
-                    keep = torch.topk(best_scores, k, dim=0).indices
-                    best_scores = best_scores.gather(0, keep)
-                    best_rows = best_rows.gather(0, keep)
+                best_scores, best_rows = _merge_best(best_scores, best_rows, segment[: seg_stop - seg_start],
+                                                     offset + seg_start, k)
             offset += len(rows)
-    return _sorted(best_scores.t().numpy(), best_rows.t().numpy(), k)
+    return best_scores, best_rows
 
 
-def _sorted(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's candidates sorted by score (descending), then row (ascending), cut to ``k``."""
-    out_scores = np.empty((len(scores), min(k, scores.shape[1])), dtype=np.float32)
-    out_rows = np.empty(out_scores.shape, dtype=np.int64)
-    for i in range(len(scores)):
-        order = np.lexsort((rows[i], -scores[i]))[: out_scores.shape[1]]
-        out_scores[i], out_rows[i] = scores[i][order], rows[i][order]
-    return out_scores, out_rows
+def _merge_best(best_scores: np.ndarray, best_rows: np.ndarray, scores: torch.Tensor, first_row: int,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of the rows kept so far (``(m, b)``, sorted) and a segment's ``scores``
+    ``(s, m)`` of rows ``first_row...`` (NaN is made minus infinity in place), sorted by score
+    (descending), then row (ascending)."""
+    length, m = scores.shape
+    kept = best_scores.shape[1]
+    kth_best = torch.from_numpy(best_scores[:, k - 1]) if kept >= k else None
+    if length <= k:
+        scores.nan_to_num_(-math.inf, math.inf, -math.inf)
+        row, query = np.repeat(np.arange(length), m), np.tile(np.arange(m), length)
+    else:
+        top = torch.topk(scores, k + 1, dim=0)
+        if bool(top.values.isnan().any()):  # topk ranks NaN above every number
+            top = torch.topk(scores.nan_to_num_(-math.inf, math.inf, -math.inf), k + 1, dim=0)
+        if kth_best is not None and bool((top.values[0] <= kth_best).all()):
+            return best_scores, best_rows  # nothing beats the k-th kept row (an equal score has a later row)
+        row, query = _candidates(scores, top, k, kth_best)
+    queries = np.concatenate([np.repeat(np.arange(m), kept), query])
+    candidate_scores = np.concatenate([best_scores.reshape(-1), scores.numpy()[row, query]])
+    candidate_rows = np.concatenate([best_rows.reshape(-1), row + first_row])
+    order = np.lexsort((candidate_rows, -candidate_scores, queries))
+    counts = kept + np.bincount(query, minlength=m)  # at least min(k, rows so far) per query
+    width = min(k, kept + length)
+    taken = order[(np.cumsum(counts) - counts)[:, None] + np.arange(width)]
+    return candidate_scores[taken], candidate_rows[taken]
+
+
+def _candidates(scores: torch.Tensor, top: Any, k: int, kth_best: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, queries)`` of the segment's rows that may be among each query's best ``k``: every
+    row scoring at least the segment's ``k``-th best score (and ``kth_best``, the ``k``-th best
+    of the rows before, when given). ``top``: the segment's ``torch.topk(scores, k + 1)``.
+
+    ``torch.topk`` keeps an arbitrary subset of equal scores: its rows are the candidates only
+    when no row outside them ties with the ``k``-th (then they are every row scoring at least
+    it); otherwise the rows are found by comparing every score with the threshold."""
+    m = scores.shape[1]
+    if bool((top.values[k] < top.values[k - 1]).all()):
+        return top.indices[:k].reshape(-1).numpy(), np.tile(np.arange(m), k)
+    threshold = top.values[k - 1]
+    if kth_best is not None:
+        threshold = torch.maximum(threshold, kth_best)
+    row, query = torch.nonzero(scores >= threshold, as_tuple=True)
+    return row.numpy(), query.numpy()
 
 
 class EmbeddingStore:
-    """The rows of a complete index: memory-mapped embeddings and lazily read metadata.
+    """The rows of a complete index: memory-mapped embeddings and lazily read metadata (the
+    ``cached_shards`` metadata files read last are kept; threads may read concurrently).
 
     Args:
         index_dir: the index folder.
@@ -191,6 +248,9 @@ class EmbeddingStore:
                                  f"the manifest says float16 ({count}, {dim})")
         self._metadata: OrderedDict[int, list[str]] = OrderedDict()
         self._cached_shards = cached_shards
+        # The server reads metadata from several threads: without it, a shard evicted by one
+        # between another's lookup and its move_to_end raised KeyError (a 404 for a real item).
+        self._metadata_lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -214,15 +274,17 @@ class EmbeddingStore:
     def metadata(self, row: int) -> dict[str, Any]:
         """The metadata of item ``row`` (``key``, ``path``, ``captions``...) with its ``id``."""
         shard, local = self._locate(row)
-        lines = self._metadata.get(shard)
-        if lines is None:
-            path = shard_files(self.index_dir, self.shard_numbers[shard])["metadata"]
-            lines = path.read_text(encoding="utf-8").splitlines()
-            self._metadata[shard] = lines
-            if len(self._metadata) > self._cached_shards:
-                self._metadata.popitem(last=False)
-        else:
-            self._metadata.move_to_end(shard)
+        with self._metadata_lock:
+            lines = self._metadata.get(shard)
+            if lines is not None:
+                self._metadata.move_to_end(shard)
+        if lines is None:  # read outside the lock: other threads go on meanwhile
+            lines = read_jsonl_lines(shard_files(self.index_dir, self.shard_numbers[shard])["metadata"])
+            with self._metadata_lock:
+                self._metadata[shard] = lines
+                self._metadata.move_to_end(shard)
+                while len(self._metadata) > self._cached_shards:
+                    self._metadata.popitem(last=False)
         entry = json.loads(lines[local])
         entry["id"] = int(row)
         return entry

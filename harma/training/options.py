@@ -43,16 +43,19 @@ one ``error:`` line and exits with status 2, no traceback."""
 
 
 @contextlib.contextmanager
-def exit_on_bad_input() -> Iterator[None]:
-    """Inside, an error that is the user's to fix (`BAD_INPUT`) prints one ``error:`` line on
+def exit_on_bad_input(also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Inside, an error that is the user's to fix (`BAD_INPUT`, and the types in ``also`` where
+    a command line's library raises others: archive search names an unknown item with a
+    `KeyError`, a missing optional extra with an `ImportError`) prints one ``error:`` line on
     stderr and exits with status 2, without a traceback; an image that a DataLoader worker could
     not read is named without the worker's traceback."""
     try:
         yield
-    except BAD_INPUT as error:
+    except (*BAD_INPUT, *also) as error:
         if isinstance(error, ImageReadError):
             error = ImageReadError.without_worker_traceback(error)
-        print(f"error: {error}", file=sys.stderr)
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # str() quotes a KeyError
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

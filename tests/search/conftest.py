@@ -32,7 +32,7 @@ def archive(tmp_path_factory) -> Archive:
 
 @pytest.fixture(scope="session")
 def built_index(archive, tmp_path_factory) -> Path:
-    """The archive indexed with the adapters (3 shards of 10)."""
+    """The archive indexed with the adapters (3 shards of 10), at one thread (`run_search`)."""
     out = tmp_path_factory.mktemp("index") / "index"
     run_search("index", "--images", str(archive.images), "--out", str(out), *archive.model_args(),
                "--batch_size", "4", "--num_workers", "0", "--shard_size", "10", "--quiet")

@@ -9,6 +9,7 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,12 +61,26 @@ def adapter_file(model: torch.nn.Module, path: Path, seed: int) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch at one thread inside. The suite's ``one_thread`` fixture is function-scoped, so
+    session and module fixtures (``built_index``) ran at the default count, while the indexes
+    compared with theirs bitwise are built at one thread (in tests, in subprocesses with
+    ``OMP_NUM_THREADS=1``, by ranks): PyTorch may route another thread count differently."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_search(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m harma.search ARGS`` run in this process (the same code as the command line,
-    without a new interpreter's start-up): its exit status and what it printed."""
+    """``python -m harma.search ARGS`` run in this process at one thread (the same code as the
+    command line, without a new interpreter's start-up): its exit status and what it printed."""
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), one_thread():
         try:
             main(list(args))
         except SystemExit as error:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from search_support import REPO, run_search, write_images
 import harma.search.indexer as indexer
 from harma.search import (
     IndexOptions,
+    SearchIndex,
     SearchModel,
     annotation_source,
     build_index,
@@ -29,6 +31,7 @@ from harma.search import (
     read_manifest,
     webdataset_source,
 )
+from harma.search.manifest import INDEX_MAX_PIXELS
 from harma.training.model_options import ModelSpec, build_from_spec, read_model_config
 
 
@@ -65,6 +68,20 @@ def test_index_rows_are_the_models_normalised_image_embeddings(built_index, arch
                                                for item in source.items])
     rows = np.concatenate([np.load(built_index / "embeddings" / f"emb-{i:05d}.npy") for i in range(3)])
     np.testing.assert_allclose(rows.astype(np.float32), expected, atol=2e-3)  # float16 storage
+
+
+def test_in_process_builds_embed_at_one_thread_like_the_builds_they_are_compared_with(archive, tmp_path,
+                                                                                    monkeypatch):
+    # built_index (a session fixture, set up before the function-scoped one_thread fixture) was
+    # built at the default thread count and compared bitwise with 1-thread builds.
+    threads = []
+    encode = SearchModel.encode_pixels
+    monkeypatch.setattr(SearchModel, "encode_pixels",
+                        lambda self, *args: threads.append(torch.get_num_threads()) or encode(self, *args))
+    torch.set_num_threads(2)  # as outside a test; the suite's one_thread fixture restores it
+    run_search("index", "--images", str(archive.images), "--out", str(tmp_path / "index"), *archive.model_args(),
+               "--batch_size", "12", "--num_workers", "0", "--quiet")
+    assert threads == [1, 1] and torch.get_num_threads() == 2
 
 
 def test_unreadable_images_are_listed_and_skipped_and_strict_makes_them_fatal(archive, tmp_path):
@@ -162,6 +179,28 @@ def test_parts_on_separate_machines_join_into_the_uninterrupted_index(archive, b
     assert index_files(out) == index_files(built_index)
 
 
+def test_the_pixel_limit_is_recorded_and_a_resumed_build_must_keep_it(archive, tmp_path):
+    source, spec = folder_source(archive.images), spec_of(archive, archive.adapters)
+    out = tmp_path / "index"
+    options = IndexOptions(batch_size=4, num_workers=0, shard_size=10, progress=False, part=(0, 2))
+    build_index(source, spec, out, options)
+    record = json.loads((out / "build.json").read_text())
+    assert record["max_pixels"] == INDEX_MAX_PIXELS
+    with pytest.raises(ValueError, match="differing: max_pixels"):
+        build_index(source, spec, out, replace(options, part=None, max_pixels=10_000))
+    del record["max_pixels"]  # a build started by an earlier version, which did not record it
+    (out / "build.json").write_text(json.dumps(record))
+    build_index(source, spec, out, replace(options, part=None))
+    assert read_manifest(out).max_pixels == INDEX_MAX_PIXELS
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["max_pixels"]  # an index written by an earlier version: the indexer's default then
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(out).max_pixels == INDEX_MAX_PIXELS
+    (out / "manifest.json").write_text(json.dumps({**manifest, "max_pixels": 2.5}))
+    with pytest.raises(ValueError, match="damaged: max_pixels must be a positive integer, got 2.5"):
+        read_manifest(out)
+
+
 def _rank_worker(rank: int, port: int, folder: str, out: str, spec: ModelSpec) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -207,3 +246,44 @@ def test_webdataset_shards_and_annotation_files_are_sources(archive, tmp_path):
     assert [(item.path, item.captions, item.label) for item in source.items] == [
         ("roofs/img000.png", ("red roofs", "houses"), None), ("fields/img001.png", ("a green field",), "field")]
     assert source.skipped == [("../outside.png", f"entry 3: outside the image root '{archive.images}'")]
+
+
+def test_captions_holding_unicode_line_separators_are_indexed_and_read_back(archive, tmp_path):
+    # U+2028, U+2029 and U+0085 end a line for str.splitlines, not for JSON lines: a caption
+    # holding one made the metadata file one row longer than its embeddings, forever.
+    captions = ["red roofs\u2028beside a road", "many\u2029houses", "a green\x85field"]
+    annotation = tmp_path / "test.json"
+    annotation.write_text(json.dumps([{"image": "roofs/img000.png", "caption": captions[:2]},
+                                      {"image": "fields/img001.png", "caption": captions[2:]}]))
+    out = tmp_path / "index"
+    command = ["index", "--annotation", str(annotation), "--image_root", str(archive.images), "--out", str(out),
+               *archive.model_args(), "--num_workers", "0", "--quiet"]
+    run_search(*command)
+    metadata = out / "metadata" / "meta-00000.jsonl"
+    assert not set("\u2028\u2029\x85") & set(metadata.read_text(encoding="utf-8"))  # escaped: any reader splits
+    assert [SearchIndex(out, use_faiss=False).item(i)["captions"] for i in range(2)] == [captions[:2], captions[2:]]
+    # An index written with the separators raw (before they were escaped) is read as well.
+    rows = [json.loads(line) for line in metadata.read_text(encoding="utf-8").split("\n") if line]
+    metadata.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    (out / "manifest.json").unlink()
+    run_search(*command)  # every shard is complete: only the manifest is written again
+    assert [SearchIndex(out, use_faiss=False).item(i)["captions"] for i in range(2)] == [captions[:2], captions[2:]]
+
+
+def test_a_caption_file_linking_out_of_the_image_folder_is_skipped_and_listed(archive, tmp_path):
+    images = tmp_path / "images"
+    write_images(images, 4)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-TOKEN=hunter2\n")
+    (images / "roofs" / "img000.txt").symlink_to(secret)
+    (images / "roofs" / "inside.txt").write_text("a caption inside the folder\n")
+    (images / "roofs" / "img002.txt").symlink_to(images / "roofs" / "inside.txt")  # a link inside is fine
+    source = folder_source(images)
+    captions = {item.key: item.captions for item in source.items}
+    assert captions["roofs/img000.png"] == () and captions["roofs/img002.png"] == ("a caption inside the folder",)
+    assert source.skipped == [("roofs/img000.txt", "its real path is outside the image folder (a symlink out)")]
+    out = tmp_path / "index"
+    result = run_search("index", "--images", str(images), "--out", str(out), *archive.model_args(),
+                        "--num_workers", "0", "--quiet")
+    assert "skipped roofs/img000.txt: its real path is outside" in result.stderr
+    assert "SECRET" not in "".join(path.read_text() for path in out.rglob("*.jsonl"))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -26,6 +29,91 @@ def test_exact_search_equals_a_full_matrix_product_across_shards_and_chunks():
         assert rows[q].tolist() == expected.tolist()
         np.testing.assert_allclose(scores[q], full[expected, q], rtol=1e-5, atol=1e-5)
     assert exact_search(shards, queries[0], 5000)[1].shape == (1, 1778)
+
+
+@pytest.mark.parametrize("n", [20, 1000, 70000])
+def test_exact_search_breaks_ties_by_row_number_whatever_the_index_size(n):
+    # torch.topk keeps an arbitrary subset of tied rows: identical rows gave rows 11..15 of 20,
+    # 0..4 of 1000, and 65536.. of 70000 (another segment).
+    vector = np.random.default_rng(0).standard_normal(8)
+    rows = np.tile((vector / np.linalg.norm(vector)).astype(np.float16), (n, 1))
+    assert exact_search([rows], vector, 5)[1].tolist() == [[0, 1, 2, 3, 4]]
+    assert exact_search([rows[: n // 2], rows[n // 2:]], np.stack([vector, -vector]), 5, chunk_rows=64)[1].tolist() \
+        == [[0, 1, 2, 3, 4]] * 2
+
+
+def test_exact_search_with_many_ties_is_the_stable_order_of_the_full_product():
+    # Small integer values: every score is exact in float32 whatever the summation order, so
+    # scores tie often and the order by (score descending, row ascending) is known exactly.
+    rng = np.random.default_rng(0)
+    shards = [rng.integers(-2, 3, (n, 6)).astype(np.float16) for n in (70000, 3, 1500)]
+    queries = rng.integers(-2, 3, (3, 6)).astype(np.float32)
+    full = np.concatenate(shards).astype(np.float32) @ queries.T
+    for k, chunk_rows in ((1, 512), (7, 100), (300, 512)):
+        scores, rows = exact_search(shards, queries, k, chunk_rows=chunk_rows)
+        for q in range(3):
+            expected = np.argsort(-full[:, q], kind="stable")[:k]
+            assert rows[q].tolist() == expected.tolist(), (k, q)
+            assert scores[q].tolist() == full[expected, q].tolist()
+
+
+def test_exact_search_ranks_nan_rows_last_as_minus_infinity():
+    # torch.topk ranks NaN above every number: a damaged row was every query's best match.
+    rng = np.random.default_rng(0)
+    shards = [rng.standard_normal((n, 8)).astype(np.float16) for n in (30, 70000)]
+    damaged = [(0, 3), (1, 0), (1, 65540)]  # (shard, row): rows 3, 30 and 65570
+    for shard, row in damaged:
+        shards[shard][row, 2] = np.nan
+    queries = rng.standard_normal((2, 8)).astype(np.float32)
+    top = exact_search(shards, queries, 5)
+    assert not {3, 30, 65570} & set(top[1].ravel().tolist()) and np.isfinite(top[0]).all()
+    scores, rows = exact_search(shards, queries, 70030, chunk_rows=1000)
+    assert rows[:, -3:].tolist() == [[3, 30, 65570]] * 2 and np.isneginf(scores[:, -3:]).all()
+    assert sorted(rows[0].tolist()) == list(range(70030)) and np.isfinite(scores[:, :-3]).all()
+
+
+def test_a_damaged_row_is_no_result_and_cannot_be_a_query(built_index, tmp_path):
+    damaged = shutil.copytree(built_index, tmp_path / "damaged")
+    shard = damaged / "embeddings" / "emb-00001.npy"
+    rows = np.load(shard)
+    rows[2] = np.nan  # item 12
+    np.save(shard, rows)
+    results = json.loads(run_search("query", str(damaged), "--item", "5", "--top-k", "30", "--json",
+                                    "--exact").stdout)
+    assert len(results) == 23 and 12 not in [r["id"] for r in results] and results[0]["id"] == 5
+    refused = run_search("query", str(damaged), "--item", "12", check=False)
+    assert refused.returncode == 2 and "item 12's embedding in the index is damaged" in refused.stderr
+
+
+def test_metadata_read_by_concurrent_threads_is_the_rows(tmp_path):
+    # The server's threads share the cache of metadata shards; without a lock, a shard evicted
+    # by one thread between another's lookup and its move_to_end raised KeyError (a 404).
+    for shard in range(12):
+        write_shard(tmp_path, shard, np.ones((3, 4), np.float16),
+                    [{"key": f"{shard}-{i}", "path": "x.png"} for i in range(3)], [])
+    store = EmbeddingStore(tmp_path, [{"shard": shard, "count": 3} for shard in range(12)], 4, cached_shards=2)
+    errors = []
+
+    def reader(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(2000):
+                row = rng.randrange(36)
+                assert store.metadata(row)["key"] == f"{row // 3}-{row % 3}"
+        except Exception as error:
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
 
 
 def clustered_store(folder, n=3000, dim=32, seed=0):
@@ -89,6 +177,25 @@ def test_bad_queries_are_named(built_index, tmp_path):
     assert missing.returncode == 2 and "no index at" in missing.stderr
     empty = run_search("query", str(built_index), "--text", "  ", check=False)
     assert empty.returncode == 2 and "empty" in empty.stderr
+
+
+def test_a_file_for_a_folder_or_a_folder_for_a_file_is_one_error_line(archive, built_index, tmp_path):
+    # NotADirectoryError and IsADirectoryError were missing from the command line's own list of
+    # the user's errors: tracebacks. It now uses harma.training.options.BAD_INPUT.
+    file = tmp_path / "file.txt"
+    file.write_text("not a folder")
+    index = ["index", "--images", str(archive.images), *archive.model_args(), "--num_workers", "0", "--quiet"]
+    cases = [
+        (["query", str(built_index), "--image", str(tmp_path), "--exact"], f"--image {tmp_path}: [Errno 21]"),
+        ([*index, "--out", str(file)], f"'{file}' is a file, not a folder for an index: give another --out"),
+        ([*index, "--out", str(file / "index")], f"Not a directory: '{file / 'index'}'"),
+        (["serve", str(file / "index")], f"no index at '{file / 'index'}'"),
+    ]
+    for arguments, message in cases:
+        result = run_search(*arguments, check=False)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr, \
+            (arguments, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and file.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize(("arguments", "message"), [

@@ -10,15 +10,16 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 from search_support import run_search
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from harma.search import Searcher  # noqa: E402
+from harma.search import IndexOptions, Searcher, build_index, folder_source, read_manifest  # noqa: E402
 from harma.search.server import ServerLimits, create_app  # noqa: E402
+from harma.training.model_options import ModelSpec, read_model_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,7 @@ def test_hostile_requests_get_4xx_json_errors_and_the_server_keeps_serving(serve
         (client.post("/api/search", json={"text": "x", "evil": 1}), 400, "unknown field"),
         (client.post("/api/search", json={"embedding": [1.0, 2.0]}), 400, "32 finite numbers"),
         (client.post("/api/search", json={"embedding": "abc"}), 400, "list of numbers"),
+        (client.post("/api/search", json={"embedding": [1, True]}), 400, "list of numbers"),
         (client.post("/api/search", json={"text": "x", "k": 0}), 400, "'k'"),
         (client.post("/api/search", json={"text": "x", "k": "many"}), 400, "'k'"),
         (client.post("/api/search", json={"text": "x" * 5000}), 400, "longer"),
@@ -112,6 +114,52 @@ def test_hostile_requests_get_4xx_json_errors_and_the_server_keeps_serving(serve
     for response, status, words in cases:
         assert response.status_code == status and words in response.json()["error"], (response.text, status)
     assert client.get("/api/search", params={"text": "roofs"}).status_code == 200
+
+
+ARABIC_INDIC_THREE = "\u0663"
+
+
+def test_integer_fields_take_ascii_digits_and_json_integers_only(served):
+    # int() read '٣' as 3 and truncated 2.7 to 2; '²' (isdigit, not int) and 1e400 (infinite)
+    # were 500s, as were an index that is a list and integers too large for a float or for int().
+    client, _ = served
+    post = [
+        ({"text": "x", "k": 2.7}, "'k' must be an integer in ASCII digits, got 2.7"),
+        ({"text": "x", "k": 3.0}, "'k' must be an integer in ASCII digits, got 3.0"),
+        ('{"text": "x", "k": 1e400}', "'k' must be an integer in ASCII digits, got inf"),
+        ({"text": "x", "k": True}, "'k' must be an integer in ASCII digits, got True"),
+        ({"text": "x", "k": ARABIC_INDIC_THREE}, "'k' must be an integer in ASCII digits"),
+        ({"text": "x", "k": 10 ** 30}, "'k' is out of range: more than 18 digits"),
+        ({"item": 1.5}, "'item' must be an integer in ASCII digits, got 1.5"),
+        ({"item": "\u00b2"}, "'item' must be an integer in ASCII digits"),
+        ({"text": "x", "index": ["index"]}, "'index' must be the name of an index, got ['index']"),
+        ({"text": "x", "index": 0}, "'index' must be the name of an index, got 0"),
+        ({"embedding": [10 ** 400] * 32}, "'embedding' must be a list of numbers, each finite"),
+    ]
+    for body, message in post:
+        text = body if isinstance(body, str) else json.dumps(body)
+        response = client.post("/api/search", content=text, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and message in response.json()["error"], (body, response.text)
+    for raw in (b'{"text": "x", "k": ' + b"9" * 5000 + b"}", b"[" * 100_000):
+        response = client.post("/api/search", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "not valid JSON" in response.json()["error"], response.text
+    get = [
+        ("/api/search?text=x&k=" + ARABIC_INDIC_THREE, 400, "'k' must be an integer in ASCII digits"),
+        ("/api/search?text=x&k=%C2%B2", 400, "'k' must be an integer in ASCII digits"),
+        ("/api/search?text=x&k=1_0", 400, "'k' must be an integer in ASCII digits"),
+        ("/api/search?item=" + ARABIC_INDIC_THREE, 400, "'item' must be an integer in ASCII digits"),
+        ("/api/search?item=" + "9" * 5000, 400, "'item' is out of range"),
+        ("/api/items/%C2%B2", 404, "an item id is written in ASCII digits"),
+        ("/images/%C2%B2", 404, "an item id is written in ASCII digits"),
+        ("/thumbs/%C2%B2", 404, "an item id is written in ASCII digits"),
+        ("/api/items/" + ARABIC_INDIC_THREE, 404, "an item id is written in ASCII digits"),
+        ("/api/items/" + "9" * 5000, 400, "'id' is out of range"),
+    ]
+    for path, status, message in get:
+        response = client.get(path)
+        assert response.status_code == status and message in response.json()["error"], (path, response.text)
+    assert len(client.post("/api/search", json={"text": "x", "k": "3"}).json()["results"]) == 3
+    assert client.get("/api/items/3").json()["id"] == 3
 
 
 def test_only_indexed_files_under_the_image_root_are_served(archive, tmp_path):
@@ -134,6 +182,60 @@ def test_only_indexed_files_under_the_image_root_are_served(archive, tmp_path):
     client = TestClient(create_app(Searcher.open(out, use_faiss=False)))
     assert client.get("/images/1").status_code == 404 and client.get("/images/2").status_code == 404
     assert client.get("/images/3").status_code == 200
+
+
+def big_images(folder, side=1200):
+    """A JPEG and a TIFF (which browsers cannot show: served as PNG) over the upload limit of
+    the served fixture (500,000 pixels)."""
+    folder.mkdir(parents=True)
+    stripes = np.zeros((side, side, 3), dtype=np.uint8)
+    stripes[::8] = (250, 200, 10)
+    Image.fromarray(stripes).save(folder / "big.jpg", quality=90)
+    Image.fromarray(stripes[: side // 2]).save(folder / "wide.tif")
+    return folder
+
+
+def test_indexed_images_over_the_upload_limit_are_served_and_thumbnailed(archive, tmp_path, monkeypatch):
+    # The upload limit (max_pixels) was applied to indexed images: their thumbnails, and
+    # formats served as PNG, were 404.
+    images = big_images(tmp_path / "images")
+    out = tmp_path / "index"
+    run_search("index", "--images", str(images), "--out", str(out), *archive.model_args(), "--num_workers", "0",
+               "--quiet")
+    client = TestClient(create_app(Searcher.open(out, use_faiss=False), ServerLimits(max_pixels=500_000)))
+    decoded = []
+    original_load = JpegImagePlugin.JpegImageFile.load
+
+    def load(image):
+        decoded.append(image.size)
+        return original_load(image)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", load)
+    assert [client.get(f"/api/items/{i}").json()["path"] for i in (0, 1)] == ["big.jpg", "wide.tif"]
+    jpeg, tiff = client.get("/images/0"), client.get("/images/1")
+    assert jpeg.status_code == 200 and jpeg.content == (images / "big.jpg").read_bytes() and not decoded
+    assert tiff.headers["content-type"] == "image/png" and Image.open(io.BytesIO(tiff.content)).size == (1200, 600)
+    thumbs = [client.get(f"/thumbs/{i}") for i in (0, 1)]
+    assert [Image.open(io.BytesIO(t.content)).size for t in thumbs] == [(256, 256), (256, 128)], thumbs[0].text
+    assert decoded and max(decoded) == (600, 600)  # the JPEG decoded at half scale, not 1200 x 1200
+    upload = client.post("/api/search", content=(images / "big.jpg").read_bytes(),
+                         headers={"content-type": "image/jpeg"})
+    assert upload.status_code == 413 and "1,440,000 pixels" in upload.json()["error"]
+
+
+def test_an_image_over_its_index_pixel_limit_is_not_served(archive, tmp_path):
+    images = big_images(tmp_path / "images", side=600)
+    out = tmp_path / "index"
+    config = read_model_config(str(archive.config))
+    spec = ModelSpec("tiny", str(archive.backbone), config, 32, str(archive.adapters))
+    build_index(folder_source(images), spec, out, IndexOptions(num_workers=0, progress=False, max_pixels=400_000))
+    assert read_manifest(out).max_pixels == 400_000 and read_manifest(out).count == 2
+    Image.new("RGB", (700, 700)).save(images / "big.jpg")  # replaced after indexing
+    client = TestClient(create_app(Searcher.open(out, use_faiss=False)))
+    assert client.get("/thumbs/1").status_code == 200
+    response = client.get("/thumbs/0")
+    assert response.status_code == 404 and "larger than its index allows" in response.json()["error"]
+    assert "490,000 pixels; the limit is 400,000" in response.json()["error"]
 
 
 def test_the_page_and_its_static_files_are_served_with_a_content_security_policy(served):
