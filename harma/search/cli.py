@@ -101,6 +101,8 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max_pixels", type=int, default=40_000_000, help="largest uploaded image (pixels); "
                         "indexed images are served up to the limit they were indexed under")
     parser.add_argument("--max_k", type=int, default=100, help="most results per query")
+    parser.add_argument("--max_decodes", type=int, default=2,
+                        help="most images decoded at once (uploads, thumbnails); other requests wait")
     _model_overrides(parser)
 
 
@@ -213,7 +215,7 @@ def run_serve(args: argparse.Namespace) -> None:
     searcher = Searcher.open(args.index, overrides=overrides_of(args), device=args.device, use_faiss=not args.exact)
     _check_servable(searcher)
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels,
-                          max_k=args.max_k)
+                          max_k=args.max_k, max_decodes=args.max_decodes)
     serve(searcher, host=args.host, port=args.port, limits=limits)
 
 

@@ -17,7 +17,9 @@ of indexed items, read from under each index's image root (absolute paths, ``..`
 pointing out give 404); uploads larger than ``max_upload_bytes`` are refused while they arrive
 (413), uploaded images larger than ``max_pixels`` before they are decoded (413). Indexed
 images are served up to the pixel limit their index was built with (``Manifest.max_pixels``);
-thumbnails of large JPEGs are decoded at a reduced scale.
+thumbnails of large JPEGs are decoded at a reduced scale; at most ``max_decodes`` images
+(uploads, thumbnails, conversions to PNG) are decoded at once, so that many requests for large
+images wait instead of holding a full-size copy each.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations (Request)
@@ -26,6 +28,7 @@ import io
 import json
 import logging
 import mimetypes
+import threading
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -61,6 +64,8 @@ class ServerLimits:
         max_k: most results per query.
         max_text_chars: longest text query.
         thumbnail_size: side of the thumbnails in pixels.
+        max_decodes: most images decoded at once; others wait (a 179-megapixel image is about
+            0.5 GB of RGB while it is decoded).
     """
 
     max_upload_bytes: int = 10_000_000
@@ -68,6 +73,12 @@ class ServerLimits:
     max_k: int = 100
     max_text_chars: int = 1000
     thumbnail_size: int = 256
+    max_decodes: int = 2
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServerLimits.{name} must be a positive integer, got {value!r}")
 
 
 class BadQuery(Exception):
@@ -181,6 +192,7 @@ class SearchService:
     def __init__(self, searcher: Searcher, limits: ServerLimits) -> None:
         self.searcher, self.limits = searcher, limits
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
+        self._decode_slots = threading.BoundedSemaphore(limits.max_decodes)
 
     def index(self, name: Any) -> str:
         if name is not None and not isinstance(name, str):
@@ -229,7 +241,8 @@ class SearchService:
         if not data:
             raise BadQuery(400, "the upload is empty")
         try:
-            return open_image(data, self.limits.max_pixels)
+            with self._decode_slots:
+                return open_image(data, self.limits.max_pixels)
         except ImageTooLargeError as error:
             raise BadQuery(413, f"the upload is too large: {error}") from None
         except ValueError as error:
@@ -267,7 +280,8 @@ class SearchService:
         """An indexed image, decoded under the pixel limit its index was built with (the upload
         limit is for uploads: the indexer may have read larger images)."""
         try:
-            return open_image(data, self.searcher.indexes[name].manifest.max_pixels, fit=fit)
+            with self._decode_slots:
+                return open_image(data, self.searcher.indexes[name].manifest.max_pixels, fit=fit)
         except ImageTooLargeError as error:  # the file was replaced after indexing
             raise BadQuery(404, f"the image of item {entry['id']} is larger than its index allows: {error}") from None
         except ValueError:

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +20,8 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from harma.search import IndexOptions, Searcher, build_index, folder_source, read_manifest  # noqa: E402
-from harma.search.server import ServerLimits, create_app  # noqa: E402
+from harma.search import server as search_server  # noqa: E402
+from harma.search.server import SearchService, ServerLimits, create_app  # noqa: E402
 from harma.training.model_options import ModelSpec, read_model_config  # noqa: E402
 
 
@@ -245,3 +248,50 @@ def test_the_page_and_its_static_files_are_served_with_a_content_security_policy
         page.headers["content-security-policy"]
     assert "textContent" in client.get("/static/app.js").text
     assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+
+
+@pytest.mark.parametrize("max_decodes", [1, 2])
+def test_at_most_max_decodes_images_are_decoded_at_once(served, monkeypatch, max_decodes):
+    # Each decode of a large image holds a full-size copy: a burst of thumbnail and upload
+    # requests must wait for a slot, not decode all at once.
+    _, searcher = served
+    service = SearchService(searcher, ServerLimits(max_decodes=max_decodes))
+    running, most = [0], [0]
+    lock = threading.Lock()
+    original = search_server.open_image
+
+    def slow_open_image(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(search_server, "open_image", slow_open_image)
+    name = service.index(None)
+    calls = [lambda i=i: service.thumbnail(name, str(i)) for i in range(4)] + [lambda: service.upload(png())] * 4
+    failures = []
+
+    def call(function):
+        try:
+            function()
+        except Exception as error:  # noqa: BLE001 - every failure is reported below
+            failures.append(error)
+
+    threads = [threading.Thread(target=call, args=(function,)) for function in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures and 1 <= most[0] <= max_decodes
+
+
+def test_server_limits_are_positive_integers(built_index):
+    for field in ("max_upload_bytes", "max_pixels", "max_k", "max_text_chars", "thumbnail_size", "max_decodes"):
+        for value in (0, -1, 2.5, True):
+            with pytest.raises(ValueError, match=rf"ServerLimits\.{field} must be a positive integer, got {value!r}"):
+                ServerLimits(**{field: value})
+    result = run_search("serve", str(built_index), "--max_decodes", "0", check=False)
+    assert result.returncode == 2 and result.stderr.count("error:") == 1 and "max_decodes" in result.stderr
