@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fused import fused_dots
+
 __all__ = [
     "EmbeddingStore",
     "atomic_write_bytes",
@@ -47,7 +49,8 @@ __all__ = [
 # Rows converted to float32 at once: 512 x 512 x 4 bytes = 1 MB, well inside one core's L2 cache
 # (measured fastest on the benchmark machine: the converted block is read again from L2).
 CHUNK_ROWS = 512
-# Scores kept before each top-k: bounds memory to SEGMENT_ROWS x queries floats.
+# Scores kept before each top-k: bounds memory to SEGMENT_ROWS x queries floats (and the rows
+# of one call of the fused kernel).
 SEGMENT_ROWS = 65536
 
 
@@ -125,7 +128,8 @@ def _open_rows(path: Path) -> np.ndarray:
 
 
 def exact_search(
-    shards: Sequence[np.ndarray], queries: np.ndarray | torch.Tensor, k: int, *, chunk_rows: int = CHUNK_ROWS
+    shards: Sequence[np.ndarray], queries: np.ndarray | torch.Tensor, k: int, *, chunk_rows: int = CHUNK_ROWS,
+    kernel: str = "blas",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-``k`` over float16 row blocks (memory maps), chunk by chunk.
 
@@ -135,13 +139,17 @@ def exact_search(
     included) before the next. Memory is bounded by ``chunk_rows x d`` and ``SEGMENT_ROWS x m``
     floats, whatever the number of rows. Which rows are chosen, and their order, depend on the
     scores alone, not on the chunk and segment sizes or on how the rows are split into shards
-    (the scores themselves are the BLAS kernel's: a single query, a matrix-vector product, may
-    differ in the last bits from the same query in a batch).
+    (the scores themselves are the kernel's: a single query, a matrix-vector product, may
+    differ in the last bits from the same query in a batch, and the fused kernel from BLAS).
 
     Args:
         shards: float16 arrays ``(n_i, d)``; rows are numbered over them in order.
         queries: ``(m, d)`` or ``(d,)`` float queries.
         k: results per query (fewer when there are fewer rows).
+        chunk_rows: rows converted to float32 at once (the ``"blas"`` path).
+        kernel: ``"blas"``, or ``"fused"``: a single query is scored by the compiled kernel of
+            `harma.search.fused` (one pass over the rows; compiled on first use, a few seconds;
+            the BLAS path when it cannot be compiled); several queries always go through BLAS.
 
     Returns:
         ``(scores (m, k') float32, rows (m, k') int64)``, best first; equal scores by row number
@@ -153,6 +161,9 @@ def exact_search(
     best_rows = np.empty((m, 0), dtype=np.int64)
     if k < 1:
         return best_scores, best_rows
+    if kernel not in ("blas", "fused"):
+        raise ValueError(f"exact_search: kernel must be 'blas' or 'fused', got {kernel!r}")
+    fused = fused_dots(dim) if kernel == "fused" and m == 1 and dim else None
     query_t = query.t().contiguous()
     buffer = torch.empty(chunk_rows, dim)
     segment = torch.empty(SEGMENT_ROWS, m)
@@ -163,6 +174,10 @@ def exact_search(
             rows = torch.from_numpy(np.asarray(shard))
             for seg_start in range(0, len(rows), SEGMENT_ROWS):
                 seg_stop = min(seg_start + SEGMENT_ROWS, len(rows))
+                if fused is not None:
+                    scores = fused(shard[seg_start:seg_stop], query[0])[:, None]
+                    best_scores, best_rows = _merge_best(best_scores, best_rows, scores, offset + seg_start, k)
+                    continue
                 for start in range(seg_start, seg_stop, chunk_rows):
                     stop = min(start + chunk_rows, seg_stop)
                     block = buffer[: stop - start]
@@ -289,6 +304,6 @@ class EmbeddingStore:
         entry["id"] = int(row)
         return entry
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` (`exact_search`) over every row."""
-        return exact_search(self._arrays, queries, k)
+    def search(self, queries: np.ndarray, k: int, kernel: str = "blas") -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` (`exact_search`, with its ``kernel``) over every row."""
+        return exact_search(self._arrays, queries, k, kernel=kernel)
