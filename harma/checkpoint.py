@@ -128,9 +128,8 @@ def save_adapters(
     folder = _is_folder_target(path)
     tensors = adapter_state_dict(model, adapter_name)
     if not allow_nonfinite:
-        label = adapter_name if adapter_name is not None else active_adapter(model)
-        check_finite(tensors, f"save_adapters: adapter set {label!r} (nothing written to '{path}')",
-                     hint=NONFINITE_SAVE_HINT)
+        _check_finite_adapters(model, adapter_name, tensors, f"save_adapters: adapter set {{}} (nothing written "
+                                                             f"to '{path}')")
     header = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -359,6 +358,13 @@ def load_adapter_state(
 # Hugging Face Hub
 
 
+def _check_finite_adapters(model: nn.Module, adapter_name: str | None, tensors: Mapping[str, torch.Tensor],
+                           source: str) -> None:
+    """`check_finite` of an adapter set's ``tensors``; ``source`` has ``{}`` for the set's name."""
+    label = adapter_name if adapter_name is not None else active_adapter(model)
+    check_finite(tensors, source.format(repr(label)), hint=NONFINITE_SAVE_HINT)
+
+
 def push_adapters_to_hub(
     model: nn.Module,
     repo_id: str,
@@ -394,9 +400,12 @@ def push_adapters_to_hub(
     except HFValidationError as error:
         raise ValueError(f"push_adapters_to_hub: {repo_id!r} is not a Hub repository id (org/name): "
                          f"{error}") from None
+    if not allow_nonfinite:
+        unwrapped = unwrap_model(model)
+        _check_finite_adapters(unwrapped, adapter_name, adapter_state_dict(unwrapped, adapter_name),
+                               f"push_adapters_to_hub: adapter set {{}} (nothing uploaded to {repo_id!r})")
     with tempfile.TemporaryDirectory() as folder:
-        save_adapters(model, folder, adapter_name=adapter_name, base_model=base_model,
-                      allow_nonfinite=allow_nonfinite)
+        save_adapters(model, folder, adapter_name=adapter_name, base_model=base_model, allow_nonfinite=True)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)

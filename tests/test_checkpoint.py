@@ -256,7 +256,8 @@ def test_adapters_holding_nan_or_inf_are_not_saved_unless_allowed(tmp_path):
             harma.save_adapters(model, target)
     assert existing.read_bytes() == saved  # the file the user had is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.safetensors"]
-    with pytest.raises(ValueError, match="NaN or infinite"):
+    with pytest.raises(ValueError, match=r"push_adapters_to_hub: adapter set 'default' \(nothing uploaded to "
+                                         r"'someone/harma-tiny'\) holds NaN or infinite values"):
         harma.push_adapters_to_hub(model, "someone/harma-tiny")  # refused before the Hub is contacted
     path = harma.save_adapters(model, tmp_path / "diverged.safetensors", allow_nonfinite=True)
     assert torch.isnan(harma.read_adapter_file(path).tensors[name]).sum() == 1

@@ -720,7 +720,8 @@ def load_peft_adapters(
     ``adapter_name`` (the active set; ``"default"`` on a model without adapters), which is added
     with the stored layout first where the model lacks it (inactive, unless it is the model's first
     set); the stored architecture and every tensor must fit. The adapters stay trainable. To turn a
-    peft folder into a harma file, follow this with ``harma.save_adapters``.
+    peft folder into a harma file, follow this with ``harma.save_adapters`` (which, like this
+    loader, refuses NaN or infinite values unless given ``allow_nonfinite=True``).
 
     Args:
         model: the base model (patched or not).

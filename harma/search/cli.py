@@ -33,6 +33,8 @@ from ..training.options import (
     device_option,
     errors_named,
     exit_on_bad_input,
+    integer_at_least,
+    positive_number,
 )
 from .ann import build_faiss_index
 from .archive import EXACT_KERNELS, FUSED_MIN_ROWS, Searcher
@@ -105,11 +107,11 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("index", nargs="+", help="index folder(s); several share one backbone")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max_upload_mb", type=float, default=10.0, help="largest accepted upload")
-    parser.add_argument("--max_pixels", type=int, default=40_000_000, help="largest uploaded image (pixels); "
+    parser.add_argument("--max_upload_mb", type=positive_number, default=10.0, help="largest accepted upload")
+    parser.add_argument("--max_pixels", type=integer_at_least(1), default=40_000_000, help="largest uploaded image (pixels); "
                         "indexed images are served up to the limit they were indexed under")
-    parser.add_argument("--max_k", type=int, default=100, help="most results per query")
-    parser.add_argument("--max_decodes", type=int, default=2,
+    parser.add_argument("--max_k", type=integer_at_least(1), default=100, help="most results per query")
+    parser.add_argument("--max_decodes", type=integer_at_least(1), default=2,
                         help="most images decoded at once (uploads, thumbnails); other requests wait")
     _kernel_option(parser, "auto")
     _model_overrides(parser)
@@ -222,11 +224,12 @@ def _check_servable(searcher: Searcher) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    with errors_named("--max_upload_mb"):  # checked before the model is loaded
+        limits = ServerLimits(max_upload_bytes=max(1, round(args.max_upload_mb * 1e6)), max_pixels=args.max_pixels,
+                              max_k=args.max_k, max_decodes=args.max_decodes)
     searcher = Searcher.open(args.index, overrides=overrides_of(args), device=args.device, use_faiss=not args.exact,
                              exact_kernel=args.exact_kernel)
     _check_servable(searcher)
-    limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels,
-                          max_k=args.max_k, max_decodes=args.max_decodes)
     serve(searcher, host=args.host, port=args.port, limits=limits)
 
 

@@ -223,6 +223,13 @@ class SearchService:
             given["item"] = _int(given["item"], "item")
         if "embedding" in given:
             given["embedding"] = _embedding(given["embedding"])
+        if isinstance(given.get("image"), (bytes, bytearray)):
+            with self._decode_slots:  # the full-size upload is held until it is embedded
+                given["image"] = self._open_upload(given["image"])
+                return self._answer(name, k, given)
+        return self._answer(name, k, given)
+
+    def _answer(self, name: str, k: int, given: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         try:
             results = self.searcher.search(k=k, index=name, **given)
@@ -238,11 +245,15 @@ class SearchService:
                 "results": results}
 
     def upload(self, data: bytes) -> Image.Image:
+        """An uploaded image, decoded in a decode slot (400/413 `BadQuery` when it cannot be)."""
+        with self._decode_slots:
+            return self._open_upload(data)
+
+    def _open_upload(self, data: bytes) -> Image.Image:
         if not data:
             raise BadQuery(400, "the upload is empty")
         try:
-            with self._decode_slots:
-                return open_image(data, self.limits.max_pixels)
+            return open_image(data, self.limits.max_pixels)
         except ImageTooLargeError as error:
             raise BadQuery(413, f"the upload is too large: {error}") from None
         except ValueError as error:
@@ -274,14 +285,15 @@ class SearchService:
         media = None if "row" in entry else mimetypes.guess_type(entry.get("member") or entry["path"])[0]
         if media in BROWSER_IMAGE_TYPES:
             return data, media
-        return self._encode(self._decoded(name, entry, data), "PNG"), "image/png"
+        with self._decode_slots:  # held until the full-size image is encoded and let go
+            return self._encode(self._decoded(name, entry, data), "PNG"), "image/png"
 
     def _decoded(self, name: str, entry: dict[str, Any], data: bytes, fit: int | None = None) -> Image.Image:
         """An indexed image, decoded under the pixel limit its index was built with (the upload
-        limit is for uploads: the indexer may have read larger images)."""
+        limit is for uploads: the indexer may have read larger images). Callers hold a decode
+        slot until they have let the image go."""
         try:
-            with self._decode_slots:
-                return open_image(data, self.searcher.indexes[name].manifest.max_pixels, fit=fit)
+            return open_image(data, self.searcher.indexes[name].manifest.max_pixels, fit=fit)
         except ImageTooLargeError as error:  # the file was replaced after indexing
             raise BadQuery(404, f"the image of item {entry['id']} is larger than its index allows: {error}") from None
         except ValueError:
@@ -295,7 +307,8 @@ class SearchService:
 
     def _thumbnail(self, index: str, item_id: str) -> bytes:
         name, entry, data = self._indexed_image(index, item_id)
-        return self._encode(self._decoded(name, entry, data, fit=self.limits.thumbnail_size), "JPEG")
+        with self._decode_slots:
+            return self._encode(self._decoded(name, entry, data, fit=self.limits.thumbnail_size), "JPEG")
 
 
 def create_app(searcher: Searcher, limits: ServerLimits | None = None) -> Any:
@@ -400,7 +413,8 @@ def _add_api_routes(app: Any, service: SearchService) -> None:
     @app.post("/api/search")
     async def search_post(request: Request) -> Any:
         query = await _post_query(request, service)
-        # The model and the matrix products run in a worker thread: the event loop stays free.
+        # Decoding (which may wait for a slot), the model and the matrix products run in a worker
+        # thread: the event loop stays free.
         from starlette.concurrency import run_in_threadpool
 
         return _json(200, await run_in_threadpool(lambda: service.search(**query)))
@@ -428,11 +442,11 @@ async def _post_query(request: Any, service: SearchService) -> dict[str, Any]:
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise BadQuery(400, "the form has no 'image' file")
-        image = service.upload(await upload.read())
+        image = await upload.read()  # decoded by the search, in a worker thread and a decode slot
         return {"index": form.get("index") or params.get("index"), "k": form.get("k") or params.get("k"),
                 "image": image}
     if content_type.startswith("image/") or content_type == "application/octet-stream":
-        return {"index": params.get("index"), "k": params.get("k"), "image": service.upload(await request.body())}
+        return {"index": params.get("index"), "k": params.get("k"), "image": await request.body()}
     raise BadQuery(415, f"unsupported content type {content_type or 'none'!r}: send JSON, a multipart form with an "
                         f"'image' file, or image bytes")
 

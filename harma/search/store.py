@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fused import fused_dots
+from .fused import FusedKernelUnavailable, fused_dots
 
 __all__ = [
     "EmbeddingStore",
@@ -45,6 +45,11 @@ __all__ = [
     "shard_files",
     "write_shard",
 ]
+
+# torch.from_numpy warns about read-only arrays: the memory-mapped shards, which nothing here
+# writes to. A filter for this package's calls only (catch_warnings is not thread-safe).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=r"harma\.search\.")
 
 # Rows converted to float32 at once: 512 x 512 x 4 bytes = 1 MB, well inside one core's L2 cache
 # (measured fastest on the benchmark machine: the converted block is read again from L2).
@@ -163,33 +168,46 @@ def exact_search(
         return best_scores, best_rows
     if kernel not in ("blas", "fused"):
         raise ValueError(f"exact_search: kernel must be 'blas' or 'fused', got {kernel!r}")
-    fused = fused_dots(dim) if kernel == "fused" and m == 1 and dim else None
+    indexed_rows = all(shard.dtype == np.float16 and shard.flags.c_contiguous for shard in shards)
+    fused = fused_dots(dim) if kernel == "fused" and m == 1 and dim and indexed_rows else None
+    if fused is not None:
+        try:
+            return _fused_search(shards, query[0], k, fused)
+        except FusedKernelUnavailable:  # warned; every row is scored again by one kernel
+            pass
     query_t = query.t().contiguous()
     buffer = torch.empty(chunk_rows, dim)
     segment = torch.empty(SEGMENT_ROWS, m)
     offset = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only memory maps: nothing writes to them
-        for shard in shards:
-            rows = torch.from_numpy(np.asarray(shard))
-            for seg_start in range(0, len(rows), SEGMENT_ROWS):
-                seg_stop = min(seg_start + SEGMENT_ROWS, len(rows))
-                if fused is not None:
-                    scores = fused(shard[seg_start:seg_stop], query[0])[:, None]
-                    best_scores, best_rows = _merge_best(best_scores, best_rows, scores, offset + seg_start, k)
-                    continue
-                for start in range(seg_start, seg_stop, chunk_rows):
-                    stop = min(start + chunk_rows, seg_stop)
-                    block = buffer[: stop - start]
-                    block.copy_(rows[start:stop])
-                    out = segment[start - seg_start : stop - seg_start]
-                    if m == 1:  # a matrix-vector product: the BLAS gemv kernel
-                        torch.mv(block, query[0], out=out[:, 0])
-                    else:
-                        torch.mm(block, query_t, out=out)
-                best_scores, best_rows = _merge_best(best_scores, best_rows, segment[: seg_stop - seg_start],
-                                                     offset + seg_start, k)
-            offset += len(rows)
+    for shard in shards:
+        rows = torch.from_numpy(np.asarray(shard))  # read-only memory maps: nothing writes to them
+        for seg_start in range(0, len(rows), SEGMENT_ROWS):
+            seg_stop = min(seg_start + SEGMENT_ROWS, len(rows))
+            for start in range(seg_start, seg_stop, chunk_rows):
+                stop = min(start + chunk_rows, seg_stop)
+                block = buffer[: stop - start]
+                block.copy_(rows[start:stop])
+                out = segment[start - seg_start : stop - seg_start]
+                if m == 1:  # a matrix-vector product: the BLAS gemv kernel
+                    torch.mv(block, query[0], out=out[:, 0])
+                else:
+                    torch.mm(block, query_t, out=out)
+            best_scores, best_rows = _merge_best(best_scores, best_rows, segment[: seg_stop - seg_start],
+                                                 offset + seg_start, k)
+        offset += len(rows)
+    return best_scores, best_rows
+
+
+def _fused_search(shards: Sequence[np.ndarray], query: torch.Tensor, k: int, fused: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`exact_search` of one query ``(d,)`` with the compiled kernel, segment by segment."""
+    best_scores = np.empty((1, 0), dtype=np.float32)
+    best_rows = np.empty((1, 0), dtype=np.int64)
+    offset = 0
+    for shard in shards:
+        for seg_start in range(0, len(shard), SEGMENT_ROWS):
+            scores = fused(shard[seg_start : seg_start + SEGMENT_ROWS], query)[:, None]
+            best_scores, best_rows = _merge_best(best_scores, best_rows, scores, offset + seg_start, k)
+        offset += len(shard)
     return best_scores, best_rows
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "errors_named",
     "exit_on_bad_input",
     "integer_at_least",
+    "positive_number",
     "json_object_option",
     "read_json_object",
     "resolve_device",
@@ -88,6 +90,17 @@ def integer_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse ``type``: a finite number above zero (``nan``, ``inf``, ``0`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def check_device(text: str) -> str:

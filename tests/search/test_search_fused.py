@@ -73,8 +73,8 @@ def test_where_compiling_fails_exact_search_warns_once_and_uses_blas(monkeypatch
     monkeypatch.setattr(torch, "compile", no_compiler)
     monkeypatch.setattr(fused_module, "_KERNELS", {})
     rows, query = unit_rows(200), np.ones(DIM, dtype=np.float32)
-    with pytest.warns(RuntimeWarning, match=r"could not be compiled \(RuntimeError: no C\+\+ compiler here\); "
-                                            r"exact search uses the plain float32 path"):
+    with pytest.warns(RuntimeWarning, match=r"kernel for width 24 is not available \(RuntimeError: no C\+\+ "
+                                            r"compiler here\); exact search uses the plain float32 path"):
         scores, ids = exact_search([rows], query, 5, kernel="fused")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -102,3 +102,70 @@ def test_indexes_choose_the_kernel_and_answer_alike(built_index, monkeypatch):
     command = run_search("query", str(built_index), "--text", "a bridge over a river", "--top-k", "5", "--json",
                          "--exact_kernel", "fused")
     assert command.returncode == 0 and '"id"' in command.stdout
+
+
+def test_past_the_recompile_limit_the_width_falls_back_to_blas_with_one_warning():
+    # A change of global settings (here the thread count) recompiles the kernel; past dynamo's
+    # limit a fullgraph compile raises: every query then failed (a 500 in serve).
+    dim = 20
+    rows = np.random.default_rng(3).standard_normal((400, dim)).astype(np.float16)
+    query = np.ones(dim, dtype=np.float32)
+    expected = exact_search([rows], query, 5)[1].tolist()
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    threads = torch.get_num_threads()
+    try:
+        with torch._dynamo.config.patch(**{limit: 1}):
+            assert exact_search([rows], query, 5, kernel="fused")[1].tolist() == expected
+            torch.set_num_threads(threads + 1)
+            with pytest.warns(RuntimeWarning, match=f"kernel for width {dim} is not available"):
+                assert exact_search([rows], query, 5, kernel="fused")[1].tolist() == expected
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert exact_search([rows], query, 5, kernel="fused")[1].tolist() == expected
+    finally:
+        torch.set_num_threads(threads)
+    assert fused_module.fused_dots(dim) is None
+
+
+def test_with_torch_compile_disabled_fused_is_blas_with_a_warning(monkeypatch):
+    # torch.compile then returns the function uncompiled: about 20x slower than BLAS, silently.
+    monkeypatch.setattr(fused_module, "_KERNELS", {})
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    with pytest.warns(RuntimeWarning, match="torch.compile is disabled in this process"):
+        assert fused_module.fused_dots(DIM) is None
+
+
+def test_only_c_contiguous_float16_rows_go_through_the_kernel(monkeypatch):
+    calls = []
+    kernel = fused_module.fused_dots(DIM)
+    monkeypatch.setitem(fused_module._KERNELS, DIM, lambda rows, query: calls.append(rows) or kernel(rows, query))
+    rows = unit_rows(300)
+    query = np.ones(DIM, dtype=np.float32)
+    expected = exact_search([rows], query, 5)[1].tolist()
+    for shards in ([rows.astype(np.float32)], [np.asfortranarray(rows)], [rows[::2]]):
+        exact_search(shards, query, 5, kernel="fused")
+    assert not calls  # each would have compiled the kernel again (another dtype or strides)
+    assert exact_search([rows], query, 5, kernel="fused")[1].tolist() == expected and calls
+
+
+def test_concurrent_searches_leave_the_warning_filters_alone(tmp_path):
+    # warnings.catch_warnings in each search is not thread-safe: concurrent searches left an
+    # "ignore UserWarning" filter installed for the whole process.
+    np.save(tmp_path / "rows.npy", unit_rows(3000))
+    rows = np.load(tmp_path / "rows.npy", mmap_mode="r")
+    query = np.ones(DIM, dtype=np.float32)
+    expected = exact_search([rows], query, 5)[1].tolist()
+    before = list(warnings.filters)
+    answers = []
+
+    def search(kernel):
+        for _ in range(40):
+            answers.append(exact_search([rows], query, 5, kernel=kernel)[1].tolist() == expected)
+
+    threads = [threading.Thread(target=search, args=(kernel,)) for kernel in ("blas", "fused") * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(answers) and len(answers) == 320
+    assert warnings.filters == before

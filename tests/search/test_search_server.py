@@ -293,5 +293,71 @@ def test_server_limits_are_positive_integers(built_index):
         for value in (0, -1, 2.5, True):
             with pytest.raises(ValueError, match=rf"ServerLimits\.{field} must be a positive integer, got {value!r}"):
                 ServerLimits(**{field: value})
-    result = run_search("serve", str(built_index), "--max_decodes", "0", check=False)
-    assert result.returncode == 2 and result.stderr.count("error:") == 1 and "max_decodes" in result.stderr
+    for option, value in (("--max_decodes", "0"), ("--max_k", "-1"), ("--max_pixels", "2.5"),
+                          ("--max_upload_mb", "nan"), ("--max_upload_mb", "inf"), ("--max_upload_mb", "0")):
+        # Refused by the parser, before the model is loaded (inf was an OverflowError traceback).
+        result = run_search("serve", str(built_index), option, value, check=False)
+        assert result.returncode == 2 and result.stderr.count("error:") == 1, (option, value, result.stderr)
+        assert f"argument {option}" in result.stderr and repr(value) in result.stderr
+
+
+def test_a_decoded_image_is_encoded_and_let_go_inside_its_slot(served, monkeypatch):
+    # The slot covered the decoding only: four TIFFs converted to PNG at once held four
+    # full-size images with max_decodes=1.
+    _, searcher = served
+    service = SearchService(searcher, ServerLimits(max_decodes=1))
+    running, most = [0], [0]
+    lock = threading.Lock()
+    original = SearchService._encode
+
+    def slow_encode(image, kind):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return original(image, kind)
+
+    monkeypatch.setattr(SearchService, "_encode", staticmethod(slow_encode))
+    name = service.index(None)
+    threads = [threading.Thread(target=service.thumbnail, args=(name, str(i))) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1 and running[0] == 0
+
+
+def test_an_upload_waiting_for_a_slot_does_not_hold_up_other_requests(served, monkeypatch):
+    # The upload was decoded on the event loop: while it waited for a slot, every request
+    # (health included) waited with it.
+    _, searcher = served
+    original = search_server.open_image
+
+    def open_image(data, max_pixels, fit=None):
+        if fit is not None:  # a thumbnail: holds the only slot for a while
+            time.sleep(2.0)
+        return original(data, max_pixels, fit=fit)
+
+    monkeypatch.setattr(search_server, "open_image", open_image)
+    timings = {}
+    with TestClient(create_app(searcher, ServerLimits(max_decodes=1))) as client:
+        def timed(name, call):
+            start = time.perf_counter()
+            timings[name] = (call().status_code, time.perf_counter() - start)
+
+        requests = [
+            threading.Thread(target=timed, args=("thumb", lambda: client.get("/thumbs/3"))),
+            threading.Thread(target=timed, args=("upload", lambda: client.post(
+                "/api/search", content=png(), headers={"content-type": "image/png"}))),
+            threading.Thread(target=timed, args=("health", lambda: client.get("/api/health"))),
+        ]
+        for thread in requests:
+            thread.start()
+            time.sleep(0.3)
+        for thread in requests:
+            thread.join()
+    assert {name: status for name, (status, _) in timings.items()} == {"thumb": 200, "upload": 200, "health": 200}
+    assert timings["health"][1] < 0.7, timings  # not the thumbnail's remaining 1.4 s
+    assert timings["upload"][1] > 1.0, timings  # it did wait for the slot
