@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -234,3 +235,19 @@ def test_a_failing_throughput_configuration_is_recorded_and_the_others_still_run
     written = json.loads(table.read_text())
     assert [row["method"] for row in written["rows"]] == ["floor", "full"]
     assert written["failed"] == [{"method": "harma", "precision": "fp32", "error": "RuntimeError: CUDA out of memory"}]
+
+
+def pytest_without_sybil(*arguments: str) -> subprocess.CompletedProcess:
+    code = f"import sys; sys.modules['sybil'] = None; import pytest; sys.exit(pytest.main({list(arguments)!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+
+
+def test_the_gpu_tests_run_where_the_dev_extra_is_missing():
+    # The GPU machine has no Sybil: the root conftest imported it, and both test sections of the
+    # check failed at collection before running anything.
+    gpu = pytest_without_sybil("-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_cuda_numerics.py")
+    assert gpu.returncode == 0, (gpu.stdout + gpu.stderr)[-2000:]
+    assert re.search(r"\d+ (skipped|passed)", gpu.stdout), gpu.stdout[-2000:]
+    page = pytest_without_sybil("-q", "-p", "no:cacheprovider", "README.md")
+    assert page.returncode == 1 and "README.md::snippets" in page.stdout, page.stdout[-2000:]
+    assert "needs Sybil (pip install -e '.[dev]')" in page.stdout  # never a silent pass
