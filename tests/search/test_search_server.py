@@ -250,26 +250,34 @@ def test_the_page_and_its_static_files_are_served_with_a_content_security_policy
     assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
 
 
+class ConcurrencyCounter:
+    """Wraps a function so that each call lasts 50 ms, counting the most calls running at once."""
+
+    def __init__(self) -> None:
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+
+    def wrap(self, function):
+        def counted(*args, **kwargs):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.05)
+            with self.lock:
+                self.running -= 1
+            return function(*args, **kwargs)
+
+        return counted
+
+
 @pytest.mark.parametrize("max_decodes", [1, 2])
 def test_at_most_max_decodes_images_are_decoded_at_once(served, monkeypatch, max_decodes):
     # Each decode of a large image holds a full-size copy: a burst of thumbnail and upload
     # requests must wait for a slot, not decode all at once.
     _, searcher = served
     service = SearchService(searcher, ServerLimits(max_decodes=max_decodes))
-    running, most = [0], [0]
-    lock = threading.Lock()
-    original = search_server.open_image
-
-    def slow_open_image(*args, **kwargs):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(search_server, "open_image", slow_open_image)
+    counter = ConcurrencyCounter()
+    monkeypatch.setattr(search_server, "open_image", counter.wrap(search_server.open_image))
     name = service.index(None)
     calls = [lambda i=i: service.thumbnail(name, str(i)) for i in range(4)] + [lambda: service.upload(png())] * 4
     failures = []
@@ -285,7 +293,7 @@ def test_at_most_max_decodes_images_are_decoded_at_once(served, monkeypatch, max
         thread.start()
     for thread in threads:
         thread.join()
-    assert not failures and 1 <= most[0] <= max_decodes
+    assert not failures and 1 <= counter.most <= max_decodes
 
 
 def test_server_limits_are_positive_integers(built_index):
@@ -306,27 +314,15 @@ def test_a_decoded_image_is_encoded_and_let_go_inside_its_slot(served, monkeypat
     # full-size images with max_decodes=1.
     _, searcher = served
     service = SearchService(searcher, ServerLimits(max_decodes=1))
-    running, most = [0], [0]
-    lock = threading.Lock()
-    original = SearchService._encode
-
-    def slow_encode(image, kind):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
-        return original(image, kind)
-
-    monkeypatch.setattr(SearchService, "_encode", staticmethod(slow_encode))
+    counter = ConcurrencyCounter()
+    monkeypatch.setattr(SearchService, "_encode", staticmethod(counter.wrap(SearchService._encode)))
     name = service.index(None)
     threads = [threading.Thread(target=service.thumbnail, args=(name, str(i))) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert most[0] == 1 and running[0] == 0
+    assert counter.most == 1 and counter.running == 0
 
 
 def test_an_upload_waiting_for_a_slot_does_not_hold_up_other_requests(served, monkeypatch):
