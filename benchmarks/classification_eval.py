@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,9 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harma.classification import classification_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from retrieval_eval import best_time  # noqa: E402  (the sibling benchmark's timer)
 
 
 def per_sample_loop(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -58,17 +60,6 @@ def make_scores(n_images: int, n_classes: int, seed: int) -> tuple[torch.Tensor,
     scores = 0.1 * torch.randn(n_images, n_classes, generator=generator)
     scores[torch.arange(n_images), labels] += 0.2
     return scores, labels
-
-
-def best_time(function, repeats: int) -> tuple[float, float]:
-    """Minimum wall-clock and minimum CPU seconds over ``repeats`` calls."""
-    wall, cpu = [], []
-    for _ in range(repeats):
-        wall_start, cpu_start = time.perf_counter(), time.process_time()
-        function()
-        wall.append(time.perf_counter() - wall_start)
-        cpu.append(time.process_time() - cpu_start)
-    return min(wall), min(cpu)
 
 
 def main() -> None:

@@ -386,6 +386,18 @@ def _karpathy_captions(entry: Mapping[str, Any], source: _Source, where: str) ->
     return captions, places
 
 
+def _wanted_filename(entry: Any, source: _Source, where: str, wanted: Sequence[str], found: Counter) -> str | None:
+    """The ``filename`` of a split-tagged entry (an object with ``split`` and ``filename``), or
+    None when its split is not ``wanted``; every split seen is counted in ``found``."""
+    if not isinstance(entry, dict):
+        raise source.fail(where, f"expected an object, got {type(entry).__name__}")
+    value = _string(entry.get("split"), source, where, "'split'")
+    found[value] += 1
+    if value not in wanted:
+        return None
+    return _path(entry.get("filename"), source, where, "'filename'")
+
+
 def _read_karpathy(data: Any, path: Path, split: str | None) -> tuple[CaptionedImage, ...]:
     source = _Source(str(path), "karpathy")
     entries = data["images"]
@@ -393,13 +405,9 @@ def _read_karpathy(data: Any, path: Path, split: str | None) -> tuple[CaptionedI
     wanted = _split_values(split, karpathy=True) if split is not None else ()
     for index, entry in enumerate(entries):
         where = f"images[{index}]"
-        if not isinstance(entry, dict):
-            raise source.fail(where, f"expected an object, got {type(entry).__name__}")
-        value = _string(entry.get("split"), source, where, "'split'")
-        found[value] += 1
-        if value not in wanted:
+        filename = _wanted_filename(entry, source, where, wanted, found)
+        if filename is None:
             continue
-        filename = _path(entry.get("filename"), source, where, "'filename'")
         filepath = entry.get("filepath")
         if filepath is not None:
             filename = posixpath.join(_string(filepath, source, where, "'filepath'", allow_empty=True), filename)
@@ -429,13 +437,9 @@ def _read_nwpu(data: Any, path: Path, split: str | None) -> tuple[CaptionedImage
             raise source.fail(f"class '{class_name}'", f"must be a list of entries, got {type(entries).__name__}")
         for index, entry in enumerate(entries):
             where = f"'{class_name}'[{index}]"
-            if not isinstance(entry, dict):
-                raise source.fail(where, f"expected an object, got {type(entry).__name__}")
-            value = _string(entry.get("split"), source, where, "'split'")
-            found[value] += 1
-            if value not in wanted:
+            filename = _wanted_filename(entry, source, where, wanted, found)
+            if filename is None:
                 continue
-            filename = _path(entry.get("filename"), source, where, "'filename'")
             grouper.add(f"{class_name}/{filename}", *_nwpu_captions(entry, source, where), where,
                         label, class_name, unique=True)
     images = grouper.result()
