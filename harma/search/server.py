@@ -244,12 +244,8 @@ class SearchService:
                 "query": {key: value for key, value in given.items() if key != "embedding" and key != "image"},
                 "results": results}
 
-    def upload(self, data: bytes) -> Image.Image:
-        """An uploaded image, decoded in a decode slot (400/413 `BadQuery` when it cannot be)."""
-        with self._decode_slots:
-            return self._open_upload(data)
-
     def _open_upload(self, data: bytes) -> Image.Image:
+        """An uploaded image, decoded (400/413 `BadQuery` when it cannot be); callers hold a slot."""
         if not data:
             raise BadQuery(400, "the upload is empty")
         try:

@@ -161,13 +161,13 @@ def exact_search(
         (the lower first). A NaN score (a damaged row) counts as minus infinity.
     """
     query = torch.as_tensor(np.asarray(queries, dtype=np.float32)).reshape(-1, shards[0].shape[1] if shards else 0)
+    if kernel not in ("blas", "fused"):
+        raise ValueError(f"exact_search: kernel must be 'blas' or 'fused', got {kernel!r}")
     m, dim = query.shape
     best_scores = np.empty((m, 0), dtype=np.float32)
     best_rows = np.empty((m, 0), dtype=np.int64)
     if k < 1:
         return best_scores, best_rows
-    if kernel not in ("blas", "fused"):
-        raise ValueError(f"exact_search: kernel must be 'blas' or 'fused', got {kernel!r}")
     indexed_rows = all(shard.dtype == np.float16 and shard.flags.c_contiguous for shard in shards)
     fused = fused_dots(dim) if kernel == "fused" and m == 1 and dim and indexed_rows else None
     if fused is not None:

@@ -279,7 +279,7 @@ def test_at_most_max_decodes_images_are_decoded_at_once(served, monkeypatch, max
     counter = ConcurrencyCounter()
     monkeypatch.setattr(search_server, "open_image", counter.wrap(search_server.open_image))
     name = service.index(None)
-    calls = [lambda i=i: service.thumbnail(name, str(i)) for i in range(4)] + [lambda: service.upload(png())] * 4
+    calls = [lambda i=i: service.thumbnail(name, str(i)) for i in range(4)] + [lambda: service.search(index=None, k=1, image=png())] * 4
     failures = []
 
     def call(function):
