@@ -84,7 +84,7 @@ def _model_overrides(parser: argparse.ArgumentParser) -> None:
 def _kernel_option(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--exact_kernel", choices=EXACT_KERNELS, default=default,
                         help="how exact search scores a query: blas (convert, then multiply), fused (a "
-                             "kernel compiled by torch.compile at start, a few seconds; about 1.7x faster "
+                             "kernel compiled by torch.compile at start, a few seconds; 1.5x to 1.7x faster "
                              f"per query), auto (fused from {FUSED_MIN_ROWS:,} rows) (default: {default})")
 
 
